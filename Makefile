@@ -1,0 +1,41 @@
+# Two commands for a newcomer: `make run` and `make test`. Both install into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: run test install install-dev lint clean-venv
+
+# Reinstall whenever pyproject.toml changes.
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(BIN)/.installed-dev: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+install-dev: $(BIN)/.installed-dev
+
+## run: install, reproduce the pipeline with DVC, and say where the results are
+run: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	@echo
+	@echo "Outputs (paths from params.yaml):"
+	@$(BIN)/python -m pipeline outputs
+	@$(BIN)/dvc metrics show
+
+## test: install with dev extras and run the test suite
+test: install-dev
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+lint: install-dev
+	$(BIN)/ruff check pipeline flows tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,266 @@
+"""params.yaml, read once into frozen, typed dataclasses.
+
+Every key is checked at load time: an unknown key, a missing required key or a value
+of the wrong type raises :class:`ConfigError` naming the dotted key (``split.ratios.val``),
+with a suggestion when the key looks like a typo. Each stage then receives only the
+sections it reads, the same ones dvc.yaml lists for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every file and folder the stages share; dvc.yaml templates them as ``${paths.x}``."""
+
+    downloads: Path = Path("data/downloads")
+    raw: Path = Path("data/raw")
+    manifest: Path = Path("data/manifest.parquet")
+    splits: Path = Path("data/splits")
+    metrics: Path = Path("metrics")
+    quarantine: Path = Path("metrics/quarantine.csv")
+    validation_docs: Path = Path("reports/validation")
+
+    def metrics_file(self, stage: str) -> Path:
+        """``metrics/<stage>.json``: one name everywhere."""
+        return self.metrics / f"{stage}.json"
+
+    def split_file(self, split: str) -> Path:
+        return self.splits / f"{split}.csv"
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Where the labelled images come from."""
+
+    source: str = "builtin:digits"
+    sha256: str | None = None
+    md5: str | None = None  # for publishers that give only an MD5 (Caltech's data repository)
+    member: str | None = None
+    exclude_classes: tuple[str, ...] = ("BACKGROUND_Google",)
+
+    def __post_init__(self) -> None:
+        if self.sha256 is not None and not _is_hex(self.sha256, 64):
+            raise ConfigError(f"data.sha256 must be 64 hex digits, got {self.sha256!r}")
+        if self.md5 is not None and not _is_hex(self.md5, 32):
+            raise ConfigError(f"data.md5 must be 32 hex digits, got {self.md5!r}")
+
+
+@dataclass(frozen=True)
+class DownloadParams:
+    """How hard to try when fetching, and how much an archive may unpack to."""
+
+    retries: int = 5
+    timeout_s: float = 60.0
+    max_extracted_bytes: int = 50_000_000_000
+    max_files: int = 2_000_000
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    """Bounds that the Great Expectations suite enforces on the manifest."""
+
+    min_images_per_class: int = 5
+    min_side: int = 16
+    max_side: int = 20_000
+    max_pixels: int = 89_478_485
+
+
+@dataclass(frozen=True)
+class SplitRatios:
+    train: float = 0.7
+    val: float = 0.1
+    test: float = 0.2
+
+    def __post_init__(self) -> None:
+        for name in ("train", "val", "test"):
+            if not 0 < getattr(self, name) < 1:
+                raise ConfigError(f"split.ratios.{name} must be between 0 and 1 (exclusive)")
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ConfigError(f"split.ratios must sum to 1, got {total:g}")
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    """Stratified, stable train/val/test split."""
+
+    ratios: SplitRatios = field(default_factory=SplitRatios)
+    train_per_class: int | None = None
+    seed: int = 42
+    drop_small_classes: bool = False
+
+    def __post_init__(self) -> None:
+        if self.train_per_class is not None and self.train_per_class < 1:
+            raise ConfigError("split.train_per_class must be a positive integer or null")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    backbone: str = "efficientnet_lite0"
+    weights: Literal["imagenet", "none"] = "imagenet"
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    lr: float | Literal["auto"] = 1e-3
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    epochs: int = 3
+
+
+@dataclass(frozen=True)
+class Params:
+    paths: Paths = field(default_factory=Paths)
+    data: DataParams = field(default_factory=DataParams)
+    download: DownloadParams = field(default_factory=DownloadParams)
+    validate: ValidateParams = field(default_factory=ValidateParams)
+    split: SplitParams = field(default_factory=SplitParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    head: HeadParams = field(default_factory=HeadParams)
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
+
+
+def _is_hex(value: str, digits: int) -> bool:
+    return len(value) == digits and all(c in "0123456789abcdefABCDEF" for c in value)
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate a params file; every problem names its dotted key and the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: not found (run from the repository root)") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return parse_params(raw if raw is not None else {})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_params(raw: Any) -> Params:
+    """Build :class:`Params` from a plain mapping (what YAML gives)."""
+    return _build(Params, raw, "")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'params'} must be a mapping, got {_kind(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [key for key in raw if key not in fields]
+    if unknown:
+        key = str(unknown[0])
+        close = difflib.get_close_matches(key, list(fields), n=1)
+        hint = f" (did you mean {_dotted(prefix, close[0])!r}?)" if close else ""
+        raise ConfigError(
+            f"unknown key {_dotted(prefix, key)!r}{hint}; known keys here: {', '.join(fields)}"
+        )
+    values = {}
+    for name, f in fields.items():
+        dotted = _dotted(prefix, name)
+        if name in raw:
+            values[name] = _coerce(hints[name], raw[name], dotted)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing key {dotted!r}")
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix}: {exc}") from exc
+
+
+def _coerce(tp: Any, value: Any, dotted: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, dotted)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, dotted)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{dotted}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed and type(value) is type(allowed[0]):
+            return value
+        raise ConfigError(f"{dotted}: expected one of {list(allowed)}, got {value!r}")
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise ConfigError(f"{dotted}: expected a list, got {_kind(value)}")
+        return tuple(_coerce(item_tp, v, f"{dotted}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Path:
+        if isinstance(value, str) and value:
+            return Path(value)
+    else:  # pragma: no cover - a new field type needs a rule above
+        raise TypeError(f"no rule to read {dotted} as {tp!r}")
+    raise ConfigError(f"{dotted}: expected {_type_name(tp)}, got {_kind(value)} {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(tp))
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(v) for v in typing.get_args(tp))
+    if tp is Path:
+        return "a path"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _dotted(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key

@@ -1,0 +1,106 @@
+"""File-system helpers shared by the stages: atomic writes, hashing, OS litter.
+
+Every stage writes its outputs through these, so an interrupted stage never leaves a
+half-written file or folder where DVC could cache it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+_LITTER_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", ".directory"}
+_LITTER_DIRS = {"__MACOSX", ".Spotlight-V100", ".Trashes", ".fseventsd"}
+
+
+def is_os_litter(relpath: str | PurePosixPath) -> bool:
+    """True for files operating systems leave behind (``.DS_Store``, ``__MACOSX/``, ...)."""
+    parts = PurePosixPath(str(relpath).replace("\\", "/")).parts
+    if any(part in _LITTER_DIRS for part in parts):
+        return True
+    name = parts[-1] if parts else ""
+    return name in _LITTER_NAMES or name.startswith("._")
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tmp_sibling(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.parent / f".{path.name}.tmp-{os.getpid()}"
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove(path: Path) -> None:
+    """Remove a file or a folder tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; on success rename it onto ``path``.
+
+    Works for a file or a folder: the caller writes to the yielded path. On any error
+    the temporary is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    tmp = _tmp_sibling(path)
+    remove(tmp)
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.is_dir() and not path.is_symlink():
+            # A folder cannot be replaced in one rename: move the old one aside first.
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            remove(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        remove(tmp)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` via a temporary file and a rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def fresh_tempdir(near: Path, prefix: str) -> Path:
+    """A new empty folder on the same file system as ``near`` (so renames are atomic)."""
+    near.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{prefix}-", dir=near))

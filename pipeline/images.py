@@ -1,0 +1,156 @@
+"""The one way every stage opens an image: decoded fully, EXIF orientation applied, RGB.
+
+``load_rgb`` is what features, fine-tuning, evaluation and export use; ``probe_image`` is
+what validate uses to decide, file by file, whether ``load_rgb`` will succeed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Modes Pillow decodes that load_rgb turns into RGB faithfully.
+KNOWN_MODES = frozenset(
+    {
+        "1",
+        "L",
+        "LA",
+        "La",
+        "P",
+        "PA",
+        "RGB",
+        "RGBA",
+        "RGBa",
+        "RGBX",
+        "CMYK",
+        "YCbCr",
+        "LAB",
+        "HSV",
+        "I",
+        "I;16",
+        "I;16B",
+        "I;16L",
+        "I;16N",
+        "F",
+    }
+)
+_HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+_EXIF_ORIENTATION = 0x0112
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any decoded image to 8-bit RGB, the same way for every stage.
+
+    Transparency is composited on white (what a viewer shows), high-bit-depth greyscale
+    is scaled by its type's range rather than clipped at 255.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in _HIGH_DEPTH_MODES:
+        arr = np.asarray(img, dtype=np.float64)
+        top = (
+            1.0
+            if img.mode == "F"
+            else (65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0)
+        )
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open ``path`` as an RGB image with its EXIF orientation applied."""
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+
+
+def dhash(img: Image.Image) -> int:
+    """64-bit difference hash: equal for resized or re-encoded copies of one picture."""
+    small = np.asarray(img.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
+    bits = (small[:, 1:] > small[:, :-1]).flatten()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What validate records about one file; ``reason`` is set when it is not usable."""
+
+    format: str | None
+    mode: str | None
+    width: int | None
+    height: int | None
+    exif_orientation: int | None
+    decodable: bool
+    reason: str | None
+    phash: str | None
+
+
+def probe_image(path: str | Path, max_pixels: int) -> ImageInfo:
+    """Decode ``path`` fully, as ``load_rgb`` would, and say whether it is usable.
+
+    Images larger than ``max_pixels`` are rejected from their header alone, before any
+    pixel is decoded, so a decompression bomb costs nothing.
+    """
+    fmt = mode = width = height = orientation = None
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own guard (MAX_IMAGE_PIXELS) becomes an error, caught below.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                fmt, mode = img.format, img.mode
+                width, height = img.size
+                orientation = img.getexif().get(_EXIF_ORIENTATION)
+                if width * height > max_pixels:
+                    return ImageInfo(
+                        fmt,
+                        mode,
+                        width,
+                        height,
+                        orientation,
+                        False,
+                        f"decompression bomb: {width}x{height} pixels exceeds "
+                        f"validate.max_pixels={max_pixels}",
+                        None,
+                    )
+                if mode not in KNOWN_MODES:
+                    return ImageInfo(
+                        fmt,
+                        mode,
+                        width,
+                        height,
+                        orientation,
+                        False,
+                        f"unsupported colour mode {mode}",
+                        None,
+                    )
+                img.load()
+                rgb = to_rgb(ImageOps.exif_transpose(img))
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means "not usable"
+        reason = _describe_failure(path, exc)
+        return ImageInfo(fmt, mode, width, height, orientation, False, reason, None)
+    return ImageInfo(fmt, mode, width, height, orientation, True, None, f"{dhash(rgb):016x}")
+
+
+def _describe_failure(path: str | Path, exc: Exception) -> str:
+    if Path(path).stat().st_size == 0:
+        return "empty file"
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"decompression bomb: {exc}"
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not an image"
+    message = str(exc) or type(exc).__name__
+    if "truncated" in message.lower():
+        return f"truncated image: {message}"
+    return f"cannot decode: {message}"

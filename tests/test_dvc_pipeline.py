@@ -1,0 +1,111 @@
+"""End to end through DVC itself, in a copy of the repository (slow: spawns dvc)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import CALTECH_SHA256, REPO_ROOT, caltech_or_skip, create_image_folder
+from tests.httpserver import ServedFiles
+
+pytestmark = pytest.mark.slow
+PROJECT_FILES = [
+    "pipeline",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvc/config",
+    ".dvcignore",
+    ".gitignore",
+    "pyproject.toml",
+]
+
+
+def _env() -> dict[str, str]:
+    bindir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "PATH": bindir + os.pathsep + os.environ["PATH"],
+        "DVC_NO_ANALYTICS": "1",
+        "GX_ANALYTICS_ENABLED": "false",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+
+
+def dvc(repo: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["dvc", *args], cwd=repo, env=_env(), capture_output=True, text=True, timeout=1200
+    )
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def set_params(repo: Path, **sections) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A fresh git + DVC repository holding this project's files."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    for name in PROJECT_FILES:
+        src = REPO_ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, root / name)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return root
+
+
+def test_repro_is_incremental(repo, tmp_path):
+    images = create_image_folder(tmp_path / "images", {"cat": 12, "dog": 12, "bird": 12})
+    set_params(repo, data={"source": str(images)})
+
+    first = dvc(repo, "repro", "split")
+    assert [s in first for s in ("'download'", "'validate'", "'split'")] == [True] * 3
+    assert "Running stage" not in dvc(repo, "repro", "split")
+    train = pd.read_csv(repo / "data/splits/train.csv")
+    assert len(train) == 3 * 8 and set(train["label"]) == {"cat", "dog", "bird"}
+
+    set_params(repo, split={"seed": 7})
+    status = json.loads(dvc(repo, "status", "--json"))
+    assert list(status) == ["split"]
+    second = dvc(repo, "repro", "split")
+    assert "Running stage 'split'" in second
+    assert "Running stage 'download'" not in second and "Running stage 'validate'" not in second
+    assert not pd.read_csv(repo / "data/splits/train.csv").equals(train)
+
+
+@pytest.mark.caltech
+def test_caltech_over_loopback_http(repo):
+    archive = caltech_or_skip()
+    with ServedFiles(archive.parent) as server:
+        set_params(repo, data={"source": server.url("/" + archive.name), "sha256": CALTECH_SHA256})
+        dvc(repo, "repro", "split")
+    validated = json.loads((repo / "metrics/validate.json").read_text())
+    assert (validated["images"], validated["classes"]) == (8677, 101)
+    assert "BACKGROUND_Google" not in validated["class_counts"]
+
+    splits = {s: pd.read_csv(repo / f"data/splits/{s}.csv") for s in ("train", "val", "test")}
+    both = pd.concat([df.assign(split=s) for s, df in splits.items()])
+    assert len(both) == 8677 and both["path"].is_unique
+    assert both.groupby("sha256")["split"].nunique().max() == 1
+    ratios = yaml.safe_load((repo / "params.yaml").read_text())["split"]["ratios"]
+    sizes = both.groupby("label").size()
+    for (label, split), count in both.groupby(["label", "split"]).size().items():
+        assert abs(count - ratios[split] * sizes[label]) <= 2, (label, split, count)
+    assert "Running stage" not in dvc(repo, "repro")

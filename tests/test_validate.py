@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline import download, validate
+from pipeline.errors import DataError
+from tests.conftest import noise_image
+
+
+def _prepare(make_params, source: Path, **validate_params):
+    params = make_params(data={"source": str(source)}, validate=validate_params)
+    download.main(params)
+    return params
+
+
+def test_unusual_and_broken_files(workspace, tiny_imagefolder):
+    cat = tiny_imagefolder / "cat"
+    noise_image(1, mode="CMYK").save(cat / "cmyk.jpg")
+    noise_image(2, mode="P").save(cat / "palette.png")
+    (cat / "empty.jpg").write_bytes(b"")
+    (cat / "notes.txt").write_text("not an image")
+    (cat / "cut.png").write_bytes((cat / "img_00.png").read_bytes()[:200])
+    Image.new("1", (12000, 12000)).save(cat / "bomb.png")
+    params = _prepare(workspace, tiny_imagefolder)
+
+    metrics = validate.main(params)
+
+    assert metrics["images"] == 32 and metrics["classes"] == 3 and metrics["quarantined"] == 4
+    with open("metrics/quarantine.csv", newline="", encoding="utf-8") as fh:
+        reasons = {Path(r["path"]).name: r["reason"] for r in csv.DictReader(fh)}
+    assert reasons["empty.jpg"] == "empty file" and reasons["notes.txt"] == "not an image"
+    assert reasons["cut.png"].startswith(("truncated", "cannot decode"))
+    assert reasons["bomb.png"].startswith("decompression bomb")
+    assert (Path("data/raw/cat") / "notes.txt").exists()  # quarantined, never deleted
+    manifest = pd.read_parquet("data/manifest.parquet")
+    assert len(manifest) == 36 and set(validate.MANIFEST_COLUMNS) == set(manifest.columns)
+    row = manifest.set_index("path").loc["data/raw/cat/cmyk.jpg"]
+    assert (row["mode"], row["format"], row["width"], row["height"], bool(row["decodable"])) == (
+        "CMYK",
+        "JPEG",
+        32,
+        24,
+        True,
+    )
+    assert json.loads(Path("metrics/validate.json").read_text())["modes"]["CMYK"] == 1
+    assert Path("reports/validation/index.html").exists()
+
+
+def test_too_few_images_in_a_class_fails_naming_it(workspace, tiny_imagefolder):
+    params = _prepare(workspace, tiny_imagefolder, min_images_per_class=11)
+    with pytest.raises(DataError) as info:
+        validate.main(params)
+    message = str(info.value)
+    assert "min_images_per_class=11" in message and "10" in message
+    assert not Path("data/manifest.parquet").exists()  # nothing that DVC could cache
+    assert Path("reports/validation/index.html").exists()  # but the docs explain it
+
+
+def test_image_too_small_fails_naming_the_bound(workspace, tiny_imagefolder):
+    noise_image(3, size=(8, 40)).save(tiny_imagefolder / "dog" / "sliver.png")
+    params = _prepare(workspace, tiny_imagefolder)
+    with pytest.raises(DataError, match=r"width within validate.min_side"):
+        validate.main(params)
+
+
+def test_identical_image_under_two_classes_is_reported(workspace, tiny_imagefolder):
+    shutil.copy(tiny_imagefolder / "cat" / "img_00.png", tiny_imagefolder / "dog" / "copy.png")
+    shutil.copy(tiny_imagefolder / "cat" / "img_01.png", tiny_imagefolder / "cat" / "again.png")
+    params = _prepare(workspace, tiny_imagefolder)
+    metrics = validate.main(params)
+    assert metrics["duplicates"] == 2 and metrics["duplicates_across_classes"] == 1
+    [case] = metrics["duplicate_examples"]
+    assert case["labels"] == ["cat", "dog"] and len(case["paths"]) == 2

@@ -18,7 +18,7 @@ from pipeline.errors import PipelineError
 log = logging.getLogger("pipeline")
 
 # Stage name → module; the order of stages lives in dvc.yaml, not here.
-STAGES = ("download", "validate", "split")
+STAGES = ("download", "validate", "split", "features", "train_head", "finetune", "evaluate")
 
 
 def run_stage(stage: str, params_file: str = str(PARAMS_FILE)) -> dict:

@@ -35,6 +35,14 @@ class Paths:
     metrics: Path = Path("metrics")
     quarantine: Path = Path("metrics/quarantine.csv")
     validation_docs: Path = Path("reports/validation")
+    features: Path = Path("data/features")
+    feature_cache: Path = Path("data/cache/features")
+    head: Path = Path("models/head.pt")
+    model: Path = Path("models/model.pt")
+    checkpoints: Path = Path("models/checkpoints")
+    calibration: Path = Path("models/calibration.json")
+    plots: Path = Path("metrics/plots")
+    evaluation: Path = Path("reports/evaluate")
 
     def metrics_file(self, stage: str) -> Path:
         """``metrics/<stage>.json``: one name everywhere."""
@@ -112,18 +120,78 @@ class SplitParams:
 
 @dataclass(frozen=True)
 class ModelParams:
+    """Which pretrained backbone to start from (see ``backbones.BACKBONES``)."""
+
     backbone: str = "efficientnet_lite0"
     weights: Literal["imagenet", "none"] = "imagenet"
+    resize: Literal["squash", "center_crop"] = "squash"
+
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Training augmentation: RandomResizedCrop(scale_min..1), horizontal flip, colour jitter."""
+
+    scale_min: float = 0.35
+    flip: bool = True
+    jitter: float = 0.2
+
+
+@dataclass(frozen=True)
+class FeaturesParams:
+    batch_size: int = 32
+    precision: Precision = "auto"
+    augmented_views: int = 0
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.augmented_views < 0 or self.batch_size < 1:
+            raise ConfigError("features.augmented_views must be >= 0 and features.batch_size >= 1")
 
 
 @dataclass(frozen=True)
 class HeadParams:
+    """A head trained on cached features: ``mlp`` (the seed's) or ``linear``."""
+
+    type: Literal["mlp", "linear"] = "mlp"
+    hidden: int = 1024
+    dropout: float = 0.3
     lr: float | Literal["auto"] = 1e-3
+    epochs: int = 100
+    batch_size: int = 256
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    patience: int = 10
+    class_balanced: bool = False
+    seed: int = 0
 
 
 @dataclass(frozen=True)
 class FinetuneParams:
+    """Backbone + trained head, last blocks unfrozen, discriminative learning rates."""
+
     epochs: int = 3
+    unfreeze_blocks: int | Literal["all"] = 3
+    lr: float = 1e-3
+    backbone_lr_mult: float = 0.1
+    warmup_fraction: float = 0.1
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    patience: int = 2
+    precision: Precision = "auto"
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    ece_bins: int = 15
+    batch_size: int = 32
+    precision: Precision = "auto"
 
 
 @dataclass(frozen=True)
@@ -134,8 +202,11 @@ class Params:
     validate: ValidateParams = field(default_factory=ValidateParams)
     split: SplitParams = field(default_factory=SplitParams)
     model: ModelParams = field(default_factory=ModelParams)
+    features: FeaturesParams = field(default_factory=FeaturesParams)
     head: HeadParams = field(default_factory=HeadParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 def _is_hex(value: str, digits: int) -> bool:

@@ -163,7 +163,10 @@ def check_tables(assigned: pd.DataFrame, cfg: SplitParams) -> dict[str, pd.DataF
                     "excess": abs(count - targets[s]) - tolerance,
                 }
             )
-    return {"sha256_splits": sha_splits, "proportions": pd.DataFrame(rows).set_index(["label", "split"])}
+    return {
+        "sha256_splits": sha_splits,
+        "proportions": pd.DataFrame(rows).set_index(["label", "split"]),
+    }
 
 
 def run(paths: Paths, cfg: SplitParams) -> dict:

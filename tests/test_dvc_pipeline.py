@@ -109,3 +109,28 @@ def test_caltech_over_loopback_http(repo):
     for (label, split), count in both.groupby(["label", "split"]).size().items():
         assert abs(count - ratios[split] * sizes[label]) <= 2, (label, split, count)
     assert "Running stage" not in dvc(repo, "repro")
+
+
+def test_full_pipeline_reruns_only_what_a_head_change_affects(repo, tmp_path):
+    images = create_image_folder(tmp_path / "images", {"cat": 12, "dog": 12, "bird": 12})
+    set_params(
+        repo,
+        data={"source": str(images)},
+        model={"weights": "none"},
+        head={"epochs": 5},
+        finetune={"epochs": 1, "batch_size": 8},
+    )
+    first = dvc(repo, "repro")
+    assert "Running stage 'evaluate'" in first
+    assert "Running stage" not in dvc(repo, "repro")
+    evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert set(evaluated) == {"head", "finetuned"}
+
+    set_params(repo, head={"lr": 0.0005})
+    second = dvc(repo, "repro")
+    for stage in ("train_head", "finetune", "evaluate"):
+        assert f"Running stage '{stage}'" in second
+    for stage in ("download", "validate", "split", "features"):
+        assert f"Running stage '{stage}'" not in second
+    metrics = dvc(repo, "metrics", "show", "--json")
+    assert "finetuned" in metrics and "top1" in metrics

@@ -1,0 +1,237 @@
+"""Stage ``features``: the frozen backbone runs once per image; embeddings are cached by content.
+
+The cache key of an embedding is (backbone, weights, preprocessing, precision, view) plus
+the image's sha256, so adding or removing a few images computes only those. Outputs, in
+split-CSV row order: ``<split>.npy`` (N, D) float32, ``train_aug.npy`` (N, V, D) when
+``features.augmented_views`` > 0, and ``index.json`` (classes, backbone, preprocessing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from pipeline.backbones import Backbone, build_backbone
+from pipeline.config import FeaturesParams, ModelParams, Params, Paths
+from pipeline.data import ImageDataset, item_seed, make_loader, train_transform
+from pipeline.errors import DataError
+from pipeline.fsutil import atomic_path, write_json_atomic
+from pipeline.runtime import Runtime, resolve
+from pipeline.split import SPLITS
+
+log = logging.getLogger(__name__)
+
+
+def read_split(paths: Paths, split: str) -> pd.DataFrame:
+    """One split's rows (path, label, sha256), in file order."""
+    file = paths.split_file(split)
+    if not file.exists():
+        raise DataError(f"{file} does not exist: run the split stage first")
+    return pd.read_csv(file, dtype=str, keep_default_na=False)
+
+
+class FeatureCache:
+    """Embeddings by image sha256 for one cache key, as append-only shards of .npz files."""
+
+    def __init__(self, root: Path, key: str) -> None:
+        self.folder = root / key
+
+    def load(self) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        for shard in sorted(self.folder.glob("shard-*.npz")):
+            with np.load(shard) as data:
+                found.update(zip(data["sha256"].tolist(), data["features"], strict=True))
+        return found
+
+    def add(self, shas: list[str], features: np.ndarray) -> None:
+        if not shas:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256("".join(sorted(shas)).encode()).hexdigest()[:16]
+        with atomic_path(self.folder / f"shard-{time.time_ns()}-{name}.npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, sha256=np.asarray(shas), features=features.astype(np.float32))
+
+
+def cache_key(backbone: Backbone, runtime: Runtime, view: str) -> str:
+    """Everything that changes an embedding except the image itself."""
+    spec = {
+        "backbone": backbone.name,
+        "weights": backbone.weights_id,
+        "pre": backbone.preprocessing.to_dict(),
+        "bf16": runtime.bf16,
+        "view": view,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+@torch.inference_mode()
+def embed(
+    backbone: Backbone, dataset: ImageDataset, runtime: Runtime, batch_size: int, desc: str
+) -> np.ndarray:
+    """Run the frozen backbone over a dataset; decoding overlaps compute in loader workers."""
+    model = backbone.module.to(runtime.device, memory_format=torch.channels_last).eval()
+    out = np.empty((len(dataset), backbone.feature_dim), dtype=np.float32)
+    loader = make_loader(dataset, runtime, batch_size)
+    with tqdm(total=len(dataset), unit="img", desc=desc, disable=None) as bar:
+        for images, _labels, index in loader:
+            with runtime.autocast():
+                feats = model(runtime.to_device(images))
+            out[index.numpy()] = feats.float().cpu().numpy()
+            bar.update(len(index))
+    return out
+
+
+@dataclass
+class EmbedStats:
+    computed: int = 0
+    seconds: float = 0.0  # inside the embedding loop only: the stage's real throughput
+
+    def add(self, computed: int, seconds: float) -> None:
+        self.computed += computed
+        self.seconds += seconds
+
+
+def cached_embeddings(
+    backbone: Backbone,
+    runtime: Runtime,
+    rows: pd.DataFrame,
+    cache: FeatureCache,
+    batch_size: int,
+    transform,
+    stats: EmbedStats,
+    seeds_for=None,
+    desc: str = "features",
+) -> np.ndarray:
+    """Embeddings for ``rows`` (in order), computing only sha256s missing from the cache."""
+    known = cache.load()
+    todo = rows.drop_duplicates("sha256")
+    todo = todo[~todo["sha256"].isin(known.keys())]
+    if len(todo):
+        seeds = seeds_for(todo["sha256"].tolist()) if seeds_for else None
+        dataset = ImageDataset(todo["path"].tolist(), [0] * len(todo), transform, seeds)
+        started = time.perf_counter()
+        fresh = embed(backbone, dataset, runtime, batch_size, desc)
+        stats.add(len(todo), time.perf_counter() - started)
+        cache.add(todo["sha256"].tolist(), fresh)
+        known.update(zip(todo["sha256"].tolist(), fresh, strict=True))
+    return np.stack([known[sha] for sha in rows["sha256"]]).astype(np.float32)
+
+
+def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) -> dict:
+    """Embed every split (and augmented train views), reusing cached embeddings."""
+    started = time.perf_counter()
+    runtime = resolve(device, cfg.precision)
+    backbone = build_backbone(model_cfg.backbone, model_cfg.weights, model_cfg.resize)
+    pre = backbone.preprocessing
+    splits = {s: read_split(paths, s) for s in SPLITS}
+    classes = sorted(set(splits["train"]["label"]))
+    stats = EmbedStats()
+    # All splits in one pass: one loader start-up, one cache read.
+    everything = pd.concat(list(splits.values()), ignore_index=True)
+    cache = FeatureCache(paths.feature_cache, cache_key(backbone, runtime, "eval"))
+    all_features = cached_embeddings(
+        backbone, runtime, everything, cache, cfg.batch_size, pre, stats
+    )
+    with atomic_path(paths.features) as tmp:
+        tmp.mkdir()
+        offset = 0
+        for split, rows in splits.items():
+            np.save(tmp / f"{split}.npy", all_features[offset : offset + len(rows)])
+            offset += len(rows)
+        if cfg.augmented_views:
+            aug = train_transform(pre, cfg.augment)
+            views = []
+            for view in range(cfg.augmented_views):
+                key = cache_key(backbone, runtime, f"aug{view}:seed{cfg.seed}:{cfg.augment}")
+                seeds_for = lambda shas, v=view: [item_seed(cfg.seed, s, v) for s in shas]  # noqa: E731
+                views.append(
+                    cached_embeddings(
+                        backbone,
+                        runtime,
+                        splits["train"],
+                        FeatureCache(paths.feature_cache, key),
+                        cfg.batch_size,
+                        aug,
+                        stats,
+                        seeds_for,
+                        desc=f"train view {view + 1}",
+                    )
+                )
+            np.save(tmp / "train_aug.npy", np.stack(views, axis=1))
+        index = {
+            "classes": classes,
+            "backbone": backbone.name,
+            "weights": backbone.weights_id,
+            "feature_dim": backbone.feature_dim,
+            "preprocessing": pre.to_dict(),
+            "bf16": runtime.bf16,
+            "augmented_views": cfg.augmented_views,
+        }
+        (tmp / "index.json").write_text(
+            json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+    total = len(everything) + len(splits["train"]) * cfg.augmented_views
+    seconds = time.perf_counter() - started
+    metrics = {
+        "images": len(everything),
+        "computed": stats.computed,
+        "reused": total - stats.computed,
+        "seconds": round(seconds, 2),
+        "embed_seconds": round(stats.seconds, 2),
+        "images_per_second": round(stats.computed / stats.seconds, 1) if stats.computed else None,
+        "device": str(runtime.device),
+        "bf16": runtime.bf16,
+        "feature_dim": backbone.feature_dim,
+    }
+    write_json_atomic(paths.metrics_file("features"), metrics)
+    log.info(
+        "features: %d computed (%s img/s), %d reused, %.1f s in all",
+        stats.computed,
+        metrics["images_per_second"],
+        metrics["reused"],
+        seconds,
+    )
+    return metrics
+
+
+def load_features(paths: Paths) -> tuple[dict[str, np.ndarray], dict]:
+    """The features stage's arrays by split (plus ``train_aug`` when present) and its index."""
+    folder = paths.features
+    if not (folder / "index.json").exists():
+        raise DataError(f"{folder}/index.json does not exist: run the features stage first")
+    index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    arrays = {p.stem: np.load(p) for p in folder.glob("*.npy")}
+    return arrays, index
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """Features and integer labels of one split."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+
+def labelled(
+    paths: Paths, arrays: dict[str, np.ndarray], classes: list[str], split: str
+) -> Labelled:
+    lookup = {c: i for i, c in enumerate(classes)}
+    labels = read_split(paths, split)["label"]
+    unknown = sorted(set(labels) - set(lookup))
+    if unknown:
+        raise DataError(f"{split} split has classes not in train: {unknown}")
+    return Labelled(arrays[split], labels.map(lookup).to_numpy(dtype=np.int64))
+
+
+def main(params: Params) -> dict:
+    return run(params.paths, params.model, params.features, params.device)

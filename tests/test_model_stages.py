@@ -1,0 +1,183 @@
+"""features → train_head → finetune → evaluate on tiny generated images, random weights, CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from pipeline import download, evaluate, features, finetune, split, train_head, validate
+from pipeline.config import parse_params
+from pipeline.errors import PipelineError
+from pipeline.model import load_classifier
+from tests.conftest import REPO_ROOT, create_image_folder
+
+TINY = {
+    "model": {"weights": "none"},
+    "device": "cpu",
+    "head": {"epochs": 30, "patience": 30},
+    "finetune": {"epochs": 1, "batch_size": 8},
+}
+
+
+@pytest.fixture
+def tiny_run(tmp_path, monkeypatch):
+    """A workspace whose data stages have run on 3 classes x 10 images; returns its params."""
+    images = create_image_folder(tmp_path / "images", {"cat": 10, "dog": 10, "bird": 10})
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    monkeypatch.chdir(ws)
+    raw = {**TINY, "data": {"source": str(images)}}
+
+    def params(**overrides):
+        merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+        for section, values in overrides.items():
+            merged.setdefault(section, {}).update(values)
+        return parse_params(merged)
+
+    p = params()
+    download.main(p)
+    validate.main(p)
+    split.main(p)
+    return params
+
+
+def test_features_are_cached_by_content(tiny_run):
+    p = tiny_run()
+    first = features.main(p)
+    assert (first["computed"], first["reused"]) == (30, 0)
+    arrays, index = features.load_features(p.paths)
+    assert arrays["train"].shape == (21, 1280) and index["classes"] == ["bird", "cat", "dog"]
+    assert np.isfinite(arrays["test"]).all()
+
+    # Two new training images: only those are computed, the rest come from the cache.
+    train_csv = p.paths.split_file("train")
+    rows = pd.read_csv(train_csv)
+    extra = create_image_folder(Path("extra"), {"cat": 2}, seed=9)
+    new = [
+        {"path": str(f), "label": "cat", "sha256": f"new{i}"}
+        for i, f in enumerate(sorted(extra.rglob("*.png")))
+    ]
+    pd.concat([rows, pd.DataFrame(new)]).to_csv(train_csv, index=False)
+    second = features.main(p)
+    assert (second["computed"], second["reused"]) == (2, 30)
+    again, _ = features.load_features(p.paths)
+    assert np.array_equal(again["test"], arrays["test"])
+
+
+def test_augmented_views_are_cached_for_training(tiny_run):
+    p = tiny_run(features={"augmented_views": 2})
+    features.main(p)
+    arrays, _ = features.load_features(p.paths)
+    assert arrays["train_aug"].shape == (21, 2, 1280)
+    assert not np.allclose(arrays["train_aug"][:, 0], arrays["train_aug"][:, 1])
+    assert features.main(p)["computed"] == 0  # same views, same seeds: all cached
+
+
+def test_head_learns_separable_features(tiny_run):
+    p = tiny_run(head={"lr": "auto"})
+    features.main(p)
+    metrics = train_head.main(p)
+    assert 1e-6 <= metrics["lr"] <= 1.0
+    history = pd.read_csv(p.paths.plots / "train_head.csv")
+    assert list(history.columns) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+
+
+def test_nan_loss_stops_training_and_saves_nothing(tiny_run):
+    p = tiny_run()
+    features.main(p)
+    bad = p.paths.features / "train.npy"
+    arr = np.load(bad)
+    arr[0, 0] = np.inf
+    np.save(bad, arr)
+    with pytest.raises(PipelineError, match=r"loss became (nan|inf).*nothing was saved"):
+        train_head.main(p)
+    assert not p.paths.head.exists()
+
+
+def test_finetune_and_evaluate(tiny_run):
+    p = tiny_run()
+    features.main(p)
+    train_head.main(p)
+    metrics = finetune.main(p)
+    assert metrics["epochs_run"] == 1 and metrics["train_images_per_second"] > 0
+    model, card, _ = load_classifier(p.paths.model)
+    assert card.classes == ["bird", "cat", "dog"] and card.backbone == "efficientnet_lite0"
+    assert not (p.paths.checkpoints / "finetune.pt").exists()
+
+    result = evaluate.main(p)
+    for name in ("head", "finetuned"):
+        assert {"top1", "top5", "mean_per_class_acc", "macro_f1", "ece"} <= set(result[name])
+        assert 0 <= result[name]["top1"] <= 1
+    assert json.loads(p.paths.calibration.read_text())["temperature"]["finetuned"] > 0
+    assert (p.paths.evaluation / "confusion_finetuned.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(pd.read_csv(p.paths.plots / "confusion.csv")) == 6
+
+
+def test_zero_epochs_gives_backbone_plus_head(tiny_run):
+    p = tiny_run(finetune={"epochs": 0})
+    features.main(p)
+    train_head.main(p)
+    assert finetune.main(p)["epochs_run"] == 0
+    model, card, _ = load_classifier(p.paths.model)
+    arrays, _ = features.load_features(p.paths)
+    from pipeline.data import ImageDataset
+    from pipeline.features import read_split
+
+    rows = read_split(p.paths, "test")
+    x = torch.stack(
+        [
+            ImageDataset(rows["path"], [0] * len(rows), card.preprocessing)[i][0]
+            for i in range(len(rows))
+        ]
+    )
+    with torch.no_grad():
+        direct = model.head(torch.from_numpy(arrays["test"]))
+        full = model(x)
+    assert torch.allclose(full, direct, atol=0.05)  # cached features were bf16 or fp32
+
+
+@pytest.mark.slow
+def test_killed_finetune_resumes_from_its_checkpoint(tiny_run):
+    p = tiny_run()
+    features.main(p)
+    train_head.main(p)
+    params_file = Path("params.yaml")
+    params_file.write_text(
+        yaml.safe_dump(
+            {
+                **TINY,
+                "data": {"source": "unused"},
+                "finetune": {"epochs": 4, "batch_size": 4, "patience": 10},
+            }
+        )
+    )
+    cmd = [sys.executable, "-m", "pipeline", "finetune"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    checkpoint = p.paths.checkpoints / "finetune.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.exists(), proc.communicate()[0]
+    proc.send_signal(signal.SIGKILL)  # mid-epoch 2: no cleanup of any kind
+    proc.wait()
+    assert not p.paths.model.exists()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "resuming finetune from the checkpoint after epoch" in done.stderr
+    assert json.loads(p.paths.metrics_file("finetune").read_text())["epochs_run"] == 4
+    assert p.paths.model.exists() and not checkpoint.exists()

@@ -171,19 +171,23 @@ class HeadParams:
 
 @dataclass(frozen=True)
 class FinetuneParams:
-    """Backbone + trained head, last blocks unfrozen, discriminative learning rates."""
+    """Backbone + trained head, last blocks (or all) unfrozen, discriminative learning rates.
 
-    epochs: int = 3
-    unfreeze_blocks: int | Literal["all"] = 3
+    Defaults from a grid on Caltech-101 (H100, 192-px copies): all blocks at 0.3x the
+    head's lr for 5 epochs beat the head by 2 pt; 2 blocks or 2 epochs by < 0.5 pt.
+    """
+
+    epochs: int = 5
+    unfreeze_blocks: int | Literal["all"] = "all"
     lr: float = 1e-3
-    backbone_lr_mult: float = 0.1
+    backbone_lr_mult: float = 0.3
     warmup_fraction: float = 0.1
     batch_size: int = 32
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
     patience: int = 2
     precision: Precision = "auto"
-    augment: AugmentParams = field(default_factory=AugmentParams)
+    augment: AugmentParams = field(default_factory=lambda: AugmentParams(scale_min=0.5, jitter=0.1))
     seed: int = 0
 
 

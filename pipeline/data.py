@@ -7,12 +7,12 @@ torchvision.transforms.v2 augmentation and end in the same normalisation.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from pipeline.config import AugmentParams
@@ -43,60 +43,83 @@ def _interp(pre: Preprocessing) -> v2.InterpolationMode:
     return v2.InterpolationMode(pre.interpolation)
 
 
-def item_seed(seed: int, sha256: str, view: int) -> int:
-    """A seed per (image, view): an augmented view is the same wherever it is computed."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{sha256}:{view}".encode()).digest()[:8], "little")
+def item_seed(seed: int, key: str, round_: int) -> int:
+    """A seed per (image, epoch or view): an augmented image is the same wherever it is made."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}:{round_}".encode()).digest()[:8], "little")
 
 
 class ImageDataset(Dataset):
-    """(path, label) → (CHW float32 tensor, label, index), decoded in the loader's workers."""
+    """(path, label) → (CHW float32 tensor, label, index), decoded in the loader's workers.
+
+    With ``augment_keys`` (one key per item, e.g. its sha256) the transform is random
+    and seeded per (key, round): the item ``(i, round)`` asks for round ``round`` (an epoch
+    or an augmented view), so results do not depend on workers, order or resumption.
+    """
 
     def __init__(
         self,
         paths: Sequence[str],
         labels: Sequence[int],
         transform: Callable[[Image.Image], np.ndarray],
-        seeds: Sequence[int] | None = None,
+        augment_keys: Sequence[str] | None = None,
+        seed: int = 0,
     ) -> None:
-        self.paths, self.labels, self.transform, self.seeds = (
-            list(paths),
-            list(labels),
-            transform,
-            seeds,
-        )
+        self.paths, self.labels, self.transform = list(paths), list(labels), transform
+        self.augment_keys = None if augment_keys is None else list(augment_keys)
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        index, round_ = item if isinstance(item, tuple) else (item, 0)
         img = load_rgb(self.paths[index])
-        if self.seeds is None:
+        if self.augment_keys is None:
             arr = self.transform(img)
-        else:  # deterministic augmentation
+        else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seeds[index])
+                torch.manual_seed(item_seed(self.seed, self.augment_keys[index], round_))
                 arr = self.transform(img)
         return torch.from_numpy(arr), self.labels[index], index
+
+
+class RoundSampler(Sampler):
+    """Yields ``(index, round)``: a fresh order per round (epoch) seeded by (seed, round)."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, round_: int = 0) -> None:
+        self.size, self.seed, self.shuffle, self.round = size, seed, shuffle, round_
+
+    def set_round(self, round_: int) -> None:
+        self.round = round_
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.round)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = range(self.size)
+        return ((i, self.round) for i in order)
 
 
 def make_loader(
     dataset: Dataset,
     runtime: Runtime,
     batch_size: int,
-    shuffle: bool = False,
-    seed: int = 0,
+    sampler: Sampler | None = None,
     drop_last: bool = False,
+    persistent: bool = False,
 ) -> DataLoader:
     """A loader that decodes in worker processes while the model computes."""
-    generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         drop_last=drop_last,
         num_workers=runtime.workers,
         pin_memory=runtime.cuda,
-        persistent_workers=False,
+        persistent_workers=persistent and runtime.workers > 0,
         prefetch_factor=4 if runtime.workers else None,
-        generator=generator,
     )

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline.backbones import Backbone, build_backbone
 from pipeline.config import FeaturesParams, ModelParams, Params, Paths
-from pipeline.data import ImageDataset, item_seed, make_loader, train_transform
+from pipeline.data import ImageDataset, RoundSampler, make_loader, train_transform
 from pipeline.errors import DataError
 from pipeline.fsutil import atomic_path, write_json_atomic
 from pipeline.runtime import Runtime, resolve
@@ -74,15 +74,24 @@ def cache_key(backbone: Backbone, runtime: Runtime, view: str) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
-@torch.inference_mode()
 def embed(
-    backbone: Backbone, dataset: ImageDataset, runtime: Runtime, batch_size: int, desc: str
+    backbone: Backbone,
+    dataset: ImageDataset,
+    runtime: Runtime,
+    batch_size: int,
+    desc: str,
+    view: int = 0,
 ) -> np.ndarray:
     """Run the frozen backbone over a dataset; decoding overlaps compute in loader workers."""
+    # Moved outside inference mode: weights made inside it could never be trained again.
     model = backbone.module.to(runtime.device, memory_format=torch.channels_last).eval()
     out = np.empty((len(dataset), backbone.feature_dim), dtype=np.float32)
-    loader = make_loader(dataset, runtime, batch_size)
-    with tqdm(total=len(dataset), unit="img", desc=desc, disable=None) as bar:
+    sampler = RoundSampler(len(dataset), seed=0, shuffle=False, round_=view)
+    loader = make_loader(dataset, runtime, batch_size, sampler=sampler)
+    with (
+        torch.inference_mode(),
+        tqdm(total=len(dataset), unit="img", desc=desc, disable=None) as bar,
+    ):
         for images, _labels, index in loader:
             with runtime.autocast():
                 feats = model(runtime.to_device(images))
@@ -109,7 +118,8 @@ def cached_embeddings(
     batch_size: int,
     transform,
     stats: EmbedStats,
-    seeds_for=None,
+    view: int | None = None,
+    seed: int = 0,
     desc: str = "features",
 ) -> np.ndarray:
     """Embeddings for ``rows`` (in order), computing only sha256s missing from the cache."""
@@ -117,10 +127,10 @@ def cached_embeddings(
     todo = rows.drop_duplicates("sha256")
     todo = todo[~todo["sha256"].isin(known.keys())]
     if len(todo):
-        seeds = seeds_for(todo["sha256"].tolist()) if seeds_for else None
-        dataset = ImageDataset(todo["path"].tolist(), [0] * len(todo), transform, seeds)
+        keys = None if view is None else todo["sha256"].tolist()
+        dataset = ImageDataset(todo["path"].tolist(), [0] * len(todo), transform, keys, seed)
         started = time.perf_counter()
-        fresh = embed(backbone, dataset, runtime, batch_size, desc)
+        fresh = embed(backbone, dataset, runtime, batch_size, desc, view or 0)
         stats.add(len(todo), time.perf_counter() - started)
         cache.add(todo["sha256"].tolist(), fresh)
         known.update(zip(todo["sha256"].tolist(), fresh, strict=True))
@@ -153,7 +163,6 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
             views = []
             for view in range(cfg.augmented_views):
                 key = cache_key(backbone, runtime, f"aug{view}:seed{cfg.seed}:{cfg.augment}")
-                seeds_for = lambda shas, v=view: [item_seed(cfg.seed, s, v) for s in shas]  # noqa: E731
                 views.append(
                     cached_embeddings(
                         backbone,
@@ -163,7 +172,8 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
                         cfg.batch_size,
                         aug,
                         stats,
-                        seeds_for,
+                        view,
+                        cfg.seed,
                         desc=f"train view {view + 1}",
                     )
                 )

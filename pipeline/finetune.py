@@ -15,7 +15,8 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -24,11 +25,12 @@ from tqdm import tqdm
 
 from pipeline.backbones import build_backbone
 from pipeline.config import FinetuneParams, ModelParams, Params, Paths
-from pipeline.data import ImageDataset, make_loader, train_transform
+from pipeline.data import ImageDataset, RoundSampler, make_loader, train_transform
 from pipeline.features import read_split
 from pipeline.fsutil import atomic_path, remove, sha256_file, write_json_atomic
 from pipeline.model import (
     Classifier,
+    ModelCard,
     classifier_from_head,
     load_checkpoint,
     save_checkpoint,
@@ -102,174 +104,229 @@ def fingerprint(paths: Paths, model_cfg: ModelParams, cfg: FinetuneParams, bf16:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+@dataclass
+class TrainState:
+    """Everything a resumed run needs; saved after every epoch."""
+
+    epoch: int = 0
+    best_loss: float = math.inf
+    best_state: dict | None = None
+    waited: int = 0
+    history: list = field(default_factory=list)
+
+
+def val_loss_acc(model: nn.Module, loader, runtime: Runtime) -> tuple[float, float]:
+    logits, labels = predict_logits(model, loader, runtime)
+    return nn.functional.cross_entropy(logits, labels).item(), (
+        logits.argmax(1) == labels
+    ).float().mean().item()
+
+
+def train_epoch(
+    model,
+    trainable,
+    loader,
+    optimiser,
+    scheduler,
+    criterion,
+    runtime: Runtime,
+    epoch: int,
+    total: int,
+) -> dict:
+    """One pass over the training images; returns its loss, accuracy, images and seconds."""
+    set_train_mode(model, trainable)
+    started, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+    with tqdm(
+        total=len(loader) * loader.batch_size,
+        unit="img",
+        desc=f"finetune {epoch}/{total}",
+        disable=None,
+    ) as bar:
+        for images, y, _index in loader:
+            images, y = runtime.to_device(images), y.to(runtime.device, non_blocking=True)
+            with runtime.autocast():
+                logits = model(images)
+            loss = criterion(logits.float(), y)
+            check_finite(loss, f"in finetune epoch {epoch}")
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.update(len(y))
+    return {
+        "train_loss": loss_sum / seen,
+        "train_acc": correct / seen,
+        "images": seen,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def fine_tune(
+    model: Classifier,
+    blocks: list[nn.Module],
+    card: ModelCard,
+    train_rows,
+    val_rows,
+    cfg: FinetuneParams,
+    runtime: Runtime,
+    checkpoint: Path,
+    key: str,
+) -> tuple[TrainState, float, int]:
+    """Unfreeze, fit at discriminative rates, keep the best val-loss weights (epoch 0 = head alone)."""
+    lookup = {c: i for i, c in enumerate(card.classes)}
+    model.to(runtime.device, memory_format=torch.channels_last)
+    trainable = freeze_all_but_last(model, blocks, cfg.unfreeze_blocks)
+    optimiser = torch.optim.AdamW(
+        [
+            {"params": model.head.parameters(), "lr": cfg.lr},
+            {
+                "params": [p for b in trainable for p in b.parameters()],
+                "lr": cfg.lr * cfg.backbone_lr_mult,
+            },
+        ],
+        weight_decay=cfg.weight_decay,
+    )
+    train_set = ImageDataset(
+        train_rows["path"],
+        train_rows["label"].map(lookup),
+        train_transform(card.preprocessing, cfg.augment),
+        train_rows["sha256"],
+        cfg.seed,
+    )
+    sampler = RoundSampler(len(train_set), cfg.seed)
+    loader = make_loader(
+        train_set, runtime, cfg.batch_size, sampler=sampler, drop_last=True, persistent=True
+    )
+    val_set = ImageDataset(val_rows["path"], val_rows["label"].map(lookup), card.preprocessing)
+    val_loader = make_loader(val_set, runtime, cfg.batch_size)
+    total = max(1, len(loader)) * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lr_lambda(total, round(total * cfg.warmup_fraction))
+    )
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    state = TrainState()
+    saved = (
+        torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if checkpoint.exists()
+        else None
+    )
+    if saved is not None and saved["fingerprint"] == key:
+        model.load_state_dict(saved["model"])
+        optimiser.load_state_dict(saved["optimiser"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = TrainState(**saved["state"])
+        log.info("resuming finetune from the checkpoint after epoch %d", state.epoch)
+    else:
+        if saved is not None:
+            log.info("ignoring %s: it was written for other inputs or params", checkpoint)
+        loss, acc = val_loss_acc(model, val_loader, runtime)
+        state.best_loss, state.best_state = loss, snapshot(model)
+        state.history.append(
+            {"epoch": 0, "train_loss": None, "train_acc": None, "val_loss": loss, "val_acc": acc}
+        )
+
+    images, seconds = 0, 0.0
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        if state.waited >= cfg.patience:
+            log.info("early stop: val loss has not improved for %d epochs", state.waited)
+            break
+        torch.manual_seed(
+            cfg.seed + epoch
+        )  # dropout; shuffling and augmentation are seeded per epoch
+        sampler.set_round(epoch)
+        done = train_epoch(
+            model, trainable, loader, optimiser, scheduler, criterion, runtime, epoch, cfg.epochs
+        )
+        images, seconds = images + done["images"], seconds + done["seconds"]
+        val_loss, val_acc = val_loss_acc(model, val_loader, runtime)
+        state.history.append(
+            {
+                "epoch": epoch,
+                "train_loss": done["train_loss"],
+                "train_acc": done["train_acc"],
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+            }
+        )
+        log.info(
+            "epoch %d: train loss %.4f, val loss %.4f, val acc %.4f, %.0f img/s",
+            epoch,
+            done["train_loss"],
+            val_loss,
+            val_acc,
+            done["images"] / done["seconds"],
+        )
+        if val_loss < state.best_loss - 1e-4:
+            state.best_loss, state.best_state, state.waited = val_loss, snapshot(model), 0
+        else:
+            state.waited += 1
+        state.epoch = epoch
+        payload = {
+            "fingerprint": key,
+            "model": model.state_dict(),
+            "optimiser": optimiser.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "state": asdict(state),
+        }
+        with atomic_path(checkpoint) as tmp:
+            torch.save(payload, tmp)
+    model.load_state_dict(state.best_state)
+    return state, seconds, images
+
+
 def run(paths: Paths, model_cfg: ModelParams, cfg: FinetuneParams, device: str) -> dict:
+    """Fine-tune backbone + head (or, with ``finetune.epochs: 0``, just join them) and save."""
     started = time.perf_counter()
     runtime = resolve(device, cfg.precision)
-    card, head_ckpt = load_checkpoint(paths.head)
-    backbone = build_backbone(model_cfg.backbone, model_cfg.weights)
-    model = classifier_from_head(backbone, card, head_ckpt["state_dict"])
-    lookup = {c: i for i, c in enumerate(card.classes)}
-    train_rows, val_rows = read_split(paths, "train"), read_split(paths, "val")
-    history: list[dict] = []
-    images_seen, train_seconds = 0, 0.0
-
+    card, head_checkpoint = load_checkpoint(paths.head)
+    backbone = build_backbone(model_cfg.backbone, model_cfg.weights, card.preprocessing.resize)
+    model = classifier_from_head(backbone, card, head_checkpoint["state_dict"])
+    checkpoint = paths.checkpoints / "finetune.pt"
+    state, seconds, images = TrainState(), 0.0, 0
     if cfg.epochs > 0:
-        model = model.to(runtime.device, memory_format=torch.channels_last)
-        trainable = freeze_all_but_last(model, backbone.blocks, cfg.unfreeze_blocks)
-        backbone_params = [p for b in trainable for p in b.parameters()]
-        optimiser = torch.optim.AdamW(
-            [
-                {"params": model.head.parameters(), "lr": cfg.lr},
-                {"params": backbone_params, "lr": cfg.lr * cfg.backbone_lr_mult},
-            ],
-            weight_decay=cfg.weight_decay,
-        )
-        steps_per_epoch = len(train_rows) // cfg.batch_size or 1
-        total = steps_per_epoch * cfg.epochs
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimiser, lr_lambda(total, round(total * cfg.warmup_fraction))
-        )
-        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        train_set = ImageDataset(
-            train_rows["path"],
-            train_rows["label"].map(lookup),
-            train_transform(card.preprocessing, cfg.augment),
-        )
-        val_loader = make_loader(
-            ImageDataset(val_rows["path"], val_rows["label"].map(lookup), card.preprocessing),
+        state, seconds, images = fine_tune(
+            model,
+            backbone.blocks,
+            card,
+            read_split(paths, "train"),
+            read_split(paths, "val"),
+            cfg,
             runtime,
-            64,
+            checkpoint,
+            fingerprint(paths, model_cfg, cfg, runtime.bf16),
         )
-
-        checkpoint = paths.checkpoints / "finetune.pt"
-        key = fingerprint(paths, model_cfg, cfg, runtime.bf16)
-        first_epoch, best_state, best_loss, waited = 1, None, math.inf, 0
-        if checkpoint.exists():
-            saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            if saved["fingerprint"] == key:
-                model.load_state_dict(saved["model"])
-                optimiser.load_state_dict(saved["optimiser"])
-                scheduler.load_state_dict(saved["scheduler"])
-                first_epoch, best_loss, waited = (
-                    saved["epoch"] + 1,
-                    saved["best_loss"],
-                    saved["waited"],
-                )
-                best_state, history = saved["best_state"], saved["history"]
-                log.info("resuming finetune from the checkpoint after epoch %d", saved["epoch"])
-            else:
-                log.info("ignoring %s: it was written for other inputs or params", checkpoint)
-
-        if first_epoch == 1:  # epoch 0: the head alone, the bar fine-tuning has to beat
-            val_logits, val_y = predict_logits(model, val_loader, runtime)
-            best_loss = nn.functional.cross_entropy(val_logits, val_y).item()
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            history.append(
-                {
-                    "epoch": 0,
-                    "train_loss": None,
-                    "train_acc": None,
-                    "val_loss": best_loss,
-                    "val_acc": (val_logits.argmax(1) == val_y).float().mean().item(),
-                }
-            )
-        for epoch in range(first_epoch, cfg.epochs + 1):
-            if waited >= cfg.patience:
-                break
-            torch.manual_seed(cfg.seed + epoch)
-            set_train_mode(model, trainable)
-            loader = make_loader(
-                train_set,
-                runtime,
-                cfg.batch_size,
-                shuffle=True,
-                seed=cfg.seed + epoch,
-                drop_last=True,
-            )
-            epoch_start, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-            with tqdm(
-                total=steps_per_epoch * cfg.batch_size,
-                unit="img",
-                desc=f"finetune {epoch}/{cfg.epochs}",
-                disable=None,
-            ) as bar:
-                for images, y, _index in loader:
-                    images, y = runtime.to_device(images), y.to(runtime.device, non_blocking=True)
-                    with runtime.autocast():
-                        logits = model(images)
-                        loss = criterion(logits.float(), y)
-                    check_finite(loss, f"in finetune epoch {epoch}")
-                    optimiser.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimiser.step()
-                    scheduler.step()
-                    loss_sum += loss.item() * len(y)
-                    correct += (logits.argmax(1) == y).sum().item()
-                    seen += len(y)
-                    bar.update(len(y))
-            train_seconds += time.perf_counter() - epoch_start
-            images_seen += seen
-            val_logits, val_y = predict_logits(model, val_loader, runtime)
-            val_loss = nn.functional.cross_entropy(val_logits, val_y).item()
-            val_acc = (val_logits.argmax(1) == val_y).float().mean().item()
-            history.append(
-                {
-                    "epoch": epoch,
-                    "train_loss": loss_sum / seen,
-                    "train_acc": correct / seen,
-                    "val_loss": val_loss,
-                    "val_acc": val_acc,
-                }
-            )
-            log.info(
-                "epoch %d: train loss %.4f, val loss %.4f, val acc %.4f",
-                epoch,
-                loss_sum / seen,
-                val_loss,
-                val_acc,
-            )
-            if val_loss < best_loss - 1e-4:
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                best_loss, waited = val_loss, 0
-            else:
-                waited += 1
-            state = {
-                "fingerprint": key,
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimiser": optimiser.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "best_state": best_state,
-                "best_loss": best_loss,
-                "waited": waited,
-                "history": history,
-            }
-            with atomic_path(checkpoint) as tmp:
-                torch.save(state, tmp)
-        if best_state is not None:
-            model.load_state_dict(best_state)
-    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_checkpoint(paths.model, card, state_dict, params=asdict(cfg))
-    remove(paths.checkpoints / "finetune.pt")
+    save_checkpoint(
+        paths.model,
+        card,
+        {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        params=asdict(cfg),
+    )
+    remove(checkpoint)
     frame = pd.DataFrame(
-        history, columns=["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
+        state.history, columns=["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
     )
     with atomic_path(paths.plots / "finetune.csv") as tmp:
         frame.round(6).to_csv(tmp, index=False)
     trained = frame[frame["epoch"] > 0]
-    best_epoch = int(frame.loc[frame["val_loss"].idxmin(), "epoch"]) if len(trained) else 0
-    if len(trained) and best_epoch == 0:
+    best = frame.loc[frame["val_loss"].idxmin()] if len(trained) else None
+    if best is not None and best["epoch"] == 0:
         log.warning(
             "fine-tuning never beat the head alone on val loss; keeping backbone + head as they were"
         )
     metrics = {
         "epochs_run": len(trained),
-        "best_epoch": best_epoch,
-        "val_loss": round(float(frame["val_loss"].min()), 6) if len(frame) else None,
-        "val_acc": round(float(frame.loc[frame["val_loss"].idxmin(), "val_acc"]), 6)
-        if len(frame)
-        else None,
-        "train_images_per_second": round(images_seen / train_seconds, 1) if train_seconds else None,
+        "best_epoch": int(best["epoch"]) if best is not None else 0,
+        "val_loss": round(float(best["val_loss"]), 6) if best is not None else None,
+        "val_acc": round(float(best["val_acc"]), 6) if best is not None else None,
+        "train_images_per_second": round(images / seconds, 1) if seconds else None,
         "seconds": round(time.perf_counter() - started, 2),
         "device": str(runtime.device),
         "bf16": runtime.bf16,

@@ -84,7 +84,7 @@ def evaluate_head(head: nn.Module, data: Labelled, criterion: nn.Module) -> tupl
     head.eval()
     with torch.inference_mode():
         logits = head(torch.from_numpy(data.x))
-        y = torch.from_numpy(data.y)
+        y = torch.tensor(data.y)
         return criterion(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
@@ -92,7 +92,7 @@ def fit_head(
     train: Labelled, val: Labelled, spec: HeadSpec, cfg: HeadParams
 ) -> tuple[nn.Module, pd.DataFrame, dict]:
     """Train a head with early stopping on val loss; return the best head, history and facts."""
-    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
+    x, y = torch.tensor(train.x), torch.tensor(train.y)
     weight = class_weights(train.y, spec.n_classes) if cfg.class_balanced else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     plain = nn.CrossEntropyLoss()  # val loss is comparable across settings

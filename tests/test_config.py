@@ -9,7 +9,7 @@ from pipeline.config import Params, load_params, parse_params
 from pipeline.errors import ConfigError
 from tests.conftest import REPO_ROOT
 
-STAGES = ["download", "validate", "split"]
+STAGES = ["download", "validate", "split", "features", "train_head", "finetune", "evaluate"]
 
 
 def test_repo_params_load_and_match_defaults():

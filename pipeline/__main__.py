@@ -1,6 +1,9 @@
 """``python -m pipeline <stage>``: run one stage with the settings in params.yaml.
 
 This is the command dvc.yaml runs for each stage; the stage modules do the work.
+``python -m pipeline predict --model models/model.onnx IMAGE_OR_DIR...`` labels images
+with the exported model; it is dispatched before anything else is imported, so it runs
+where only onnxruntime, numpy and Pillow are installed.
 """
 
 from __future__ import annotations
@@ -12,46 +15,68 @@ import logging
 import sys
 import time
 
-from pipeline.config import PARAMS_FILE, load_params
-from pipeline.errors import PipelineError
-
 log = logging.getLogger("pipeline")
 
 # Stage name → module; the order of stages lives in dvc.yaml, not here.
-STAGES = ("download", "validate", "split", "features", "train_head", "finetune", "evaluate")
+STAGES = (
+    "download",
+    "validate",
+    "split",
+    "features",
+    "train_head",
+    "finetune",
+    "evaluate",
+    "export",
+    "onnx_check",
+)
 
 
-def run_stage(stage: str, params_file: str = str(PARAMS_FILE)) -> dict:
+def run_stage(stage: str, params_file: str | None = None) -> dict:
     """Run ``stage`` as a plain function call, reading ``params_file`` once."""
+    from pipeline.config import PARAMS_FILE, load_params
+    from pipeline.errors import PipelineError
+
     if stage not in STAGES:
         raise PipelineError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-    params = load_params(params_file)
+    params = load_params(params_file or PARAMS_FILE)
     module = importlib.import_module(f"pipeline.{stage}")
     return module.main(params)
 
 
-def describe_outputs(params_file: str = str(PARAMS_FILE)) -> str:
+def describe_outputs(params_file: str | None = None) -> str:
     """Where each output of the pipeline lives, from params.yaml's ``paths`` section."""
-    paths = load_params(params_file).paths
+    from pipeline.config import PARAMS_FILE, load_params
+
+    paths = load_params(params_file or PARAMS_FILE).paths
     rows = [(f.name, getattr(paths, f.name)) for f in dataclasses.fields(paths)]
     return "\n".join(f"  {name:<16} {path}{'/' if path.is_dir() else ''}" for name, path in rows)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["predict"]:
+        from pipeline.predict import main as predict
+
+        return predict(argv[1:])
+    from pipeline.errors import PipelineError
+
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "stage", choices=(*STAGES, "outputs"), help="a stage, or 'outputs' to list paths"
+        "stage",
+        choices=(*STAGES, "outputs", "predict"),
+        help="a stage; 'outputs' lists where results are; 'predict --help' for the predictor",
     )
-    parser.add_argument(
-        "--params", default=str(PARAMS_FILE), help="params file (default: %(default)s)"
-    )
+    parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     args = parser.parse_args(argv)
+    # Our stages log at INFO; libraries only their warnings (the ONNX exporter's INFO
+    # lines run to thousands).
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     started = time.perf_counter()
     try:
         if args.stage == "outputs":

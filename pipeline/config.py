@@ -43,6 +43,10 @@ class Paths:
     calibration: Path = Path("models/calibration.json")
     plots: Path = Path("metrics/plots")
     evaluation: Path = Path("reports/evaluate")
+    onnx: Path = Path("models/model.onnx")
+    onnx_int8: Path = Path("models/model.int8.onnx")
+    labels: Path = Path("models/labels.json")
+    model_card: Path = Path("models/MODEL_CARD.md")
 
     def metrics_file(self, stage: str) -> Path:
         """``metrics/<stage>.json``: one name everywhere."""
@@ -199,6 +203,44 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class ExportParams:
+    """ONNX export; ``quantize`` adds a static int8 model calibrated on training images."""
+
+    opset: int = 18
+    quantize: bool = True
+    calibration_images: int = 256
+    calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax"
+
+    def __post_init__(self) -> None:
+        if self.opset < 17:
+            raise ConfigError(
+                "export.opset must be 17 or later (onnxruntime's well-supported range)"
+            )
+        if self.calibration_images < 1:
+            raise ConfigError("export.calibration_images must be at least 1")
+
+
+@dataclass(frozen=True)
+class OnnxCheckParams:
+    """Parity bounds between the ONNX and the PyTorch model, and how CPU speed is measured."""
+
+    threads: int = 2
+    batch_size: int = 32
+    latency_runs: int = 100
+    throughput_batches: int = 10
+    max_abs_diff: float = 1e-4
+    min_top1_agreement: float = 0.999
+    max_top1_gap: float = 0.002
+    max_int8_drop: float = 0.01
+
+    def __post_init__(self) -> None:
+        if min(self.threads, self.batch_size, self.latency_runs, self.throughput_batches) < 1:
+            raise ConfigError(
+                "onnx_check.threads, batch_size, latency_runs and throughput_batches must be >= 1"
+            )
+
+
+@dataclass(frozen=True)
 class Params:
     paths: Paths = field(default_factory=Paths)
     data: DataParams = field(default_factory=DataParams)
@@ -210,6 +252,8 @@ class Params:
     head: HeadParams = field(default_factory=HeadParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    export: ExportParams = field(default_factory=ExportParams)
+    onnx_check: OnnxCheckParams = field(default_factory=OnnxCheckParams)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

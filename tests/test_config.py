@@ -5,11 +5,22 @@ import dataclasses
 import pytest
 import yaml
 
+from pipeline import __main__
 from pipeline.config import Params, load_params, parse_params
 from pipeline.errors import ConfigError
 from tests.conftest import REPO_ROOT
 
-STAGES = ["download", "validate", "split", "features", "train_head", "finetune", "evaluate"]
+STAGES = [
+    "download",
+    "validate",
+    "split",
+    "features",
+    "train_head",
+    "finetune",
+    "evaluate",
+    "export",
+    "onnx_check",
+]
 
 
 def test_repo_params_load_and_match_defaults():
@@ -29,7 +40,8 @@ def _dvc_yaml() -> dict:
 
 
 def test_dvc_stages_are_named_by_the_contract():
-    assert list(_dvc_yaml()["stages"])[: len(STAGES)] == STAGES
+    assert list(_dvc_yaml()["stages"]) == STAGES
+    assert list(__main__.STAGES) == STAGES
     for name, stage in _dvc_yaml()["stages"].items():
         assert stage["cmd"] == f"python -m pipeline {name}"
 

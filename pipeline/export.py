@@ -1,0 +1,353 @@
+"""Stage ``export``: the fine-tuned model → one self-describing ONNX file (+ optional int8).
+
+``models/model.onnx`` takes ``input`` (N, 3, H, W float32, dynamic N) and gives ``logits``.
+Its metadata_props carry everything a consumer needs without this project: the classes
+in index order, the preprocessing (size, resize policy, mean, std), the temperature
+fitted on val, and provenance (backbone, params hash, git commit, test metrics).
+``models/labels.json`` and ``models/MODEL_CARD.md`` say the same for people.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from pipeline.config import Params, Paths
+from pipeline.errors import DataError, PipelineError
+from pipeline.features import read_split
+from pipeline.fsutil import atomic_path, remove, write_json_atomic, write_text_atomic
+from pipeline.images import load_rgb
+from pipeline.model import Classifier, ModelCard, load_classifier
+from pipeline.preprocessing import Preprocessing
+
+log = logging.getLogger(__name__)
+INPUT, OUTPUT = "input", "logits"
+
+
+# The sections that shape the exported file; paths, download effort, device and the
+# checks that run after export do not.
+MODEL_SECTIONS = (
+    "data",
+    "validate",
+    "split",
+    "model",
+    "features",
+    "head",
+    "finetune",
+    "evaluate",
+    "export",
+)
+
+
+def params_sha256(params: Params) -> str:
+    """A hash of the settings that made this model, to trace a file back to its params."""
+    sections = {name: dataclasses.asdict(getattr(params, name)) for name in MODEL_SECTIONS}
+    canonical = json.dumps(sections, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def git_revision() -> dict[str, str]:
+    """The commit the code came from, and whether tracked files differed from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+
+
+def contract_metadata(
+    card: ModelCard, temperature: float, provenance: dict[str, str]
+) -> dict[str, str]:
+    """The metadata_props a consumer reads: labels, preprocessing, calibration, provenance."""
+    pre = card.preprocessing
+    return {
+        "classes": json.dumps(card.classes, ensure_ascii=False),
+        "input_name": INPUT,
+        "output_name": OUTPUT,
+        "input_layout": "NCHW float32 RGB, scaled to [0, 1], then (x - mean) / std",
+        "input_size": str(pre.input_size),
+        "mean": json.dumps(list(pre.mean)),
+        "std": json.dumps(list(pre.std)),
+        "resize": pre.resize,
+        "resize_policy": pre.to_dict()["resize_policy"],
+        "interpolation": pre.interpolation,
+        "preprocessing": json.dumps(pre.to_dict()),
+        "temperature": repr(float(temperature)),
+        "backbone": card.backbone,
+        "weights": card.weights_id,
+        **provenance,
+    }
+
+
+def to_onnx(model: Classifier, pre: Preprocessing, opset: int) -> onnx.ModelProto:
+    """torch.export → ONNX (dynamo exporter), batch axis dynamic, weights inside the file."""
+    example = torch.zeros(2, 3, pre.input_size, pre.input_size)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+        out = Path(tmp) / "model.onnx"
+        torch.onnx.export(
+            model.eval(),
+            (example,),
+            str(out),
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes={"x": {0: batch}},
+        )
+        proto = onnx.load(str(out))
+    if [i.name for i in proto.graph.input] != [INPUT] or [o.name for o in proto.graph.output] != [
+        OUTPUT
+    ]:
+        raise PipelineError(
+            f"exported graph has inputs {[i.name for i in proto.graph.input]} and outputs "
+            f"{[o.name for o in proto.graph.output]}; expected [{INPUT!r}] and [{OUTPUT!r}]"
+        )
+    return proto
+
+
+def with_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProto:
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, metadata)
+    n_classes = len(json.loads(metadata["classes"]))
+    proto.doc_string = f"{metadata['backbone']} classifier, {n_classes} classes: see metadata_props"
+    return proto
+
+
+def save_checked(proto: onnx.ModelProto, path: Path) -> None:
+    """Full ONNX check (with shape inference), then an atomic write of one self-contained file."""
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise PipelineError(f"{path}: the exported graph fails onnx.checker: {exc}") from exc
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, str(tmp), save_as_external_data=False)
+
+
+def calibration_rows(paths: Paths, count: int, seed: int) -> list[str]:
+    """``count`` training images spread evenly over classes (at least one per class)."""
+    rows = read_split(paths, "train")
+    per_class = max(1, -(-count // rows["label"].nunique()))
+    shuffled = rows.sample(frac=1.0, random_state=seed)
+    return shuffled.groupby("label", sort=True).head(per_class)["path"].tolist()
+
+
+class CalibrationImages:
+    """onnxruntime's CalibrationDataReader over preprocessed training images, in batches."""
+
+    def __init__(self, image_paths: list[str], pre: Preprocessing, batch_size: int = 16) -> None:
+        self.image_paths, self.pre, self.batch_size = image_paths, pre, batch_size
+        self._batches = self._iterate()
+
+    def _iterate(self) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, len(self.image_paths), self.batch_size):
+            chunk = self.image_paths[start : start + self.batch_size]
+            yield {INPUT: np.stack([self.pre(load_rgb(p)) for p in chunk])}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def quantize_int8(fp32_path: Path, calibration: CalibrationImages, method: str) -> onnx.ModelProto:
+    """Static int8 (QDQ, per-channel weights) calibrated on training images."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return calibration.get_next()
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
+    with tempfile.TemporaryDirectory(prefix="quantize-") as tmp:
+        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+        quant_pre_process(str(fp32_path), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(quantized),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[method],
+        )
+        proto = onnx.load(str(quantized))
+    log.info("int8: calibrated on %d training images (%s)", len(calibration.image_paths), method)
+    return proto
+
+
+def model_card_markdown(
+    card: ModelCard, metadata: dict[str, str], paths: Paths, params: Params
+) -> str:
+    """MODEL_CARD.md: what the model is for, what it was trained on, how well it does."""
+
+    def read_json(path: Path) -> dict:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    validated = read_json(paths.metrics_file("validate"))
+    split = read_json(paths.metrics_file("split"))
+    evaluation = read_json(paths.metrics_file("evaluate"))
+    pre = card.preprocessing
+    lines = [
+        f"# Model card: {card.backbone} image classifier ({len(card.classes)} classes)",
+        "",
+        "## Intended use",
+        f"Classify an RGB image into one of the {len(card.classes)} classes below. Each "
+        "prediction comes with a probability calibrated on the validation split (softmax of "
+        "logits / `temperature`).",
+        "",
+        "## Model",
+        f"- Backbone: `{card.backbone}`, pretrained weights `{card.weights_id}`, fine-tuned "
+        f"with a `{card.head.type}` head.",
+        f"- File: `{paths.onnx.name}` (ONNX opset {params.export.opset}); input `{INPUT}` "
+        f"(N, 3, {pre.input_size}, {pre.input_size}) float32, output `{OUTPUT}` (N, "
+        f"{len(card.classes)}).",
+        f"- Temperature: {float(metadata['temperature']):.4f}.",
+        f"- Code: git commit `{metadata['git_commit']}` (uncommitted changes: "
+        f"{metadata['git_dirty']}); params sha256 `{metadata['params_sha256']}`.",
+        "",
+        "## Preprocessing",
+        "1. Decode, apply the EXIF orientation, convert to 8-bit RGB (transparency on white).",
+        f"2. Resize (`{pre.resize}`): {pre.to_dict()['resize_policy']}; "
+        f"{pre.interpolation} interpolation"
+        + (f", resize_size {pre.resize_size}." if pre.resize == "center_crop" else "."),
+        f"3. Scale to [0, 1], subtract mean {list(pre.mean)}, divide by std {list(pre.std)}, "
+        "lay out as CHW.",
+        "",
+        "## Data",
+        f"- Source: `{params.data.source}`"
+        + (f" (sha256 `{params.data.sha256}`)" if params.data.sha256 else "")
+        + (
+            f"; excluded classes: {', '.join(params.data.exclude_classes)}"
+            if params.data.exclude_classes
+            else ""
+        )
+        + ".",
+    ]
+    if validated:
+        lines.append(
+            f"- Validated images: {validated.get('images', '?')} in "
+            f"{validated.get('classes', '?')} classes; quarantined: "
+            f"{validated.get('quarantined', '?')}."
+        )
+    ratios = params.split.ratios
+    lines.append(
+        f"- Split: stratified train/val/test {ratios.train:g}/{ratios.val:g}/{ratios.test:g}, "
+        f"seed {params.split.seed}, near-duplicates kept in one split"
+        + (
+            f"; images: {', '.join(f'{k} {v}' for k, v in split.get('counts', {}).items())}."
+            if isinstance(split.get("counts"), dict)
+            else "."
+        )
+    )
+    lines += ["", "## Test metrics", ""]
+    if evaluation:
+        keys = ["top1", "top5", "mean_per_class_acc", "macro_f1", "ece", "ece_calibrated"]
+        lines.append("| model | " + " | ".join(keys) + " |")
+        lines.append("|---" * (len(keys) + 1) + "|")
+        for name, scores in evaluation.items():
+            cells = [f"{scores[k]:.4f}" if k in scores else "" for k in keys]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    else:
+        lines.append("(metrics/evaluate.json was not found when this card was written)")
+    lines += [
+        "",
+        "## Limits",
+        "- It only knows the classes below: every image gets one of them, however unrelated.",
+        "- Accuracy was measured on a held-out split of the same collection; images from "
+        "other cameras, framing or domains may score lower.",
+        "- Small classes have few test images, so their per-class figures are noisy "
+        f"(see `{paths.evaluation}/per_class_finetuned.csv`).",
+        "",
+        "## Classes (index order)",
+        "",
+        ", ".join(f"{i}: {c}" for i, c in enumerate(card.classes)),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run(params: Params) -> dict:
+    paths, cfg = params.paths, params.export
+    model, card, _checkpoint = load_classifier(paths.model)
+    temperature = read_temperature(paths.calibration)
+    test_metrics = read_evaluation(paths.metrics_file("evaluate"))
+    provenance = {
+        "params_sha256": params_sha256(params),
+        **git_revision(),
+        "test_metrics": json.dumps(test_metrics, sort_keys=True),
+        "producer": "transfer-pipeline export",
+    }
+    metadata = contract_metadata(card, temperature, provenance)
+    proto = with_metadata(to_onnx(model, card.preprocessing, cfg.opset), metadata)
+    save_checked(proto, paths.onnx)
+    size_mb = paths.onnx.stat().st_size / 1e6
+    log.info("wrote %s (%.1f MB, opset %d)", paths.onnx, size_mb, cfg.opset)
+    if cfg.quantize:
+        images = calibration_rows(paths, cfg.calibration_images, params.split.seed)
+        calibration = CalibrationImages(images, card.preprocessing)
+        int8 = quantize_int8(paths.onnx, calibration, cfg.calibration_method)
+        save_checked(
+            with_metadata(int8, {**metadata, "quantization": "int8 static QDQ"}), paths.onnx_int8
+        )
+        log.info("wrote %s (%.1f MB)", paths.onnx_int8, paths.onnx_int8.stat().st_size / 1e6)
+    else:
+        remove(paths.onnx_int8)  # a stale int8 model must not outlive the switch
+    write_json_atomic(paths.labels, card.classes)
+    write_text_atomic(paths.model_card, model_card_markdown(card, metadata, paths, params))
+    return {"onnx": str(paths.onnx), "size_mb": size_mb, "classes": len(card.classes)}
+
+
+def read_evaluation(path: Path) -> dict:
+    """The fine-tuned model's test metrics, written by evaluate."""
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8"))["finetuned"])
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist: run `dvc repro evaluate` first") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: no test metrics for the fine-tuned model ({exc})") from None
+
+
+def read_temperature(path: Path) -> float:
+    """The fine-tuned model's temperature from evaluate's calibration file."""
+    try:
+        return float(json.loads(path.read_text(encoding="utf-8"))["temperature"]["finetuned"])
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist: run `dvc repro evaluate` first") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: no temperature.finetuned ({exc})") from None
+
+
+def main(params: Params) -> dict:
+    return run(params)

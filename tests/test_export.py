@@ -1,0 +1,289 @@
+"""export → onnx_check → predict on a small real model (embedded Lite0 weights), CPU only."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import download, evaluate, export, features, finetune, onnx_check, split, train_head
+from pipeline import validate as validate_stage
+from pipeline.config import parse_params
+from pipeline.images import load_rgb
+from pipeline.model import load_checkpoint, load_classifier, save_checkpoint
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+
+# Runs a snippet with `import torch` (and this project's heavier dependencies) made to fail.
+WITHOUT_TORCH = """
+import runpy, sys
+for name in ("torch", "torchvision", "yaml", "pandas", "timm"):
+    sys.modules[name] = None  # `import name` now raises ImportError
+sys.argv = sys.argv[1:]
+if sys.argv[0] == "-m":
+    sys.argv = sys.argv[1:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def colour_images(root: Path, per_class: int = 30) -> Path:
+    """Noisy images dominated by one colour per class: easy for ImageNet features."""
+    rng = np.random.default_rng(0)
+    for name, rgb in COLOURS.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            noise = rng.integers(-50, 50, size=(24, 32, 3))
+            arr = np.clip(np.asarray(rgb) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(arr, "RGB").save(folder / f"img_{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A workspace where every stage up to onnx_check has run; yields (params, metrics)."""
+    root = tmp_path_factory.mktemp("export")
+    images = colour_images(root / "images")
+    ws = root / "ws"
+    ws.mkdir()
+    old = Path.cwd()
+    os.chdir(ws)
+    try:
+        params = parse_params(
+            {
+                "data": {"source": str(images)},
+                "device": "cpu",
+                "head": {"epochs": 20, "patience": 20},
+                "finetune": {"epochs": 0},
+                "export": {"calibration_images": 30},
+                "onnx_check": {"latency_runs": 10, "throughput_batches": 2},
+            }
+        )
+        for stage in (download, validate_stage, split, features, train_head, finetune, evaluate):
+            stage.main(params)
+        export.main(params)
+        metrics = onnx_check.main(params)
+        yield params, metrics
+    finally:
+        os.chdir(old)
+
+
+def run_without_torch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_onnx_file_is_self_describing(exported):
+    params, _ = exported
+    paths = params.paths
+    proto = onnx.load(str(paths.onnx))
+    onnx.checker.check_model(proto, full_check=True)
+    assert not list(paths.onnx.parent.glob("*.data")), "weights must live inside the .onnx file"
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    (inp,) = proto.graph.input
+    dims = inp.type.tensor_type.shape.dim
+    assert (
+        inp.name == "input"
+        and dims[0].dim_param
+        and [d.dim_value for d in dims[1:]] == [3, 224, 224]
+    )
+    assert [o.name for o in proto.graph.output] == ["logits"]
+
+    meta = {p.key: p.value for p in proto.metadata_props}
+    _, card, _ = load_classifier(paths.model)
+    assert json.loads(meta["classes"]) == card.classes == ["blue", "green", "red"]
+    assert json.loads(paths.labels.read_text()) == card.classes
+    assert (int(meta["input_size"]), json.loads(meta["mean"]), json.loads(meta["std"])) == (
+        224,
+        [0.5, 0.5, 0.5],
+        [0.5, 0.5, 0.5],
+    )
+    assert meta["resize"] == "squash" and "ignoring its aspect ratio" in meta["resize_policy"]
+    assert meta["backbone"] == "efficientnet_lite0"
+    assert re.fullmatch(r"[0-9a-f]{64}", meta["params_sha256"])
+    assert meta["params_sha256"] == export.params_sha256(params)
+    assert meta["params_sha256"] != export.params_sha256(
+        parse_params({"head": {"lr": 0.01}, "data": {"source": params.data.source}})
+    )
+    evaluated = json.loads(paths.metrics_file("evaluate").read_text())["finetuned"]
+    assert json.loads(meta["test_metrics"])["top1"] == evaluated["top1"]
+    calibration = json.loads(paths.calibration.read_text())
+    assert float(meta["temperature"]) == pytest.approx(calibration["temperature"]["finetuned"])
+    card_text = paths.model_card.read_text()
+    for heading in (
+        "## Intended use",
+        "## Data",
+        "## Test metrics",
+        "## Preprocessing",
+        "## Limits",
+    ):
+        assert heading in card_text
+    assert "0: blue, 1: green, 2: red" in card_text
+
+
+def test_onnx_matches_pytorch_and_int8_keeps_accuracy(exported):
+    params, metrics = exported
+    on_disk = json.loads(params.paths.metrics_file("onnx_check").read_text())
+    assert on_disk == metrics and metrics["passed"] and metrics["failures"] == []
+    assert metrics["images"] == len((params.paths.splits / "test.csv").read_text().splitlines()) - 1
+    assert metrics["max_abs_diff"] <= 1e-4 and metrics["batch1_max_abs_diff"] <= 1e-4
+    assert metrics["top1_agreement"] == 1.0
+    assert metrics["onnx_top1"] == metrics["torch_top1"] == 1.0
+    assert 0 < metrics["cpu_latency_ms_p50"] <= metrics["cpu_latency_ms_p95"]
+    assert metrics["cpu_throughput_ips"] > 0
+    int8 = metrics["int8"]
+    assert int8["top1"] == 1.0 and int8["top1_drop"] <= 0.01
+    assert int8["size_mb"] < metrics["size_mb"] / 2  # int8 weights: about a quarter
+    proto = onnx.load(str(params.paths.onnx_int8))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert {p.key for p in proto.metadata_props} >= {"classes", "preprocessing", "temperature"}
+
+
+def test_batch_axis_is_dynamic(exported):
+    params, _ = exported
+    session = ort.InferenceSession(str(params.paths.onnx), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 3, 224, 224)).astype(np.float32)
+    together = session.run(["logits"], {"input": x})[0]
+    assert together.shape == (5, 3)
+    one_by_one = np.concatenate(
+        [session.run(["logits"], {"input": x[i : i + 1]})[0] for i in range(5)]
+    )
+    np.testing.assert_allclose(one_by_one, together, atol=1e-4)
+    model, _, _ = load_classifier(params.paths.model)
+    with torch.inference_mode():
+        reference = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(together, reference, atol=1e-4)
+
+
+def test_a_drifted_model_fails_the_parity_check(exported, tmp_path, monkeypatch):
+    params, _ = exported
+    ws = Path.cwd()
+    monkeypatch.chdir(tmp_path)
+    for name in ("models", "data/raw", "data/splits", "metrics"):  # a copy of the workspace
+        shutil.copytree(ws / name, tmp_path / name)
+    # The PyTorch model moves on (a bias nudged) but the ONNX file is the old one.
+    card, checkpoint = load_checkpoint(params.paths.model)
+    state = checkpoint["state_dict"]
+    bias = [k for k in state if k.startswith("head.") and k.endswith("bias")][-1]
+    state[bias] = state[bias] + torch.tensor([0.0, 0.0, 5.0])
+    save_checkpoint(params.paths.model, card, state)
+    with pytest.raises(onnx_check.ParityError, match=r"max \|logit difference\|.*> onnx_check"):
+        onnx_check.main(params)
+    written = json.loads(params.paths.metrics_file("onnx_check").read_text())
+    assert written["passed"] is False and written["max_abs_diff"] == pytest.approx(5.0, abs=0.01)
+
+
+def test_predict_without_torch(exported, tmp_path):
+    params, _ = exported
+    ws = Path.cwd()
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    good = sorted(Path(params.data.source).glob("red/*.png"))[:2]
+    for f in good:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    blue = next(Path(params.data.source).glob("blue/*.png"))
+    done = run_without_torch(
+        [
+            "-m",
+            "pipeline",
+            "predict",
+            "--model",
+            str(ws / params.paths.onnx),
+            "--top-k",
+            "2",
+            str(folder),
+            str(blue),
+        ],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "broken.jpg" in done.stderr and "Traceback" not in done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [Path(r["path"]).name for r in lines] == [good[0].name, good[1].name, blue.name]
+    assert [r["predictions"][0]["label"] for r in lines] == ["red", "red", "blue"]
+    for row in lines:
+        probs = [p["probability"] for p in row["predictions"]]
+        assert len(probs) == 2 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-6
+
+    # The probabilities are the calibrated softmax of the PyTorch model's logits.
+    model, card, _ = load_classifier(ws / params.paths.model)
+    temperature = float(
+        json.loads((ws / params.paths.calibration).read_text())["temperature"]["finetuned"]
+    )
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(card.preprocessing(load_rgb(blue)))[None])[0]
+    expected = torch.softmax(logits / temperature, 0).max().item()
+    assert lines[2]["predictions"][0]["probability"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_predict_reports_a_missing_or_foreign_model(tmp_path):
+    done = run_without_torch(
+        ["-m", "pipeline", "predict", "--model", str(tmp_path / "nope.onnx"), "x.png"], tmp_path
+    )
+    assert (
+        done.returncode == 2 and "nope.onnx" in done.stderr and "no such model file" in done.stderr
+    )
+    bare = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["input"], ["logits"])],
+            "bare",
+            [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 3])],
+            [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 3])],
+        ),
+        opset_imports=[onnx.helper.make_opsetid("", 18)],
+    )
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    done = run_without_torch(
+        ["-m", "pipeline", "predict", "--model", str(tmp_path / "bare.onnx"), "x.png"], tmp_path
+    )
+    assert done.returncode == 2 and "metadata_props has no 'classes'" in done.stderr
+
+
+def test_readme_service_snippet_runs_without_this_project(exported, tmp_path):
+    params, _ = exported
+    ws = Path.cwd()
+    readme = (REPO_ROOT / "README.md").read_text()
+    snippet = re.search(r"<!-- service-snippet -->\s*```python\n(.*?)```", readme, re.S)
+    assert snippet, "README.md has no service snippet"
+    script = tmp_path / "service.py"
+    script.write_text(snippet.group(1))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/model.onnx").write_bytes((ws / params.paths.onnx).read_bytes())
+    image = next(Path(params.data.source).glob("green/*.png"))
+    # Neither torch nor this project: only the ONNX file, onnxruntime, numpy and Pillow.
+    without_project = WITHOUT_TORCH.replace('"timm"', '"timm", "pipeline"')
+    done = subprocess.run(
+        [sys.executable, "-c", without_project, str(script), str(image)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    label, probability = done.stdout.split()
+    assert label == "green" and 0.5 < float(probability) <= 1.0

@@ -241,6 +241,30 @@ class OnnxCheckParams:
 
 
 @dataclass(frozen=True)
+class FlowsParams:
+    """How the Prefect flow runs the DVC stages (read by ``flows/``, by no DVC stage)."""
+
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    timeouts_s: dict[str, float] = field(default_factory=lambda: {"default": 21600.0})
+    download_retries: int = 3
+    retry_delay_s: float = 30.0
+    lock_timeout_s: float = 21600.0
+    push: bool = False
+
+    def __post_init__(self) -> None:
+        if "default" not in self.timeouts_s:
+            raise ConfigError("flows.timeouts_s needs a 'default' entry (seconds per stage)")
+        if any(v <= 0 for v in self.timeouts_s.values()) or self.lock_timeout_s < 0:
+            raise ConfigError("flows.timeouts_s values must be > 0 and lock_timeout_s >= 0")
+        if len(self.cron.split()) != 5:
+            raise ConfigError(f"flows.cron must have five fields, got {self.cron!r}")
+
+    def timeout_for(self, stage: str) -> float:
+        return self.timeouts_s.get(stage, self.timeouts_s["default"])
+
+
+@dataclass(frozen=True)
 class Params:
     paths: Paths = field(default_factory=Paths)
     data: DataParams = field(default_factory=DataParams)
@@ -254,6 +278,7 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     export: ExportParams = field(default_factory=ExportParams)
     onnx_check: OnnxCheckParams = field(default_factory=OnnxCheckParams)
+    flows: FlowsParams = field(default_factory=FlowsParams)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -331,6 +356,14 @@ def _coerce(tp: Any, value: Any, dotted: str) -> Any:
         if value in allowed and type(value) is type(allowed[0]):
             return value
         raise ConfigError(f"{dotted}: expected one of {list(allowed)}, got {value!r}")
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{dotted}: expected a mapping, got {_kind(value)}")
+        return {
+            _coerce(key_tp, k, dotted): _coerce(value_tp, v, f"{dotted}.{k}")
+            for k, v in value.items()
+        }
     if origin is tuple:
         (item_tp, _ellipsis) = typing.get_args(tp)
         if value is None:

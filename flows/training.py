@@ -1,0 +1,334 @@
+"""The Prefect flow ``training-pipeline``: the DVC stages, run by DVC, watched by Prefect.
+
+DVC is the one skip-decider: each task runs ``dvc repro --single-item <stage>`` in a
+child process and reports whether DVC ran the stage or found it up to date. The stage
+order comes from DVC's own graph of dvc.yaml, never from a copy here. Prefect adds
+retries (``download`` only: the network is the one nondeterministic input), timeouts
+that kill the stage's process, placement tags (``gpu``/``cpu``), a run summary artifact,
+and schedules. A run with parameter overrides is saved as a DVC experiment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from pipeline.config import FlowsParams, load_params, parse_params
+from pipeline.errors import ConfigError, PipelineError
+
+FLOW_NAME = "training-pipeline"
+# Placement: stages that run the network forward/backward want the GPU pool.
+GPU_STAGES = frozenset({"features", "train_head", "finetune", "evaluate"})
+ERROR_LINE = re.compile(r"(^ERROR[: ].*|\bERROR\b \S+: .*)")
+
+
+class StageFailed(PipelineError):
+    """A stage's process failed; the message is the stage's own error."""
+
+
+class WorkspaceBusy(PipelineError):
+    """Another flow run holds the workspace."""
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    status: str  # "ran" or "up to date"
+    seconds: float
+
+
+def stage_order(workspace: Path) -> list[str]:
+    """The stages of dvc.yaml in dependency order, from DVC's own graph."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(workspace)) as repo:
+        graph = repo.index.graph  # edges point from a stage to what it depends on
+        return [stage.addressing for stage in nx.topological_sort(graph.reverse(copy=True))]
+
+
+def placement(stage: str) -> str:
+    return "gpu" if stage in GPU_STAGES else "cpu"
+
+
+def child_env() -> dict[str, str]:
+    """The stage's environment: this interpreter's tools first, analytics off, a git identity.
+
+    ``dvc exp save`` commits; where git has no identity configured, it falls back to one
+    naming the flow rather than failing after the whole pipeline has run.
+    """
+    env = {
+        **os.environ,
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        "DVC_NO_ANALYTICS": "1",
+        "GX_ANALYTICS_ENABLED": "false",
+    }
+    for role in ("AUTHOR", "COMMITTER"):
+        env.setdefault(f"GIT_{role}_NAME", "transfer-pipeline flow")
+        env.setdefault(f"GIT_{role}_EMAIL", "flow@localhost")
+    return env
+
+
+def run_killable(args: list[str], cwd: Path, timeout_s: float) -> subprocess.CompletedProcess:
+    """Run ``args`` in its own process group; on timeout or interruption kill the whole group.
+
+    Prefect's own timeouts cannot stop blocking code in a worker thread
+    (PrefectHQ/prefect#15760), so the stage runs as a process this function can kill,
+    together with the stage command DVC started under it.
+    """
+    proc = subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except BaseException:  # timeout, cancellation, Ctrl-C: never leave the stage running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(args, proc.returncode, output, "")
+
+
+def stage_error(output: str) -> str:
+    """The stage's own error lines (the pipeline's ``ERROR`` log and DVC's ``ERROR:``)."""
+    lines = [m.group(1).strip() for line in output.splitlines() if (m := ERROR_LINE.search(line))]
+    return "\n".join(lines) if lines else "\n".join(output.strip().splitlines()[-15:])
+
+
+@task
+def reproduce(stage: str, workspace: str, timeout_s: float) -> StageResult:
+    """``dvc repro --single-item <stage>``: DVC decides whether anything needs to run."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    args = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    try:
+        done = run_killable(args, Path(workspace), timeout_s)
+    except subprocess.TimeoutExpired:
+        raise StageFailed(
+            f"stage {stage} ran past flows.timeouts_s ({timeout_s:g} s) and was killed"
+        ) from None
+    seconds = round(time.perf_counter() - started, 2)
+    for line in done.stdout.splitlines():
+        logger.debug("%s | %s", stage, line)
+    if done.returncode != 0:
+        raise StageFailed(
+            f"stage {stage} failed (exit {done.returncode}): {stage_error(done.stdout)}"
+        )
+    ran = f"Running stage '{stage}'" in done.stdout
+    status = "ran" if ran else "up to date"
+    logger.info("%s: %s in %.1f s", stage, status, seconds)
+    return StageResult(stage, status, seconds)
+
+
+@contextlib.contextmanager
+def workspace_lock(workspace: Path, timeout_s: float) -> Iterator[None]:
+    """One flow run per workspace: a second waits up to ``timeout_s``, then is refused.
+
+    An OS file lock, so a crashed run releases it with its process; DVC's own lock
+    only guards one ``dvc`` command, and two runs interleaving stages would mix outputs.
+    """
+    path = workspace / ".dvc" / "tmp" / "flow.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as fh:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    fh.seek(0)
+                    holder = fh.read().strip() or "unknown"
+                    raise WorkspaceBusy(
+                        f"{workspace.resolve()} is in use by another flow run ({holder}); "
+                        f"waited {timeout_s:g} s (flows.lock_timeout_s)"
+                    ) from None
+                time.sleep(1.0)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def params_overridden(workspace: Path, overrides: dict[str, Any]) -> Iterator[None]:
+    """params.yaml with ``overrides`` (dotted keys) applied, restored afterwards.
+
+    The overridden file is validated like any params file first, so a mistyped key fails
+    before a stage runs. Comments and layout survive (ruamel round trip).
+    """
+    if not overrides:
+        yield
+        return
+    from io import StringIO
+
+    from ruamel.yaml import YAML
+
+    path = workspace / "params.yaml"
+    original = path.read_text(encoding="utf-8")
+    yaml = YAML()
+    data = yaml.load(original)
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"override {dotted!r}: no section {part!r} in params.yaml")
+            node = node[part]
+        node[leaf] = value
+    buffer = StringIO()
+    yaml.dump(data, buffer)
+    import yaml as pyyaml
+
+    parse_params(pyyaml.safe_load(buffer.getvalue()))  # raises ConfigError naming the key
+    try:
+        path.write_text(buffer.getvalue(), encoding="utf-8")
+        yield
+    finally:
+        path.write_text(original, encoding="utf-8")
+
+
+def experiment_name(run_name: str | None) -> str:
+    """A git-ref-safe experiment name from the flow run's name."""
+    base = re.sub(r"[^A-Za-z0-9_-]+", "-", run_name or "run").strip("-") or "run"
+    return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@task(name="dvc-exp-save", tags=["cpu"])
+def save_experiment(workspace: str, overrides: dict[str, Any], name: str) -> str:
+    args = [sys.executable, "-m", "dvc", "exp", "save", "--force", "--name", name]
+    done = run_killable(args, Path(workspace), 600)
+    if done.returncode != 0:
+        raise StageFailed(f"dvc exp save failed: {stage_error(done.stdout)}")
+    get_run_logger().info("saved as DVC experiment %s with %s", name, overrides)
+    return name
+
+
+@task(name="dvc-push", tags=["cpu"], retries=2, retry_delay_seconds=[30, 120])
+def push_outputs(workspace: str) -> None:
+    """``dvc push``: outputs to the default DVC remote, for other machines to ``dvc pull``."""
+    done = run_killable([sys.executable, "-m", "dvc", "push"], Path(workspace), 7200)
+    if done.returncode != 0:
+        raise StageFailed(f"dvc push failed: {stage_error(done.stdout)}")
+    get_run_logger().info("dvc push: %s", done.stdout.strip().splitlines()[-1:])
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def summary_markdown(results: list[StageResult], workspace: Path, experiment: str | None) -> str:
+    """The run's artifact: each stage's status and time, the figures that matter, the model."""
+    params = load_params(workspace / "params.yaml")
+    paths = params.paths
+    metric = lambda stage: read_json(workspace / paths.metrics_file(stage))  # noqa: E731
+    evaluation, parity, validated = metric("evaluate"), metric("onnx_check"), metric("validate")
+    lines = ["# training-pipeline run", ""]
+    if experiment:
+        lines += [f"Saved as DVC experiment `{experiment}` (`dvc exp show`).", ""]
+    lines += ["| stage | placement | status | seconds |", "|---|---|---|---|"]
+    lines += [
+        f"| {r.stage} | {placement(r.stage)} | {r.status} | {r.seconds:.1f} |" for r in results
+    ]
+    lines += ["", "| metric | value |", "|---|---|"]
+
+    def row(name: str, value: Any) -> None:
+        if value is not None:
+            lines.append(
+                f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |"
+            )
+
+    row("test top-1, head only", evaluation.get("head", {}).get("top1"))
+    row("test top-1, fine-tuned", evaluation.get("finetuned", {}).get("top1"))
+    row(
+        "fine-tuned mean per-class accuracy",
+        evaluation.get("finetuned", {}).get("mean_per_class_acc"),
+    )
+    row("ONNX max abs logit difference", parity.get("max_abs_diff"))
+    row("ONNX top-1 agreement", parity.get("top1_agreement"))
+    row("ONNX test top-1", parity.get("onnx_top1"))
+    row("int8 test top-1", parity.get("int8", {}).get("top1"))
+    row("quarantined files", validated.get("quarantined"))
+    model = workspace / paths.onnx
+    lines += ["", f"ONNX model: `{model.resolve() if model.exists() else paths.onnx}`"]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name=FLOW_NAME, log_prints=True)
+def training_pipeline(
+    overrides: dict[str, Any] | None = None, push: bool | None = None, workspace: str = "."
+) -> list[dict]:
+    """Reproduce the pipeline in ``workspace``; with ``overrides`` save it as a DVC experiment.
+
+    ``overrides``: dotted params keys, e.g. ``{"head.lr": 0.0005}``. ``push``: ``dvc push``
+    to the default remote at the end (default: ``flows.push`` in params.yaml).
+    """
+    from prefect.runtime import flow_run
+
+    logger = get_run_logger()
+    root = Path(workspace).resolve()
+    cfg: FlowsParams = load_params(root / "params.yaml").flows
+    overrides = dict(overrides or {})
+    results: list[StageResult] = []
+    experiment = None
+    with workspace_lock(root, cfg.lock_timeout_s), params_overridden(root, overrides):
+        stages = stage_order(root)
+        unknown = set(cfg.timeouts_s) - set(stages) - {"default"}
+        if unknown:
+            raise ConfigError(f"flows.timeouts_s names no stage of dvc.yaml: {sorted(unknown)}")
+        logger.info("stages in DVC order: %s", " → ".join(stages))
+        for stage in stages:
+            network = stage == "download"
+            run = reproduce.with_options(
+                name=stage,
+                tags=[placement(stage)],
+                retries=cfg.download_retries if network else 0,
+                retry_delay_seconds=[cfg.retry_delay_s * 2**i for i in range(cfg.download_retries)]
+                if network
+                else None,
+            )
+            results.append(run(stage, str(root), cfg.timeout_for(stage)))
+        if overrides:
+            experiment = save_experiment(str(root), overrides, experiment_name(flow_run.name))
+    if cfg.push if push is None else push:
+        push_outputs(str(root))
+    create_markdown_artifact(
+        summary_markdown(results, root, experiment),
+        key="training-pipeline-summary",
+        description="Stages, key metrics and the ONNX model of this run",
+    )
+    return [r.__dict__ for r in results]

@@ -1,0 +1,343 @@
+"""The Prefect flow against a real Prefect server on 127.0.0.1, on tiny data through DVC."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.training import WorkspaceBusy, stage_error, stage_order, workspace_lock
+from tests.conftest import REPO_ROOT, create_image_folder
+from tests.test_dvc_pipeline import PROJECT_FILES, set_params
+
+pytestmark = pytest.mark.slow
+STAGES = [
+    "download",
+    "validate",
+    "split",
+    "features",
+    "train_head",
+    "finetune",
+    "evaluate",
+    "export",
+    "onnx_check",
+]
+TINY = {
+    "model": {"weights": "none"},
+    "head": {"epochs": 5},
+    "finetune": {"epochs": 1, "batch_size": 8},
+    # random weights on noise images: int8 may flip a near-chance prediction or two
+    "onnx_check": {"max_int8_drop": 1.0, "latency_runs": 5, "throughput_batches": 1},
+    "flows": {"download_retries": 0},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(tmp: Path) -> dict[str, str]:
+    bindir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "PATH": bindir + os.pathsep + os.environ["PATH"],
+        "PREFECT_HOME": str(tmp / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``prefect server start`` on a free loopback port; yields the environment to reach it."""
+    tmp = tmp_path_factory.mktemp("prefect")
+    port = free_port()
+    env = base_env(tmp)
+    log = open(tmp / "server.log", "w")  # noqa: SIM115 (closed at teardown)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=5) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(
+                f"prefect server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}"
+            )
+        time.sleep(1)
+    yield {**env, "PREFECT_API_URL": api}
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def make_repo(root: Path, images: Path, **sections) -> Path:
+    """A git + DVC repository of this project on tiny data, committed."""
+    root.mkdir()
+    for name in [*PROJECT_FILES, "flows", "prefect.yaml"]:
+        src = REPO_ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, root / name)
+    merged = {k: dict(v) for k, v in TINY.items()}
+    for section, values in sections.items():
+        merged.setdefault(section, {}).update(values)
+    set_params(root, data={"source": str(images)}, **merged)
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "project")
+    return root
+
+
+def git(repo: Path, *args: str) -> str:
+    identity = ["-c", "user.name=test", "-c", "user.email=test@localhost"]
+    done = subprocess.run(["git", *identity, *args], cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def run(args: list[str], cwd: Path, env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def flows_run(repo: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "flows", "run", *extra], repo, env)
+
+
+def stage_statuses(output: str) -> dict[str, str]:
+    """Each task's own report, ``<stage>: ran in 1.2 s`` or ``<stage>: up to date in ...``."""
+    return dict(re.findall(r"Task run '\w+-\w+' - (\w+): (ran|up to date) in", output))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return create_image_folder(
+        tmp_path_factory.mktemp("data") / "images", {"cat": 12, "dog": 12, "bird": 12}
+    )
+
+
+def test_stage_order_comes_from_dvc():
+    assert stage_order(REPO_ROOT) == STAGES
+
+
+def test_stage_error_keeps_the_stages_own_message():
+    output = "Running stage 'split':\n12:00:01 ERROR pipeline: split failed: data/x.csv is empty\nERROR: failed to reproduce 'split'\n"
+    assert stage_error(output) == (
+        "ERROR pipeline: split failed: data/x.csv is empty\nERROR: failed to reproduce 'split'"
+    )
+
+
+def test_a_second_run_waits_for_the_workspace_or_is_refused(tmp_path):
+    (tmp_path / ".dvc").mkdir()
+    with workspace_lock(tmp_path, timeout_s=0):
+        started = time.monotonic()
+        with pytest.raises(WorkspaceBusy, match=r"in use by another flow run \(pid \d+ since"):
+            with workspace_lock(tmp_path, timeout_s=1.5):
+                pass
+        assert time.monotonic() - started >= 1.5
+    with workspace_lock(tmp_path, timeout_s=0):  # released: the next run gets it at once
+        pass
+
+
+def test_served_deployment_runs_then_finds_everything_up_to_date(server, images, tmp_path):
+    repo = make_repo(tmp_path / "repo", images)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "flows", "serve"],
+        cwd=repo,
+        env=server,
+        stdout=open(tmp_path / "serve.log", "w"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            inspected = run(
+                ["prefect", "deployment", "inspect", "training-pipeline/scheduled"],
+                repo,
+                server,
+                120,
+            )
+            if inspected.returncode == 0:
+                break
+            assert serve.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, inspected.stdout + inspected.stderr
+            time.sleep(2)
+        assert "'cron': '0 2 * * *'" in inspected.stdout and "'timezone': 'UTC'" in inspected.stdout
+
+        first = run(
+            ["prefect", "deployment", "run", "training-pipeline/scheduled", "--watch"], repo, server
+        )
+        assert first.returncode == 0 and "Completed" in first.stdout, first.stdout + first.stderr
+        assert (repo / "models/model.onnx").is_file()
+        log = (tmp_path / "serve.log").read_text()
+        assert stage_statuses(log) == dict.fromkeys(STAGES, "ran"), log[-3000:]
+
+        second = run(
+            ["prefect", "deployment", "run", "training-pipeline/scheduled", "--watch"], repo, server
+        )
+        assert second.returncode == 0 and "Completed" in second.stdout, (
+            second.stdout + second.stderr
+        )
+        later = (tmp_path / "serve.log").read_text()[len(log) :]
+        assert stage_statuses(later) == dict.fromkeys(STAGES, "up to date"), later[-3000:]
+
+        artifact = run(
+            [
+                "prefect",
+                "artifact",
+                "inspect",
+                "training-pipeline-summary",
+                "--limit",
+                "1",
+                "-o",
+                "json",
+            ],
+            repo,
+            server,
+            120,
+        )
+        (latest,) = json.loads(artifact.stdout)
+        summary = latest["data"]
+        for stage in STAGES:
+            placement = (
+                "gpu" if stage in {"features", "train_head", "finetune", "evaluate"} else "cpu"
+            )
+            assert f"| {stage} | {placement} | up to date |" in summary, summary
+        assert "| ONNX top-1 agreement | 1.0000 |" in summary
+        assert f"ONNX model: `{(repo / 'models/model.onnx').resolve()}`" in summary
+    finally:
+        serve.terminate()
+        serve.wait(timeout=60)
+
+
+def test_a_failing_stage_fails_its_task_and_the_flow(server, tmp_path):
+    missing = tmp_path / "no-such-folder"
+    repo = make_repo(tmp_path / "repo", missing)
+    done = flows_run(repo, server)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert re.search(
+        r"Task run 'download-\w+' - Finished in state Failed\(\W.*no-such-folder", output
+    ), output
+    assert "stage download failed (exit " in output and "does not exist" in output
+    assert re.search(r"Flow run '[\w-]+' - Finished in state Failed", output)
+    assert "Task run 'validate" not in output  # nothing ran after the failed stage
+
+
+def test_overrides_become_an_experiment_and_overlapping_runs_take_turns(server, images, tmp_path):
+    repo = make_repo(tmp_path / "repo", images)
+    params_before = (repo / "params.yaml").read_text()
+    first = flows_run(repo, server, "--set", "head.lr=0.0005")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (repo / "params.yaml").read_text() == params_before  # restored after the run
+    shown = json.loads(
+        run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, server).stdout
+    )
+    experiments = [
+        exp
+        for commit in shown
+        for exp in (commit.get("experiments") or [])
+        for rev in exp.get("revs", [])
+        if rev.get("data", {})
+        .get("params", {})
+        .get("params.yaml", {})
+        .get("data", {})
+        .get("head", {})
+        .get("lr")
+        == 0.0005
+    ]
+    assert experiments, json.dumps(shown)[:3000]
+
+    # Two runs at once in one workspace: the second waits for the first, and both finish
+    # with outputs that DVC finds consistent.
+    a = subprocess.Popen(
+        [sys.executable, "-m", "flows", "run"],
+        cwd=repo,
+        env=server,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lock = repo / ".dvc/tmp/flow.lock"
+    deadline = time.monotonic() + 300
+    while not (lock.exists() and lock.read_text().startswith("pid")):
+        assert a.poll() is None and time.monotonic() < deadline, a.stdout.read() if a.stdout else ""
+        time.sleep(0.5)
+    b = flows_run(repo, server)
+    out_a, _ = a.communicate(timeout=900)
+    assert a.returncode == 0 and b.returncode == 0, out_a + b.stdout + b.stderr
+    ran_a, ran_b = stage_statuses(out_a), stage_statuses(b.stdout + b.stderr)
+    assert ran_a["train_head"] == "ran"  # params back at head.lr 0.001: the head retrains
+    assert set(ran_b.values()) == {"up to date"}  # b started after a had finished
+    status = run([sys.executable, "-m", "dvc", "status"], repo, server)
+    assert "up to date" in status.stdout, status.stdout
+
+
+def test_dvc_remote_round_trip(server, images, tmp_path):
+    repo = make_repo(tmp_path / "repo", images)
+    remote = tmp_path / "remote"
+    dvc = [sys.executable, "-m", "dvc"]
+    assert run([*dvc, "remote", "add", "-d", "shared", str(remote)], repo, server).returncode == 0
+    done = flows_run(repo, server, "--push")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Task run 'dvc-push" in done.stdout + done.stderr and any(remote.rglob("*"))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "run")
+
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(repo), str(clone))
+    pulled = run([*dvc, "pull"], clone, server)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    assert (clone / "models/model.onnx").read_bytes() == (repo / "models/model.onnx").read_bytes()
+    repro = run([*dvc, "repro"], clone, server)
+    assert repro.returncode == 0 and "Running stage" not in repro.stdout, repro.stdout
+
+
+def test_prefect_yaml_mirrors_the_served_deployment():
+    spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["flows"]
+    (deployment,) = [d for d in spec["deployments"] if d["name"] == "scheduled"]
+    assert deployment["entrypoint"] == "flows/training.py:training_pipeline"
+    (schedule,) = deployment["schedules"]
+    assert (schedule["cron"], schedule["timezone"]) == (params["cron"], params["timezone"])

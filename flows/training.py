@@ -21,11 +21,14 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from ruamel.yaml import YAML
 
 from pipeline.config import FlowsParams, load_params, parse_params
 from pipeline.errors import ConfigError, PipelineError
@@ -191,14 +194,10 @@ def params_overridden(workspace: Path, overrides: dict[str, Any]) -> Iterator[No
     if not overrides:
         yield
         return
-    from io import StringIO
-
-    from ruamel.yaml import YAML
-
     path = workspace / "params.yaml"
     original = path.read_text(encoding="utf-8")
-    yaml = YAML()
-    data = yaml.load(original)
+    round_trip = YAML()
+    data = round_trip.load(original)
     for dotted, value in overrides.items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -208,10 +207,8 @@ def params_overridden(workspace: Path, overrides: dict[str, Any]) -> Iterator[No
             node = node[part]
         node[leaf] = value
     buffer = StringIO()
-    yaml.dump(data, buffer)
-    import yaml as pyyaml
-
-    parse_params(pyyaml.safe_load(buffer.getvalue()))  # raises ConfigError naming the key
+    round_trip.dump(data, buffer)
+    parse_params(yaml.safe_load(buffer.getvalue()))  # raises ConfigError naming the key
     try:
         path.write_text(buffer.getvalue(), encoding="utf-8")
         yield

@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.training import WorkspaceBusy, stage_error, stage_order, workspace_lock
+from flows.training import (
+    WorkspaceBusy,
+    params_overridden,
+    stage_error,
+    stage_order,
+    workspace_lock,
+)
+from pipeline.errors import ConfigError
 from tests.conftest import REPO_ROOT, create_image_folder
 from tests.test_dvc_pipeline import PROJECT_FILES, set_params
 
@@ -165,6 +172,23 @@ def test_stage_error_keeps_the_stages_own_message():
     assert stage_error(output) == (
         "ERROR pipeline: split failed: data/x.csv is empty\nERROR: failed to reproduce 'split'"
     )
+
+
+def test_overrides_are_checked_applied_and_restored(tmp_path):
+    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    original = (tmp_path / "params.yaml").read_text()
+    with params_overridden(tmp_path, {"head.lr": 0.0005, "finetune.epochs": 2}):
+        during = yaml.safe_load((tmp_path / "params.yaml").read_text())
+        assert (during["head"]["lr"], during["finetune"]["epochs"]) == (0.0005, 2)
+        assert "# The one place for settings" in (tmp_path / "params.yaml").read_text()
+    assert (tmp_path / "params.yaml").read_text() == original
+    with pytest.raises(ConfigError, match=r"unknown key 'head.lrr' \(did you mean 'head.lr'\?\)"):
+        with params_overridden(tmp_path, {"head.lrr": 0.1}):
+            pass
+    with pytest.raises(RuntimeError):
+        with params_overridden(tmp_path, {"head.lr": 0.1}):
+            raise RuntimeError("a stage failed")
+    assert (tmp_path / "params.yaml").read_text() == original
 
 
 def test_a_second_run_waits_for_the_workspace_or_is_refused(tmp_path):

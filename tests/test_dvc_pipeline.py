@@ -55,18 +55,23 @@ def set_params(repo: Path, **sections) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    """A fresh git + DVC repository holding this project's files."""
-    root = tmp_path / "repo"
+def copy_project(root: Path, extra: tuple[str, ...] = ()) -> Path:
+    """This project's files (code, DVC and params files) copied into a new folder ``root``."""
     root.mkdir()
-    for name in PROJECT_FILES:
+    for name in (*PROJECT_FILES, *extra):
         src = REPO_ROOT / name
         if src.is_dir():
             shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif src.exists():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, root / name)
+    return root
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A fresh git + DVC repository holding this project's files."""
+    root = copy_project(tmp_path / "repo")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     return root
 

@@ -25,20 +25,10 @@ from flows.training import (
 )
 from pipeline.errors import ConfigError
 from tests.conftest import REPO_ROOT, create_image_folder
-from tests.test_dvc_pipeline import PROJECT_FILES, set_params
+from tests.test_config import STAGES
+from tests.test_dvc_pipeline import copy_project, set_params
 
 pytestmark = pytest.mark.slow
-STAGES = [
-    "download",
-    "validate",
-    "split",
-    "features",
-    "train_head",
-    "finetune",
-    "evaluate",
-    "export",
-    "onnx_check",
-]
 TINY = {
     "model": {"weights": "none"},
     "head": {"epochs": 5},
@@ -118,14 +108,7 @@ def server(tmp_path_factory):
 
 def make_repo(root: Path, images: Path, **sections) -> Path:
     """A git + DVC repository of this project on tiny data, committed."""
-    root.mkdir()
-    for name in [*PROJECT_FILES, "flows", "prefect.yaml"]:
-        src = REPO_ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, root / name)
+    copy_project(root, extra=("flows", "prefect.yaml"))
     merged = {k: dict(v) for k, v in TINY.items()}
     for section, values in sections.items():
         merged.setdefault(section, {}).update(values)

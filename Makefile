@@ -29,7 +29,6 @@ run: install
 	@echo
 	@echo "Outputs (paths from params.yaml):"
 	@$(BIN)/python -m pipeline outputs
-	@$(BIN)/dvc metrics show
 
 ## test: install with dev extras and run the test suite
 test: install-dev

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import json
 import logging
 import sys
 import time
@@ -49,7 +50,43 @@ def describe_outputs(params_file: str | None = None) -> str:
 
     paths = load_params(params_file or PARAMS_FILE).paths
     rows = [(f.name, getattr(paths, f.name)) for f in dataclasses.fields(paths)]
-    return "\n".join(f"  {name:<16} {path}{'/' if path.is_dir() else ''}" for name, path in rows)
+    lines = [f"  {name:<16} {path}{'/' if path.is_dir() else ''}" for name, path in rows]
+    return "\n".join(lines + headline_figures(paths))
+
+
+def headline_figures(paths) -> list[str]:
+    """The few numbers a run is judged by, where the stages that make them have run."""
+
+    def metrics(stage: str) -> dict:
+        try:
+            return json.loads(paths.metrics_file(stage).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    evaluation, parity = metrics("evaluate"), metrics("onnx_check")
+    lines = []
+    for name in ("head", "finetuned"):
+        if name in evaluation:
+            m = evaluation[name]
+            lines.append(
+                f"  {name:<16} test top-1 {m['top1']:.4f}, mean per-class {m['mean_per_class_acc']:.4f}"
+            )
+    if parity:
+        lines.append(
+            f"  {'onnx':<16} top-1 {parity['onnx_top1']:.4f}, max |logit diff| "
+            f"{parity['max_abs_diff']:.1e}, {parity['cpu_latency_ms_p50']:.1f} ms at batch 1, "
+            f"{parity['cpu_throughput_ips']:.0f} img/s at batch {parity['batch_sizes'][-1]} "
+            f"({parity['threads']} threads)"
+        )
+        if "int8" in parity:
+            q = parity["int8"]
+            lines.append(
+                f"  {'onnx int8':<16} top-1 {q['top1']:.4f}, {q['cpu_latency_ms_p50']:.1f} ms at "
+                f"batch 1, {q['cpu_throughput_ips']:.0f} img/s"
+            )
+    if lines:
+        lines = ["", "Results (all figures: dvc metrics show):", *lines]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,17 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import download, evaluate, export, features, finetune, onnx_check, split, train_head
+from pipeline import (
+    __main__,
+    download,
+    evaluate,
+    export,
+    features,
+    finetune,
+    onnx_check,
+    split,
+    train_head,
+)
 from pipeline import validate as validate_stage
 from pipeline.config import parse_params
 from pipeline.images import load_rgb
@@ -287,3 +297,14 @@ def test_readme_service_snippet_runs_without_this_project(exported, tmp_path):
     assert done.returncode == 0, done.stderr
     label, probability = done.stdout.split()
     assert label == "green" and 0.5 < float(probability) <= 1.0
+
+
+def test_outputs_lists_paths_and_headline_figures(exported):
+    params, metrics = exported
+    Path("params.yaml").write_text("{}\n")  # the workspace's stages ran with default paths
+    text = __main__.describe_outputs()
+    assert "  onnx             models/model.onnx" in text
+    assert f"onnx             top-1 {metrics['onnx_top1']:.4f}" in text
+    assert f"onnx int8        top-1 {metrics['int8']['top1']:.4f}" in text
+    finetuned = json.loads(params.paths.metrics_file("evaluate").read_text())["finetuned"]
+    assert f"finetuned        test top-1 {finetuned['top1']:.4f}" in text

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -348,3 +349,46 @@ def test_prefect_yaml_mirrors_the_served_deployment():
     assert deployment["entrypoint"] == "flows/training.py:training_pipeline"
     (schedule,) = deployment["schedules"]
     assert (schedule["cron"], schedule["timezone"]) == (params["cron"], params["timezone"])
+
+
+def processes_in(folder: Path) -> list[str]:
+    """Command lines of the processes whose working directory is ``folder``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == folder:
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the stage's process")
+def test_a_cancelled_run_kills_its_stage_and_the_next_run_finishes(server, images, tmp_path):
+    repo = make_repo(tmp_path / "repo", images, finetune={"epochs": 3})
+    flow = subprocess.Popen(
+        [sys.executable, "-m", "flows", "run"],
+        cwd=repo,
+        env=server,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 600
+    while not any("pipeline finetune" in cmd for cmd in processes_in(repo)):
+        assert flow.poll() is None and time.monotonic() < deadline, "finetune never started"
+        time.sleep(0.2)
+    flow.send_signal(signal.SIGTERM)  # what Prefect's runner sends to cancel a flow run
+    output, _ = flow.communicate(timeout=120)
+    assert "Finished in state Crashed" in output or "Cancelled" in output, output[-2000:]
+    time.sleep(1)
+    assert processes_in(repo) == [], "the stage outlived its cancelled flow run"
+
+    again = flows_run(repo, server)
+    assert again.returncode == 0, again.stdout + again.stderr
+    statuses = stage_statuses(again.stdout + again.stderr)
+    assert statuses["train_head"] == "up to date" and statuses["finetune"] == "ran"
+    assert (repo / "models/model.onnx").is_file()
+    status = run([sys.executable, "-m", "dvc", "status"], repo, server)
+    assert "up to date" in status.stdout, status.stdout

@@ -275,7 +275,8 @@ def summary_markdown(results: list[StageResult], workspace: Path, experiment: st
         "fine-tuned mean per-class accuracy",
         evaluation.get("finetuned", {}).get("mean_per_class_acc"),
     )
-    row("ONNX max abs logit difference", parity.get("max_abs_diff"))
+    if "max_abs_diff" in parity:
+        lines.append(f"| ONNX max abs logit difference | {parity['max_abs_diff']:.1e} |")
     row("ONNX top-1 agreement", parity.get("top1_agreement"))
     row("ONNX test top-1", parity.get("onnx_top1"))
     row("int8 test top-1", parity.get("int8", {}).get("top1"))

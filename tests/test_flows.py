@@ -253,6 +253,7 @@ def test_served_deployment_runs_then_finds_everything_up_to_date(server, images,
             )
             assert f"| {stage} | {placement} | up to date |" in summary, summary
         assert "| ONNX top-1 agreement | 1.0000 |" in summary
+        assert re.search(r"\| ONNX max abs logit difference \| \d\.\de[-+]\d\d \|", summary)
         assert f"ONNX model: `{(repo / 'models/model.onnx').resolve()}`" in summary
     finally:
         serve.terminate()

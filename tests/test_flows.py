@@ -135,6 +135,19 @@ def flows_run(repo: Path, env: dict, *extra: str) -> subprocess.CompletedProcess
     return run([sys.executable, "-m", "flows", "run", *extra], repo, env)
 
 
+def start_flow_run(repo: Path, env: dict) -> subprocess.Popen:
+    """``python -m flows run`` in the background, in its own session, output captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows", "run"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def stage_statuses(output: str) -> dict[str, str]:
     """Each task's own report, ``<stage>: ran in 1.2 s`` or ``<stage>: up to date in ...``."""
     return dict(re.findall(r"Task run '\w+-\w+' - (\w+): (ran|up to date) in", output))
@@ -300,14 +313,7 @@ def test_overrides_become_an_experiment_and_overlapping_runs_take_turns(server, 
 
     # Two runs at once in one workspace: the second waits for the first, and both finish
     # with outputs that DVC finds consistent.
-    a = subprocess.Popen(
-        [sys.executable, "-m", "flows", "run"],
-        cwd=repo,
-        env=server,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    a = start_flow_run(repo, server)
     lock = repo / ".dvc/tmp/flow.lock"
     deadline = time.monotonic() + 300
     while not (lock.exists() and lock.read_text().startswith("pid")):
@@ -367,15 +373,7 @@ def processes_in(folder: Path) -> list[str]:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the stage's process")
 def test_a_cancelled_run_kills_its_stage_and_the_next_run_finishes(server, images, tmp_path):
     repo = make_repo(tmp_path / "repo", images, finetune={"epochs": 3})
-    flow = subprocess.Popen(
-        [sys.executable, "-m", "flows", "run"],
-        cwd=repo,
-        env=server,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    flow = start_flow_run(repo, server)
     deadline = time.monotonic() + 600
     while not any("pipeline finetune" in cmd for cmd in processes_in(repo)):
         assert flow.poll() is None and time.monotonic() < deadline, "finetune never started"

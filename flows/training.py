@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import re
 import signal
@@ -32,6 +31,7 @@ from ruamel.yaml import YAML
 
 from pipeline.config import FlowsParams, load_params, parse_params
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.fsutil import read_json_or_empty
 
 FLOW_NAME = "training-pipeline"
 # Placement: stages that run the network forward/backward want the GPU pool.
@@ -241,18 +241,11 @@ def push_outputs(workspace: str) -> None:
     get_run_logger().info("dvc push: %s", done.stdout.strip().splitlines()[-1:])
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
 def summary_markdown(results: list[StageResult], workspace: Path, experiment: str | None) -> str:
     """The run's artifact: each stage's status and time, the figures that matter, the model."""
     params = load_params(workspace / "params.yaml")
     paths = params.paths
-    metric = lambda stage: read_json(workspace / paths.metrics_file(stage))  # noqa: E731
+    metric = lambda stage: read_json_or_empty(workspace / paths.metrics_file(stage))  # noqa: E731
     evaluation, parity, validated = metric("evaluate"), metric("onnx_check"), metric("validate")
     lines = ["# training-pipeline run", ""]
     if experiment:

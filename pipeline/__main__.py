@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import json
 import logging
 import sys
 import time
@@ -56,14 +55,10 @@ def describe_outputs(params_file: str | None = None) -> str:
 
 def headline_figures(paths) -> list[str]:
     """The few numbers a run is judged by, where the stages that make them have run."""
+    from pipeline.fsutil import read_json_or_empty
 
-    def metrics(stage: str) -> dict:
-        try:
-            return json.loads(paths.metrics_file(stage).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-
-    evaluation, parity = metrics("evaluate"), metrics("onnx_check")
+    evaluation = read_json_or_empty(paths.metrics_file("evaluate"))
+    parity = read_json_or_empty(paths.metrics_file("onnx_check"))
     lines = []
     for name in ("head", "finetuned"):
         if name in evaluation:

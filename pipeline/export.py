@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -25,7 +26,13 @@ import torch
 from pipeline.config import Params, Paths
 from pipeline.errors import DataError, PipelineError
 from pipeline.features import read_split
-from pipeline.fsutil import atomic_path, remove, write_json_atomic, write_text_atomic
+from pipeline.fsutil import (
+    atomic_path,
+    read_json_or_empty,
+    remove,
+    write_json_atomic,
+    write_text_atomic,
+)
 from pipeline.images import load_rgb
 from pipeline.model import Classifier, ModelCard, load_classifier
 from pipeline.preprocessing import Preprocessing
@@ -205,19 +212,11 @@ def quantize_int8(fp32_path: Path, calibration: CalibrationImages, method: str) 
 
 
 def model_card_markdown(
-    card: ModelCard, metadata: dict[str, str], paths: Paths, params: Params
+    card: ModelCard, metadata: dict[str, str], evaluation: dict, paths: Paths, params: Params
 ) -> str:
     """MODEL_CARD.md: what the model is for, what it was trained on, how well it does."""
-
-    def read_json(path: Path) -> dict:
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-
-    validated = read_json(paths.metrics_file("validate"))
-    split = read_json(paths.metrics_file("split"))
-    evaluation = read_json(paths.metrics_file("evaluate"))
+    validated = read_json_or_empty(paths.metrics_file("validate"))
+    split = read_json_or_empty(paths.metrics_file("split"))
     pre = card.preprocessing
     lines = [
         f"# Model card: {card.backbone} image classifier ({len(card.classes)} classes)",
@@ -302,11 +301,11 @@ def run(params: Params) -> dict:
     paths, cfg = params.paths, params.export
     model, card, _checkpoint = load_classifier(paths.model)
     temperature = read_temperature(paths.calibration)
-    test_metrics = read_evaluation(paths.metrics_file("evaluate"))
+    evaluation = read_evaluation(paths.metrics_file("evaluate"))
     provenance = {
         "params_sha256": params_sha256(params),
         **git_revision(),
-        "test_metrics": json.dumps(test_metrics, sort_keys=True),
+        "test_metrics": json.dumps(evaluation["finetuned"], sort_keys=True),
         "producer": "transfer-pipeline export",
     }
     metadata = contract_metadata(card, temperature, provenance)
@@ -325,28 +324,36 @@ def run(params: Params) -> dict:
     else:
         remove(paths.onnx_int8)  # a stale int8 model must not outlive the switch
     write_json_atomic(paths.labels, card.classes)
-    write_text_atomic(paths.model_card, model_card_markdown(card, metadata, paths, params))
+    write_text_atomic(
+        paths.model_card, model_card_markdown(card, metadata, evaluation, paths, params)
+    )
     return {"onnx": str(paths.onnx), "size_mb": size_mb, "classes": len(card.classes)}
 
 
-def read_evaluation(path: Path) -> dict:
-    """The fine-tuned model's test metrics, written by evaluate."""
+def read_evaluate_output(path: Path, *keys: str) -> Any:
+    """The value at ``keys`` in a JSON file that evaluate wrote; else a DataError saying why."""
     try:
-        return dict(json.loads(path.read_text(encoding="utf-8"))["finetuned"])
+        value = json.loads(path.read_text(encoding="utf-8"))
+        for key in keys:
+            value = value[key]
+        return value
     except FileNotFoundError:
         raise DataError(f"{path} does not exist: run `dvc repro evaluate` first") from None
     except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: no test metrics for the fine-tuned model ({exc})") from None
+        raise DataError(f"{path}: no {'.'.join(keys)} ({exc})") from None
+
+
+def read_evaluation(path: Path) -> dict:
+    """Both models' test metrics; the fine-tuned model's must be there."""
+    evaluation = read_evaluate_output(path)
+    if not isinstance(evaluation, dict) or "top1" not in evaluation.get("finetuned", {}):
+        raise DataError(f"{path}: no finetuned.top1 (run `dvc repro evaluate`)")
+    return evaluation
 
 
 def read_temperature(path: Path) -> float:
     """The fine-tuned model's temperature from evaluate's calibration file."""
-    try:
-        return float(json.loads(path.read_text(encoding="utf-8"))["temperature"]["finetuned"])
-    except FileNotFoundError:
-        raise DataError(f"{path} does not exist: run `dvc repro evaluate` first") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: no temperature.finetuned ({exc})") from None
+    return float(read_evaluate_output(path, "temperature", "finetuned"))
 
 
 def main(params: Params) -> dict:

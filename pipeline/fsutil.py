@@ -95,6 +95,17 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def read_json_or_empty(path: Path) -> dict:
+    """The JSON object in ``path``, or ``{}`` when it is missing or unreadable.
+
+    For reports that show whatever figures earlier stages have written so far.
+    """
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")

@@ -10,7 +10,6 @@ with ``onnx_check.threads`` threads, for the fp32 and, when exported, the int8 m
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from pipeline.config import OnnxCheckParams, Params
 from pipeline.data import ImageDataset, make_loader
 from pipeline.errors import PipelineError
 from pipeline.features import read_split
-from pipeline.fsutil import write_json_atomic
+from pipeline.fsutil import read_json_or_empty, write_json_atomic
 from pipeline.model import ModelCard, load_classifier
 from pipeline.predict import OnnxClassifier
 from pipeline.runtime import resolve
@@ -131,9 +130,9 @@ def run(params: Params) -> dict:
         "size_mb": round(paths.onnx.stat().st_size / 1e6, 2),
         **speed(sessions["onnx"], timing_batch, cfg),
     }
-    evaluated = read_evaluate_top1(paths.metrics_file("evaluate"))
-    if evaluated is not None:
-        metrics["evaluate_top1"] = evaluated  # evaluate's figure (bf16 where it ran bf16)
+    evaluated = read_json_or_empty(paths.metrics_file("evaluate")).get("finetuned", {})
+    if "top1" in evaluated:
+        metrics["evaluate_top1"] = evaluated["top1"]  # evaluate's figure (bf16 where it ran bf16)
     if metrics["max_abs_diff"] > cfg.max_abs_diff:
         failures.append(
             f"max |logit difference| {metrics['max_abs_diff']:.3g} > onnx_check.max_abs_diff "
@@ -197,13 +196,6 @@ def run(params: Params) -> dict:
             "the ONNX model does not match the PyTorch model:\n  - " + "\n  - ".join(failures)
         )
     return metrics
-
-
-def read_evaluate_top1(path) -> float | None:
-    try:
-        return float(json.loads(path.read_text(encoding="utf-8"))["finetuned"]["top1"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def main(params: Params) -> dict:

@@ -9,11 +9,15 @@ where only onnxruntime, numpy and Pillow are installed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import datetime
 import importlib
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 log = logging.getLogger("pipeline")
 
@@ -28,6 +32,7 @@ STAGES = (
     "evaluate",
     "export",
     "onnx_check",
+    "report",
 )
 
 
@@ -40,7 +45,34 @@ def run_stage(stage: str, params_file: str | None = None) -> dict:
         raise PipelineError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     params = load_params(params_file or PARAMS_FILE)
     module = importlib.import_module(f"pipeline.{stage}")
-    return module.main(params)
+    with logged_run(params.paths.run_log_file(stage)):
+        return module.main(params)
+
+
+@contextlib.contextmanager
+def logged_run(log_file: Path) -> Iterator[None]:
+    """Record the stage's start, end, seconds and outcome in ``log_file`` (the run report's
+    dates and durations). A log beside DVC's outputs, not one of them: a rerun that changes
+    nothing else must not make the stages downstream of it rerun."""
+    from pipeline.fsutil import write_json_atomic
+
+    started, clock = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
+    status = "failed"
+    try:
+        yield
+        status = "succeeded"
+    finally:
+        write_json_atomic(
+            log_file,
+            {
+                "started_at": started.isoformat(timespec="seconds"),
+                "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds"
+                ),
+                "seconds": round(time.perf_counter() - clock, 2),
+                "status": status,
+            },
+        )
 
 
 def describe_outputs(params_file: str | None = None) -> str:

@@ -47,6 +47,14 @@ class Paths:
     onnx_int8: Path = Path("models/model.int8.onnx")
     labels: Path = Path("models/labels.json")
     model_card: Path = Path("models/MODEL_CARD.md")
+    report: Path = Path("reports/index.html")
+    run_log: Path = Path("logs/stages")
+
+    def under(self, root: Path) -> Paths:
+        """These paths inside the workspace ``root`` (they are relative to it in params.yaml)."""
+        return dataclasses.replace(
+            self, **{f.name: Path(root) / getattr(self, f.name) for f in dataclasses.fields(self)}
+        )
 
     def metrics_file(self, stage: str) -> Path:
         """``metrics/<stage>.json``: one name everywhere."""
@@ -54,6 +62,10 @@ class Paths:
 
     def split_file(self, split: str) -> Path:
         return self.splits / f"{split}.csv"
+
+    def run_log_file(self, stage: str) -> Path:
+        """``logs/stages/<stage>.json``: when the stage last ran and how long it took."""
+        return self.run_log / f"{stage}.json"
 
 
 @dataclass(frozen=True)
@@ -241,6 +253,25 @@ class OnnxCheckParams:
 
 
 @dataclass(frozen=True)
+class ReportParams:
+    """How much of the data the run report (``paths.report``) shows as pictures."""
+
+    thumbnails_per_class: int = 4      # training images shown per class
+    thumbnail_px: int = 96             # longest side of a thumbnail
+    confused_pairs: int = 10           # most-confused class pairs shown with examples
+    examples_per_pair: int = 4         # misclassified test images shown per pair
+    max_listed_files: int = 200        # quarantined files / leaks listed; the rest are counted
+
+    def __post_init__(self) -> None:
+        if min(self.thumbnail_px, self.max_listed_files) < 1 or min(
+            self.thumbnails_per_class, self.confused_pairs, self.examples_per_pair
+        ) < 0:
+            raise ConfigError(
+                "report.thumbnail_px and max_listed_files must be >= 1, the counts >= 0"
+            )
+
+
+@dataclass(frozen=True)
 class FlowsParams:
     """How the Prefect flow runs the DVC stages (read by ``flows/``, by no DVC stage)."""
 
@@ -278,6 +309,7 @@ class Params:
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     export: ExportParams = field(default_factory=ExportParams)
     onnx_check: OnnxCheckParams = field(default_factory=OnnxCheckParams)
+    report: ReportParams = field(default_factory=ReportParams)
     flows: FlowsParams = field(default_factory=FlowsParams)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

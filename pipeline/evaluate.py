@@ -4,7 +4,8 @@ Top-1/top-5, mean per-class accuracy, macro-F1, and calibration: a temperature i
 on val for each model (it travels with the model in ``models/calibration.json``) and
 ECE is reported before and after it. Per-class tables, confusion matrices and the most
 confused pairs land in ``reports/evaluate/``; the fine-tuned model's predictions feed
-DVC's confusion plot.
+DVC's confusion plot and ``predictions_finetuned.csv`` (path, label, predicted, calibrated
+confidence), from which the run report shows misclassified images.
 """
 
 from __future__ import annotations
@@ -99,6 +100,17 @@ def run(paths: Paths, cfg: EvaluateParams, device: str) -> dict:
     test_logits, test_y = finetuned["test"]
     with atomic_path(paths.plots / "confusion.csv") as tmp:
         scoring.prediction_rows(test_logits.argmax(1), test_y, classes).to_csv(tmp, index=False)
+    with atomic_path(paths.evaluation / "predictions_finetuned.csv") as tmp:
+        test_rows = read_split(paths, "test")  # the order finetuned_logits read it in
+        probs = scoring.softmax(test_logits, temperatures["finetuned"])
+        pd.DataFrame(
+            {
+                "path": test_rows["path"],
+                "label": test_rows["label"],
+                "predicted": np.asarray(classes, dtype=object)[probs.argmax(1)],
+                "confidence": probs.max(1).round(6),
+            }
+        ).to_csv(tmp, index=False)
     write_json_atomic(paths.calibration, {"temperature": temperatures, "fitted_on": "val"})
     write_json_atomic(paths.metrics_file("evaluate"), metrics)
     return metrics

@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +35,7 @@ from pipeline.fsutil import (
 from pipeline.images import load_rgb
 from pipeline.model import Classifier, ModelCard, load_classifier
 from pipeline.preprocessing import Preprocessing
+from pipeline.provenance import git_revision
 
 log = logging.getLogger(__name__)
 INPUT, OUTPUT = "input", "logits"
@@ -61,22 +61,6 @@ def params_sha256(params: Params) -> str:
     sections = {name: dataclasses.asdict(getattr(params, name)) for name in MODEL_SECTIONS}
     canonical = json.dumps(sections, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def git_revision() -> dict[str, str]:
-    """The commit the code came from, and whether tracked files differed from it."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], capture_output=True, text=True, check=True, timeout=30
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return {"git_commit": "unknown", "git_dirty": "unknown"}
-    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
 
 
 def contract_metadata(

@@ -68,9 +68,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open ``path`` as an RGB image with its EXIF orientation applied."""
+def load_rgb(path: str | Path, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Open ``path`` as an RGB image with its EXIF orientation applied.
+
+    ``draft``: a size the caller will shrink to; JPEGs then decode at a fraction of
+    their resolution (no smaller than this), which makes thumbnails cheap.
+    """
     with Image.open(path) as img:
+        if draft is not None:
+            img.draft("RGB", draft)
         img.load()
         img = ImageOps.exif_transpose(img)
         return to_rgb(img)

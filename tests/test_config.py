@@ -20,6 +20,7 @@ STAGES = [
     "evaluate",
     "export",
     "onnx_check",
+    "report",
 ]
 
 

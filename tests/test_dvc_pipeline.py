@@ -13,8 +13,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests.browser import browser_available, open_page
 from tests.conftest import CALTECH_SHA256, REPO_ROOT, caltech_or_skip, create_image_folder
 from tests.httpserver import ServedFiles
+from tests.test_report import SECTIONS, section_headings
 
 pytestmark = pytest.mark.slow
 PROJECT_FILES = [
@@ -45,6 +47,11 @@ def dvc(repo: Path, *args: str) -> str:
     )
     assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
+
+
+def git(repo: Path, *args: str) -> None:
+    identity = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run(["git", *identity, *args], cwd=repo, check=True, capture_output=True)
 
 
 def set_params(repo: Path, **sections) -> None:
@@ -117,7 +124,9 @@ def test_caltech_over_loopback_http(repo):
 
 
 def test_full_pipeline_reruns_only_what_a_head_change_affects(repo, tmp_path):
-    images = create_image_folder(tmp_path / "images", {"cat": 12, "dog": 12, "bird": 12})
+    # A class folder whose name is HTML: the report must show it as text.
+    hostile = "<img src=x onerror=alert(1)>"
+    images = create_image_folder(tmp_path / "images", {"cat": 12, "dog": 12, hostile: 12})
     set_params(
         repo,
         data={"source": str(images)},
@@ -128,8 +137,10 @@ def test_full_pipeline_reruns_only_what_a_head_change_affects(repo, tmp_path):
         onnx_check={"max_int8_drop": 1.0, "latency_runs": 5, "throughput_batches": 1},
     )
     first = dvc(repo, "repro")
-    assert "Running stage 'onnx_check'" in first
+    assert "Running stage 'report'" in first
     assert "Running stage" not in dvc(repo, "repro")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "first run")
     evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
     assert set(evaluated) == {"head", "finetuned"}
 
@@ -143,3 +154,29 @@ def test_full_pipeline_reruns_only_what_a_head_change_affects(repo, tmp_path):
     assert "finetuned" in metrics and "top1" in metrics and "max_abs_diff" in metrics
     checked = json.loads((repo / "metrics/onnx_check.json").read_text())
     assert checked["passed"] and checked["max_abs_diff"] <= 1e-4
+
+    assert "Running stage 'report'" in second
+    evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
+    page = repo / "reports/index.html"
+    html = page.read_text(encoding="utf-8")
+    for model in ("head", "finetuned"):
+        assert f"{evaluated[model]['top1']:.4f}" in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html and "<img src=x" not in html
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    onnx_md5 = next(o["md5"] for o in lock["export"]["outs"] if o["path"] == "models/model.onnx")
+    assert onnx_md5[:10] in html  # provenance from dvc.lock
+
+    # The same curves and confusion matrix as DVC plots, each drawn once; diffable.
+    shown = json.loads(dvc(repo, "plots", "show", "--json"))["data"]
+    assert set(shown) == {"loss", "accuracy", "confusion"}
+    diffed = json.loads(dvc(repo, "plots", "diff", "--json"))["data"]
+    assert diffed["loss"][0]["revisions"] == ["workspace", "HEAD"]
+    if not browser_available():
+        return  # tests/test_report.py says why it skips its browser test
+    with open_page(page, tmp_path / "profile") as visit:
+        assert section_headings(visit.page) == SECTIONS
+        assert visit.page.get_by_text(hostile, exact=True).count() >= 2
+        assert visit.page.locator("svg.chart").count() == 7
+        visit.page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        assert visit.console_errors == visit.page_errors == visit.dialogs == []
+        assert visit.outside_requests == []

@@ -1,0 +1,275 @@
+"""The run report: built from a run's files, self-contained, escaped, checked in Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline import report, scoring
+from pipeline.config import parse_params
+from pipeline.fsutil import sha256_file
+from tests.browser import open_page
+from tests.conftest import noise_image
+
+SCRIPT_CLASS = "<script>alert(1)</script>"
+# Names from the data that would run script if they reached the page unescaped.
+CLASSES = ["cat", SCRIPT_CLASS, 'quote " & <b>bold</b>', "dog"]
+HOSTILE_FILE = "data/raw/x/<img src=x onerror=alert(2)>.jpg"
+
+
+def write_run(root: Path) -> dict:
+    """The files a finished run leaves, for four classes (two with hostile names).
+
+    Figures are computed from seeded logits with the pipeline's own scoring functions,
+    so the page can be checked against them.
+    """
+    rng = np.random.default_rng(0)
+    rows = []
+    for c, label in enumerate(CLASSES):
+        folder = root / "data/raw" / f"c{c}"
+        folder.mkdir(parents=True)
+        for i in range(10):
+            path = folder / f"img_{i}.png"
+            noise_image(c * 100 + i).save(path)
+            rows.append({"path": str(path.relative_to(root)), "label": label, "sha": path})
+    images = pd.DataFrame(rows)
+    images["sha256"] = images.pop("sha").map(sha256_file)
+    split_of = {i: "train" if i < 6 else ("val" if i < 8 else "test") for i in range(10)}
+    images["split"] = [split_of[i % 10] for i in range(len(images))]
+    (root / "data/splits").mkdir(parents=True)
+    for split, part in images.groupby("split"):
+        part[["path", "label", "sha256"]].to_csv(root / f"data/splits/{split}.csv", index=False)
+
+    metrics = root / "metrics"
+    (metrics / "plots").mkdir(parents=True)
+    counts = {label: 10 for label in CLASSES}
+    dump = lambda name, obj: (metrics / name).write_text(json.dumps(obj))  # noqa: E731
+    dump("download.json", {"source": "builtin:digits", "sha256": None, "excluded_classes": []})
+    checks = [
+        {
+            "expectation": "ExpectColumnValuesToNotBeNull",
+            "column": "path",
+            "describe": "path is never empty",
+            "success": True,
+            "hard": True,
+            "unexpected_count": 0,
+        },
+        {
+            "expectation": "ExpectColumnValuesToBeBetween",
+            "column": "width",
+            "describe": "width <b>in range</b>",
+            "success": False,
+            "hard": False,
+            "unexpected_count": 1,
+        },
+    ]
+    dump("validate.json", {
+        "class_counts": counts, "classes": len(CLASSES), "images": 40, "files": 41,
+        "quarantined": 1, "duplicates": 0, "duplicates_across_classes": 0,
+        "expectations": {"name": "validate", "success": True, "evaluated": 2, "passed": 1, "checks": checks},
+    })  # fmt: skip
+    pd.DataFrame(
+        [{"path": HOSTILE_FILE, "label": SCRIPT_CLASS, "reason": "not an image: HTML document"}]
+    ).to_csv(metrics / "quarantine.csv", index=False)
+    dump("split.json", {"duplicate_groups": 0, "near_duplicate_groups": 0, "dropped_classes": []})
+
+    epochs = pd.DataFrame(
+        {"epoch": [1, 2, 3], "train_loss": [1.2, 0.8, 0.6], "train_acc": [0.5, 0.7, 0.8],
+         "val_loss": [1.0, 0.7, 0.75], "val_acc": [0.55, 0.75, 0.7]}
+    )  # fmt: skip
+    epochs.to_csv(metrics / "plots/train_head.csv", index=False)
+    dump("train_head.json", {"best_epoch": 2, "epochs_run": 3, "lr": 0.001, "seconds": 1.5,
+                             "val_acc": 0.75, "val_loss": 0.7})  # fmt: skip
+    epochs.assign(epoch=[0, 1, 2]).to_csv(metrics / "plots/finetune.csv", index=False)
+    dump("finetune.json", {"best_epoch": 1, "epochs_run": 2, "device": "cpu", "bf16": False,
+                           "seconds": 9.0, "train_images_per_second": 12.5,
+                           "val_acc": 0.75, "val_loss": 0.7})  # fmt: skip
+
+    test = images[images["split"] == "test"].reset_index(drop=True)
+    y = test["label"].map(CLASSES.index).to_numpy()
+    evaluation, evaluated = {}, root / "reports/evaluate"
+    evaluated.mkdir(parents=True)
+    for name, noise in (("head", 2.0), ("finetuned", 1.0)):
+        logits = rng.normal(size=(len(y), len(CLASSES))) * noise
+        logits[np.arange(len(y)), y] += 2.0
+        evaluation[name] = scoring.summary(logits, y, CLASSES, 1.0, n_bins=15)
+        scoring.per_class_table(logits, y, CLASSES).to_csv(
+            evaluated / f"per_class_{name}.csv", index=False
+        )
+        cm = scoring.confusion_matrix(logits, y, len(CLASSES))
+        pd.DataFrame(scoring.most_confused(cm, CLASSES, top=20), columns=["true", "predicted", "count"]).to_csv(
+            evaluated / f"most_confused_{name}.csv", index=False
+        )  # fmt: skip
+    probs = scoring.softmax(logits)
+    pd.DataFrame(
+        {"path": test["path"], "label": test["label"],
+         "predicted": np.asarray(CLASSES, dtype=object)[probs.argmax(1)], "confidence": probs.max(1)}
+    ).to_csv(evaluated / "predictions_finetuned.csv", index=False)  # fmt: skip
+    dump("evaluate.json", evaluation)
+
+    dump("onnx_check.json", {
+        "passed": False, "failures": [f"class {SCRIPT_CLASS}: parity"], "images": len(y),
+        "max_abs_diff": 3.2e-06, "batch1_max_abs_diff": 1.1e-06, "top1_agreement": 1.0,
+        "torch_top1": evaluation["finetuned"]["top1"], "onnx_top1": evaluation["finetuned"]["top1"],
+        "threads": 2, "batch_sizes": [1, 32], "size_mb": 19.3, "cpu_latency_ms_p50": 4.04,
+        "cpu_latency_ms_p95": 4.27, "cpu_throughput_ips": 229.2,
+        "int8": {"top1": 0.5, "size_mb": 5.4, "cpu_latency_ms_p50": 2.61, "cpu_latency_ms_p95": 2.76,
+                 "cpu_throughput_ips": 479.1},
+    })  # fmt: skip
+    (root / "models").mkdir()
+    (root / "models/MODEL_CARD.md").write_text(
+        "# Model card\n\nRaw HTML stays text: <script>alert(3)</script>\n\n"
+        "| model | top1 |\n|---|---|\n| finetuned | 0.9 |\n"
+    )
+    (root / "dvc.lock").write_text(
+        yaml.safe_dump(
+            {
+                "schema": "2.0",
+                "stages": {
+                    "validate": {
+                        "cmd": "python -m pipeline validate",
+                        "params": {"params.yaml": {"validate": {"min_side": 16}}},
+                        "outs": [{"path": "data/manifest.parquet", "md5": "0123456789abcdef"}],
+                    }
+                },
+            }
+        )
+    )
+    (root / "logs/stages").mkdir(parents=True)
+    (root / "logs/stages/validate.json").write_text(
+        json.dumps(
+            {"finished_at": "2026-11-23T12:00:00+00:00", "seconds": 3.25, "status": "succeeded"}
+        )
+    )
+    return evaluation
+
+
+@pytest.fixture
+def finished_run(workspace):
+    """A workspace (the current folder) holding a finished run's files; yields its params."""
+    params = workspace()
+    evaluation = write_run(Path.cwd())
+    return params, evaluation
+
+
+def test_report_shows_the_run_and_escapes_names_from_the_data(finished_run):
+    params, evaluation = finished_run
+    result = report.run(params)
+    html = params.paths.report.read_text(encoding="utf-8")
+    assert result["report"] == "reports/index.html"
+
+    assert html.count("<script") == 1  # the page's own sorting script, nothing from the data
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "onerror=alert" not in html.replace("onerror=alert(2)&gt;", "")  # only as text
+    assert "&lt;script&gt;alert(3)&lt;/script&gt;" in html  # the model card's raw HTML
+    assert "quote &#34; &amp; &lt;b&gt;bold&lt;/b&gt;" in html or "quote &quot; &amp;" in html
+
+    # Self-contained: every image is inline, every link stays on the page or beside it.
+    assert re.findall(r'<img[^>]+src="(?!data:image/jpeg;base64,)', html) == []
+    assert all(h.startswith("#") for h in re.findall(r'href="([^"]*)"', html))
+
+    finetuned = evaluation["finetuned"]
+    assert f"{finetuned['top1']:.4f}" in html and f"{finetuned['macro_f1']:.4f}" in html
+    assert "2026-11-23T12:00:00+00:00" in html and "0123456789" in html  # provenance
+    assert "FAILED" in html and "3.2e-06" in html
+
+
+def test_report_of_a_partial_run_says_what_has_not_run(workspace):
+    params = workspace()
+    Path("metrics").mkdir()
+    Path("metrics/validate.json").write_text(
+        json.dumps(
+            {
+                "class_counts": {"a": 5, "b": 7},
+                "classes": 2,
+                "images": 12,
+                "files": 12,
+                "quarantined": 0,
+            }
+        )  # fmt: skip
+    )
+    html = report.build(params)
+    assert "evaluate has not run." in html and "onnx_check has not run." in html
+    assert "12 in 2 classes" in html
+
+
+def test_headline_table_is_the_flow_artifact(finished_run):
+    params, evaluation = finished_run
+    table = report.headline_markdown(params.paths)
+    assert table.startswith("| figure | value |\n|---|---|\n")
+    assert f"| test top-1, fine-tuned | {evaluation['finetuned']['top1']:.4f} |" in table
+    assert "| ONNX parity check | FAILED |" in table
+    assert "| ONNX max abs logit difference | 3.2e-06 |" in table
+    assert "| CPU latency, batch 1, 2 threads | 4.0 ms (int8 2.6 ms) |" in table
+
+
+SECTIONS = ["Data", "Split", "Training", "Results", "Export", "Provenance"]
+
+
+def section_headings(page) -> list[str]:
+    return page.locator("main > section > h2").all_inner_texts()
+
+
+def test_report_in_chromium(finished_run, tmp_path):
+    params, evaluation = finished_run
+    report.run(params)
+    with open_page(params.paths.report, tmp_path / "profile") as visit:
+        page = visit.page
+        assert section_headings(page) == SECTIONS
+        # Hostile names show as the text they are, in tables, galleries and headings.
+        assert page.get_by_text(SCRIPT_CLASS, exact=True).count() >= 2
+        assert page.locator("img[onerror]").count() == 0
+        assert page.locator("script").count() == 1
+        # 4 curves, 2 bar charts, 1 heat map; the per-class table has one row per class.
+        assert page.locator("svg.chart").count() == 7
+        table = page.locator("#per-class tbody tr")
+        assert table.count() == len(CLASSES)
+
+        def f1() -> list[float]:
+            cells = page.locator("#per-class tbody tr td:nth-child(7)").all_inner_texts()
+            return [float(t) for t in cells]
+
+        page.locator("#per-class th", has_text="F1").click()
+        assert f1() == sorted(f1())
+        page.locator("#per-class th", has_text="F1").click()
+        assert f1() == sorted(f1(), reverse=True)
+        page.locator("input[data-filter=per-class]").fill("dog")
+        assert page.locator("#per-class tbody tr:visible").all_inner_texts()[0].startswith("dog")
+        assert page.locator("#per-class tbody tr:visible").count() == 1
+
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000
+        assert visit.console_errors == [] and visit.page_errors == []
+        assert visit.dialogs == [] and visit.outside_requests == []
+
+
+def test_report_params_are_checked():
+    with pytest.raises(Exception, match="report.thumbnail_px"):
+        parse_params({"report": {"thumbnail_px": 0}})
+
+
+def test_stage_runs_are_logged_for_the_report(tmp_path):
+    from pipeline.__main__ import logged_run
+
+    log_file = tmp_path / "logs/stages/split.json"
+    with logged_run(log_file):
+        pass
+    done = json.loads(log_file.read_text())
+    assert done["status"] == "succeeded" and 0 <= done["seconds"] < 5
+    assert done["started_at"] <= done["finished_at"]
+    with pytest.raises(RuntimeError), logged_run(log_file):
+        raise RuntimeError("the stage failed")
+    assert json.loads(log_file.read_text())["status"] == "failed"
+
+
+def test_paths_under_a_workspace():
+    paths = parse_params({}).paths.under(Path("/runs/a"))
+    assert paths.report == Path("/runs/a/reports/index.html")
+    assert paths.metrics_file("evaluate") == Path("/runs/a/metrics/evaluate.json")

@@ -26,12 +26,12 @@ from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from ruamel.yaml import YAML
 
-from pipeline.config import FlowsParams, load_params, parse_params
+from pipeline.config import FlowsParams, Paths, load_params, parse_params
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.fsutil import read_json_or_empty
+from pipeline.report import headline_markdown
 
 FLOW_NAME = "training-pipeline"
 # Placement: stages that run the network forward/backward want the GPU pool.
@@ -241,12 +241,8 @@ def push_outputs(workspace: str) -> None:
     get_run_logger().info("dvc push: %s", done.stdout.strip().splitlines()[-1:])
 
 
-def summary_markdown(results: list[StageResult], workspace: Path, experiment: str | None) -> str:
-    """The run's artifact: each stage's status and time, the figures that matter, the model."""
-    params = load_params(workspace / "params.yaml")
-    paths = params.paths
-    metric = lambda stage: read_json_or_empty(workspace / paths.metrics_file(stage))  # noqa: E731
-    evaluation, parity, validated = metric("evaluate"), metric("onnx_check"), metric("validate")
+def summary_markdown(results: list[StageResult], paths: Paths, experiment: str | None) -> str:
+    """The run's artifact: each stage's status and time, the run report's headline table."""
     lines = ["# training-pipeline run", ""]
     if experiment:
         lines += [f"Saved as DVC experiment `{experiment}` (`dvc exp show`).", ""]
@@ -254,29 +250,28 @@ def summary_markdown(results: list[StageResult], workspace: Path, experiment: st
     lines += [
         f"| {r.stage} | {placement(r.stage)} | {r.status} | {r.seconds:.1f} |" for r in results
     ]
-    lines += ["", "| metric | value |", "|---|---|"]
-
-    def row(name: str, value: Any) -> None:
-        if value is not None:
-            lines.append(
-                f"| {name} | {value:.4f} |" if isinstance(value, float) else f"| {name} | {value} |"
-            )
-
-    row("test top-1, head only", evaluation.get("head", {}).get("top1"))
-    row("test top-1, fine-tuned", evaluation.get("finetuned", {}).get("top1"))
-    row(
-        "fine-tuned mean per-class accuracy",
-        evaluation.get("finetuned", {}).get("mean_per_class_acc"),
-    )
-    if "max_abs_diff" in parity:
-        lines.append(f"| ONNX max abs logit difference | {parity['max_abs_diff']:.1e} |")
-    row("ONNX top-1 agreement", parity.get("top1_agreement"))
-    row("ONNX test top-1", parity.get("onnx_top1"))
-    row("int8 test top-1", parity.get("int8", {}).get("top1"))
-    row("quarantined files", validated.get("quarantined"))
-    model = workspace / paths.onnx
-    lines += ["", f"ONNX model: `{model.resolve() if model.exists() else paths.onnx}`"]
+    lines += ["", headline_markdown(paths), ""]
+    lines.append(f"ONNX model: `{paths.onnx.resolve() if paths.onnx.exists() else paths.onnx}`")
+    if paths.report.exists():
+        lines.append(f"Run report: `{paths.report.resolve()}`")
     return "\n".join(lines) + "\n"
+
+
+def publish(results: list[StageResult], workspace: Path, experiment: str | None) -> None:
+    """The summary as a markdown artifact; the HTML report, where it exists, as a link."""
+    paths = load_params(workspace / "params.yaml").paths.under(workspace)
+    create_markdown_artifact(
+        summary_markdown(results, paths, experiment),
+        key="training-pipeline-summary",
+        description="Stages, headline figures and the model of this run",
+    )
+    if paths.report.exists():
+        create_link_artifact(
+            paths.report.resolve().as_uri(),
+            link_text=str(paths.report.relative_to(workspace)),
+            key="training-pipeline-report",
+            description="This run's HTML report (a file on the machine that ran the flow)",
+        )
 
 
 @flow(name=FLOW_NAME, log_prints=True)
@@ -317,9 +312,5 @@ def training_pipeline(
             experiment = save_experiment(str(root), overrides, experiment_name(flow_run.name))
     if cfg.push if push is None else push:
         push_outputs(str(root))
-    create_markdown_artifact(
-        summary_markdown(results, root, experiment),
-        key="training-pipeline-summary",
-        description="Stages, key metrics and the ONNX model of this run",
-    )
+    publish(results, root, experiment)
     return [r.__dict__ for r in results]

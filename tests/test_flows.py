@@ -268,6 +268,18 @@ def test_served_deployment_runs_then_finds_everything_up_to_date(server, images,
         assert "| ONNX top-1 agreement | 1.0000 |" in summary
         assert re.search(r"\| ONNX max abs logit difference \| \d\.\de[-+]\d\d \|", summary)
         assert f"ONNX model: `{(repo / 'models/model.onnx').resolve()}`" in summary
+        report = (repo / "reports/index.html").resolve()
+        assert f"Run report: `{report}`" in summary
+        link = run(
+            ["prefect", "artifact", "inspect", "training-pipeline-report", "--limit", "1", "-o", "json"],
+            repo,
+            server,
+            120,
+        )
+        (latest_link,) = json.loads(link.stdout)
+        # Prefect keeps a link artifact as the markdown "[text](url)"; the CLI's console
+        # reads "[text]" as markup and drops it, so only "(url)" is left to compare.
+        assert f"({report.as_uri()})" in latest_link["data"], latest_link
     finally:
         serve.terminate()
         serve.wait(timeout=60)

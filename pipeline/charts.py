@@ -180,7 +180,8 @@ def heatmap(cm: np.ndarray, classes: Sequence[str]) -> Markup:
     n = len(classes)
     cell = max(4, min(36, 720 // max(n, 1)))
     labelled = cell >= 12
-    margin = 150 if labelled else 28
+    longest = max((len(_clip(c, 22)) for c in classes), default=0)
+    margin = 16 + 7 * longest if labelled else 28  # room for the longest label
     size = margin + n * cell + 4
     rows = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)

@@ -19,12 +19,13 @@ from tests.conftest import noise_image
 
 SCRIPT_CLASS = "<script>alert(1)</script>"
 # Names from the data that would run script if they reached the page unescaped.
-CLASSES = ["cat", SCRIPT_CLASS, 'quote " & <b>bold</b>', "dog"]
+# Twelve classes: enough for the labelled heat map to outgrow a scrolling box.
+CLASSES = ["cat", SCRIPT_CLASS, 'quote " & <b>bold</b>', "dog", *(f"class {i}" for i in range(8))]
 HOSTILE_FILE = "data/raw/x/<img src=x onerror=alert(2)>.jpg"
 
 
 def write_run(root: Path) -> dict:
-    """The files a finished run leaves, for four classes (two with hostile names).
+    """The files a finished run leaves, for twelve classes (two with hostile names).
 
     Figures are computed from seeded logits with the pipeline's own scoring functions,
     so the page can be checked against them.
@@ -228,6 +229,8 @@ def test_report_in_chromium(finished_run, tmp_path):
         assert page.locator("script").count() == 1
         # 4 curves, 2 bar charts, 1 heat map; the per-class table has one row per class.
         assert page.locator("svg.chart").count() == 7
+        # The whole heat map shows: no box clips it (with 12 classes it is 580 px tall).
+        assert page.locator("#heatmap").evaluate("e => e.scrollHeight <= e.clientHeight")
         table = page.locator("#per-class tbody tr")
         assert table.count() == len(CLASSES)
 

@@ -123,26 +123,32 @@ def stage_error(output: str) -> str:
     return "\n".join(lines) if lines else "\n".join(output.strip().splitlines()[-15:])
 
 
+def run_dvc(args: list[str], workspace: Path, timeout_s: float, what: str) -> str:
+    """``dvc <args>`` in ``workspace``, killable; its output, or StageFailed naming ``what``."""
+    done = run_killable([sys.executable, "-m", "dvc", *args], workspace, timeout_s)
+    logger = get_run_logger()
+    for line in done.stdout.splitlines():
+        logger.debug("%s | %s", what, line)
+    if done.returncode != 0:
+        raise StageFailed(f"{what} failed (exit {done.returncode}): {stage_error(done.stdout)}")
+    return done.stdout
+
+
 @task
 def reproduce(stage: str, workspace: str, timeout_s: float) -> StageResult:
     """``dvc repro --single-item <stage>``: DVC decides whether anything needs to run."""
     logger = get_run_logger()
     started = time.perf_counter()
-    args = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     try:
-        done = run_killable(args, Path(workspace), timeout_s)
+        output = run_dvc(
+            ["repro", "--single-item", stage], Path(workspace), timeout_s, f"stage {stage}"
+        )
     except subprocess.TimeoutExpired:
         raise StageFailed(
             f"stage {stage} ran past flows.timeouts_s ({timeout_s:g} s) and was killed"
         ) from None
     seconds = round(time.perf_counter() - started, 2)
-    for line in done.stdout.splitlines():
-        logger.debug("%s | %s", stage, line)
-    if done.returncode != 0:
-        raise StageFailed(
-            f"stage {stage} failed (exit {done.returncode}): {stage_error(done.stdout)}"
-        )
-    ran = f"Running stage '{stage}'" in done.stdout
+    ran = f"Running stage '{stage}'" in output
     status = "ran" if ran else "up to date"
     logger.info("%s: %s in %.1f s", stage, status, seconds)
     return StageResult(stage, status, seconds)
@@ -224,10 +230,7 @@ def experiment_name(run_name: str | None) -> str:
 
 @task(name="dvc-exp-save", tags=["cpu"])
 def save_experiment(workspace: str, overrides: dict[str, Any], name: str) -> str:
-    args = [sys.executable, "-m", "dvc", "exp", "save", "--force", "--name", name]
-    done = run_killable(args, Path(workspace), 600)
-    if done.returncode != 0:
-        raise StageFailed(f"dvc exp save failed: {stage_error(done.stdout)}")
+    run_dvc(["exp", "save", "--force", "--name", name], Path(workspace), 600, "dvc exp save")
     get_run_logger().info("saved as DVC experiment %s with %s", name, overrides)
     return name
 
@@ -235,14 +238,15 @@ def save_experiment(workspace: str, overrides: dict[str, Any], name: str) -> str
 @task(name="dvc-push", tags=["cpu"], retries=2, retry_delay_seconds=[30, 120])
 def push_outputs(workspace: str) -> None:
     """``dvc push``: outputs to the default DVC remote, for other machines to ``dvc pull``."""
-    done = run_killable([sys.executable, "-m", "dvc", "push"], Path(workspace), 7200)
-    if done.returncode != 0:
-        raise StageFailed(f"dvc push failed: {stage_error(done.stdout)}")
-    get_run_logger().info("dvc push: %s", done.stdout.strip().splitlines()[-1:])
+    output = run_dvc(["push"], Path(workspace), 7200, "dvc push")
+    get_run_logger().info("dvc push: %s", output.strip().splitlines()[-1:])
 
 
 def summary_markdown(results: list[StageResult], paths: Paths, experiment: str | None) -> str:
-    """The run's artifact: each stage's status and time, the run report's headline table."""
+    """The run's artifact: each stage's status and time, the run report's headline table.
+
+    ``paths``: the workspace's, made absolute with ``Paths.under``.
+    """
     lines = ["# training-pipeline run", ""]
     if experiment:
         lines += [f"Saved as DVC experiment `{experiment}` (`dvc exp show`).", ""]
@@ -251,24 +255,29 @@ def summary_markdown(results: list[StageResult], paths: Paths, experiment: str |
         f"| {r.stage} | {placement(r.stage)} | {r.status} | {r.seconds:.1f} |" for r in results
     ]
     lines += ["", headline_markdown(paths), ""]
-    lines.append(f"ONNX model: `{paths.onnx.resolve() if paths.onnx.exists() else paths.onnx}`")
+    lines.append(f"ONNX model: `{paths.onnx}`")
     if paths.report.exists():
-        lines.append(f"Run report: `{paths.report.resolve()}`")
+        lines.append(f"Run report: `{paths.report}`")
     return "\n".join(lines) + "\n"
 
 
-def publish(results: list[StageResult], workspace: Path, experiment: str | None) -> None:
-    """The summary as a markdown artifact; the HTML report, where it exists, as a link."""
-    paths = load_params(workspace / "params.yaml").paths.under(workspace)
+def publish(
+    results: list[StageResult], workspace: Path, paths: Paths, experiment: str | None
+) -> None:
+    """The summary as a markdown artifact; the HTML report, where it exists, as a link.
+
+    ``paths``: as in params.yaml, relative to ``workspace``.
+    """
+    absolute = paths.under(workspace)
     create_markdown_artifact(
-        summary_markdown(results, paths, experiment),
+        summary_markdown(results, absolute, experiment),
         key="training-pipeline-summary",
         description="Stages, headline figures and the model of this run",
     )
-    if paths.report.exists():
+    if absolute.report.exists():
         create_link_artifact(
-            paths.report.resolve().as_uri(),
-            link_text=str(paths.report.relative_to(workspace)),
+            absolute.report.as_uri(),
+            link_text=str(paths.report),
             key="training-pipeline-report",
             description="This run's HTML report (a file on the machine that ran the flow)",
         )
@@ -287,7 +296,8 @@ def training_pipeline(
 
     logger = get_run_logger()
     root = Path(workspace).resolve()
-    cfg: FlowsParams = load_params(root / "params.yaml").flows
+    params = load_params(root / "params.yaml")
+    cfg: FlowsParams = params.flows
     overrides = dict(overrides or {})
     results: list[StageResult] = []
     experiment = None
@@ -312,5 +322,5 @@ def training_pipeline(
             experiment = save_experiment(str(root), overrides, experiment_name(flow_run.name))
     if cfg.push if push is None else push:
         push_outputs(str(root))
-    publish(results, root, experiment)
+    publish(results, root, params.paths, experiment)
     return [r.__dict__ for r in results]

@@ -87,12 +87,12 @@ def line_chart(
     """Curves on shared axes (epochs on x); ``marker_x`` draws a dashed vertical line."""
     width, height = 440, 250
     left, right, top, bottom = 48, 12, 26, 52
-    points = [
-        (float(x), float(y))
+    # Each series' plottable points (an epoch without a figure is NaN), found once.
+    finite = [
+        [(float(x), float(y)) for x, y in zip(s.x, s.y, strict=True) if math.isfinite(float(y))]
         for s in series
-        for x, y in zip(s.x, s.y, strict=True)
-        if math.isfinite(float(y))
     ]
+    points = [p for data in finite for p in data]
     out = [
         f'<svg class="chart" role="img" viewBox="0 0 {width} {height}" width="{width}" '
         f'height="{height}" {FONT}><text x="{left}" y="15" font-weight="600">{escape(title)}'
@@ -142,12 +142,9 @@ def line_chart(
             f"{escape(marker_label)}</text>"
         )
     legend_x = left
-    for i, s in enumerate(series):
+    for i, (s, data) in enumerate(zip(series, finite, strict=True)):
         colour = PALETTE[i % len(PALETTE)]
         dash = ' stroke-dasharray="5 3"' if s.dashed else ""
-        data = [
-            (float(x), float(y)) for x, y in zip(s.x, s.y, strict=True) if math.isfinite(float(y))
-        ]
         if data:
             path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in data)
             out.append(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import email.utils
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -24,7 +23,7 @@ import urllib3
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.fsutil import remove, sha256_file, write_json_atomic
+from pipeline.fsutil import read_json_or_empty, remove, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +178,7 @@ def _attempt(
     headers = {"Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-        validator = _validator(_read_meta(meta))
+        validator = _validator(read_json_or_empty(meta))
         if validator:
             headers["If-Range"] = validator
         log.info("resuming %s at byte %d", url, offset)
@@ -198,7 +197,7 @@ def _attempt(
             raise _Retryable(f"HTTP {status} {resp.reason}", _retry_after(resp))
         if status == 416 and offset:
             total = _parse_total(resp.headers.get("Content-Range", ""))
-            if (total if total is not None else _read_meta(meta).get("size")) == offset:
+            if (total if total is not None else read_json_or_empty(meta).get("size")) == offset:
                 log.info("%s: the partial file is already complete", url)
                 return
             _discard(part, meta)
@@ -251,7 +250,7 @@ def _resume_offset(url: str, part: Path, meta: Path, verified: bool) -> int:
     size = _size(part)
     if not size:
         return 0
-    info = _read_meta(meta)
+    info = read_json_or_empty(meta)
     if info.get("url") != url:
         reason = "no record of its URL" if not info else f"it came from {info.get('url')}"
     elif info.get("size") is not None and size > info["size"]:
@@ -362,14 +361,6 @@ def _retry_after(resp: requests.Response) -> float | None:
 def _parse_total(content_range: str) -> int | None:
     match = re.fullmatch(r"bytes \*/(\d+)", content_range.strip())
     return int(match[1]) if match else None
-
-
-def _read_meta(meta: Path) -> dict:
-    try:
-        info = json.loads(meta.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
 
 
 def _size(path: Path) -> int:

@@ -101,9 +101,10 @@ def read_json_or_empty(path: Path) -> dict:
     For reports that show whatever figures earlier stages have written so far.
     """
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return value if isinstance(value, dict) else {}
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

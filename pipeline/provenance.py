@@ -12,12 +12,12 @@ from pathlib import Path
 import yaml
 
 
-def git_revision(cwd: Path | None = None) -> dict[str, str]:
+def git_revision() -> dict[str, str]:
     """The commit the code came from, and whether tracked files differed from it."""
 
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", *args], capture_output=True, text=True, check=True, timeout=30, cwd=cwd
+            ["git", *args], capture_output=True, text=True, check=True, timeout=30
         ).stdout.strip()
 
     try:

@@ -16,7 +16,6 @@ import datetime
 import io
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import pandas as pd
 from markdown_it import MarkdownIt
 from markupsafe import Markup
 
-from pipeline import charts
+from pipeline import charts, scoring
 from pipeline.config import Params, Paths, ReportParams
 from pipeline.fsutil import read_json_or_empty, write_text_atomic
 from pipeline.images import load_rgb
@@ -36,6 +35,15 @@ log = logging.getLogger(__name__)
 TEMPLATE = "report.html.j2"
 SPLITS = ("train", "val", "test")
 MODELS = {"head": "head only", "finetuned": "fine-tuned"}
+METRIC_STAGES = (
+    "download",
+    "validate",
+    "split",
+    "train_head",
+    "finetune",
+    "evaluate",
+    "onnx_check",
+)
 # Test metrics side by side, with whether higher is better.
 RESULT_METRICS = (
     ("top1", "top-1 accuracy", True),
@@ -60,11 +68,14 @@ def read_csv(path: Path) -> pd.DataFrame:
 # --- the few figures a run is judged by -----------------------------------------------
 
 
-def headline(paths: Paths) -> list[tuple[str, str]]:
+def read_metrics(paths: Paths) -> dict[str, dict]:
+    """Every stage's ``metrics/<stage>.json``, read once; ``{}`` for a stage not run yet."""
+    return {stage: read_json_or_empty(paths.metrics_file(stage)) for stage in METRIC_STAGES}
+
+
+def headline(metrics: dict[str, dict]) -> list[tuple[str, str]]:
     """(figure, value) rows: the report's header, and the Prefect flow's artifact."""
-    validated = read_json_or_empty(paths.metrics_file("validate"))
-    evaluation = read_json_or_empty(paths.metrics_file("evaluate"))
-    parity = read_json_or_empty(paths.metrics_file("onnx_check"))
+    validated, evaluation, parity = (metrics[s] for s in ("validate", "evaluate", "onnx_check"))
     rows: list[tuple[str, str]] = []
     if validated:
         rows.append(("images used", f"{validated['images']:,} in {validated['classes']} classes"))
@@ -101,7 +112,7 @@ def headline(paths: Paths) -> list[tuple[str, str]]:
 def headline_markdown(paths: Paths) -> str:
     """The headline rows as a markdown table."""
     lines = ["| figure | value |", "|---|---|"]
-    lines += [f"| {name} | {value} |" for name, value in headline(paths)]
+    lines += [f"| {name} | {value} |" for name, value in headline(read_metrics(paths))]
     return "\n".join(lines)
 
 
@@ -121,9 +132,10 @@ def thumbnail(path: str | Path, px: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def data_section(paths: Paths, cfg: ReportParams, split_rows: dict[str, pd.DataFrame]) -> dict:
-    validated = read_json_or_empty(paths.metrics_file("validate"))
-    downloaded = read_json_or_empty(paths.metrics_file("download"))
+def data_section(
+    paths: Paths, cfg: ReportParams, metrics: dict[str, dict], split_rows: dict[str, pd.DataFrame]
+) -> dict:
+    validated, downloaded = metrics["validate"], metrics["download"]
     counts = validated.get("class_counts", {})
     quarantine = read_csv(paths.quarantine)
     by_class = quarantine.groupby("label").size().to_dict() if len(quarantine) else {}
@@ -170,9 +182,8 @@ def data_section(paths: Paths, cfg: ReportParams, split_rows: dict[str, pd.DataF
     }
 
 
-def split_section(split_rows: dict[str, pd.DataFrame], paths: Paths, cfg: ReportParams) -> dict:
+def split_section(split_rows: dict[str, pd.DataFrame], summary: dict, cfg: ReportParams) -> dict:
     """Counts per split and class, and a leakage check: no image's bytes in two splits."""
-    summary = read_json_or_empty(paths.metrics_file("split"))
     frames = [rows.assign(split=name) for name, rows in split_rows.items()]
     table = pd.concat(frames) if frames else pd.DataFrame(columns=["path", "label", "split"])
     per_class = (
@@ -235,9 +246,8 @@ def curves(table: pd.DataFrame, name: str, best_epoch: Any) -> list[Markup]:
     ]
 
 
-def training_section(paths: Paths) -> dict:
-    head = read_json_or_empty(paths.metrics_file("train_head"))
-    finetune = read_json_or_empty(paths.metrics_file("finetune"))
+def training_section(paths: Paths, metrics: dict[str, dict]) -> dict:
+    head, finetune = metrics["train_head"], metrics["finetune"]
     return {
         "head": head,
         "finetune": finetune,
@@ -250,8 +260,9 @@ def training_section(paths: Paths) -> dict:
     }
 
 
-def results_section(paths: Paths, cfg: ReportParams, split_rows: dict[str, pd.DataFrame]) -> dict:
-    evaluation = read_json_or_empty(paths.metrics_file("evaluate"))
+def results_section(
+    paths: Paths, cfg: ReportParams, evaluation: dict, split_rows: dict[str, pd.DataFrame]
+) -> dict:
     metrics = []
     for key, label, higher_is_better in RESULT_METRICS:
         values = {m: evaluation.get(m, {}).get(key) for m in MODELS}
@@ -292,14 +303,10 @@ def results_section(paths: Paths, cfg: ReportParams, split_rows: dict[str, pd.Da
     heatmap = None
     if len(predictions) and classes:
         index = {c: i for i, c in enumerate(classes)}
-        cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
-        np.add.at(
-            cm,
-            (
-                predictions["label"].astype(str).map(index).to_numpy(),
-                predictions["predicted"].astype(str).map(index).to_numpy(),
-            ),
-            1,
+        cm = scoring.confusion_matrix(
+            predictions["predicted"].astype(str).map(index).to_numpy(),
+            predictions["label"].astype(str).map(index).to_numpy(),
+            len(classes),
         )
         heatmap = charts.heatmap(cm, classes)
     pairs = []
@@ -333,8 +340,7 @@ def results_section(paths: Paths, cfg: ReportParams, split_rows: dict[str, pd.Da
     }
 
 
-def export_section(paths: Paths) -> dict:
-    parity = read_json_or_empty(paths.metrics_file("onnx_check"))
+def export_section(paths: Paths, parity: dict) -> dict:
     try:
         card_text = paths.model_card.read_text(encoding="utf-8")
     except OSError:
@@ -349,24 +355,20 @@ def export_section(paths: Paths) -> dict:
     }
 
 
-def provenance_section(params: Params, lock_file: Path) -> dict:
+def provenance_section(paths: Paths) -> dict:
     """The commit, and for each stage DVC's record of it and the run log's times."""
     stages = []
-    for name, entry in dvc_lock_stages(lock_file).items():
+    for name, entry in dvc_lock_stages().items():
         if name == "report":
             continue  # this stage's own entry is the previous run's
-        timing = read_json_or_empty(params.paths.run_log_file(name))
-        outs = [
-            {"path": o.get("path"), "md5": o.get("md5") or o.get("hash", "")}
-            for o in entry.get("outs", [])
-        ]
+        timing = read_json_or_empty(paths.run_log_file(name))
+        outs = [{"path": o.get("path"), "md5": o.get("md5", "")} for o in entry.get("outs", [])]
         recorded = {}
         for file_params in entry.get("params", {}).values():
             recorded.update(_flatten(file_params))
         stages.append(
             {
                 "name": name,
-                "cmd": entry.get("cmd"),
                 "outs": outs,
                 "params": recorded,
                 "finished_at": timing.get("finished_at"),
@@ -396,9 +398,8 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
     """A number for a table cell; '—' for a figure a stage did not record."""
-    if value is None or isinstance(value, jinja2.Undefined):
-        return "—"
-    if isinstance(value, float) and not np.isfinite(value):
+    missing = value is None or isinstance(value, jinja2.Undefined)
+    if missing or (isinstance(value, float) and not np.isfinite(value)):
         return "—"
     return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
@@ -420,26 +421,27 @@ def render(context: dict) -> str:
     return environment().get_template(TEMPLATE).render(**context)
 
 
-def build(params: Params, lock_file: Path = Path("dvc.lock")) -> str:
-    """The page's HTML, from what the stages wrote under ``params.paths``."""
+def build(params: Params) -> str:
+    """The page's HTML, from what the stages wrote under ``params.paths`` and ``dvc.lock``."""
     paths, cfg = params.paths, params.report
+    metrics = read_metrics(paths)
     split_rows = {}
     for split in SPLITS:
         rows = read_csv(paths.split_file(split))
         if len(rows):
             split_rows[split] = rows.astype({"path": str, "label": str})
-    sections: dict[str, Callable[[], dict]] = {
-        "data": lambda: data_section(paths, cfg, split_rows),
-        "split": lambda: split_section(split_rows, paths, cfg),
-        "training": lambda: training_section(paths),
-        "results": lambda: results_section(paths, cfg, split_rows),
-        "export": lambda: export_section(paths),
-        "provenance": lambda: provenance_section(params, lock_file),
-    }
-    context = {name: make() for name, make in sections.items()}
-    context["headline"] = headline(paths)
-    context["title"] = f"transfer-pipeline run: {params.model.backbone} on {params.data.source}"
-    return render(context)
+    return render(
+        {
+            "title": f"transfer-pipeline run: {params.model.backbone} on {params.data.source}",
+            "headline": headline(metrics),
+            "data": data_section(paths, cfg, metrics, split_rows),
+            "split": split_section(split_rows, metrics["split"], cfg),
+            "training": training_section(paths, metrics),
+            "results": results_section(paths, cfg, metrics["evaluate"], split_rows),
+            "export": export_section(paths, metrics["onnx_check"]),
+            "provenance": provenance_section(paths),
+        }
+    )
 
 
 def run(params: Params) -> dict:

@@ -30,7 +30,7 @@ PROJECT_FILES = [
 ]
 
 
-def _env() -> dict[str, str]:
+def tool_env() -> dict[str, str]:
     bindir = str(Path(sys.executable).parent)
     return {
         **os.environ,
@@ -43,15 +43,17 @@ def _env() -> dict[str, str]:
 
 def dvc(repo: Path, *args: str) -> str:
     done = subprocess.run(
-        ["dvc", *args], cwd=repo, env=_env(), capture_output=True, text=True, timeout=1200
+        ["dvc", *args], cwd=repo, env=tool_env(), capture_output=True, text=True, timeout=1200
     )
     assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
 
-def git(repo: Path, *args: str) -> None:
-    identity = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-    subprocess.run(["git", *identity, *args], cwd=repo, check=True, capture_output=True)
+def git(repo: Path, *args: str) -> str:
+    identity = ["-c", "user.name=test", "-c", "user.email=test@localhost"]
+    done = subprocess.run(["git", *identity, *args], cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def set_params(repo: Path, **sections) -> None:
@@ -79,7 +81,7 @@ def copy_project(root: Path, extra: tuple[str, ...] = ()) -> Path:
 def repo(tmp_path: Path) -> Path:
     """A fresh git + DVC repository holding this project's files."""
     root = copy_project(tmp_path / "repo")
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    git(root, "init", "-q")
     return root
 
 

@@ -27,7 +27,7 @@ from flows.training import (
 from pipeline.errors import ConfigError
 from tests.conftest import REPO_ROOT, create_image_folder
 from tests.test_config import STAGES
-from tests.test_dvc_pipeline import copy_project, set_params
+from tests.test_dvc_pipeline import copy_project, git, set_params, tool_env
 
 pytestmark = pytest.mark.slow
 TINY = {
@@ -47,14 +47,11 @@ def free_port() -> int:
 
 
 def base_env(tmp: Path) -> dict[str, str]:
-    bindir = str(Path(sys.executable).parent)
     return {
-        **os.environ,
-        "PATH": bindir + os.pathsep + os.environ["PATH"],
+        **tool_env(),  # this interpreter's tools first on PATH, analytics off
         "PREFECT_HOME": str(tmp / "prefect-home"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        "DVC_NO_ANALYTICS": "1",
         "PYTHONPATH": str(REPO_ROOT),
     }
 
@@ -118,13 +115,6 @@ def make_repo(root: Path, images: Path, **sections) -> Path:
     git(root, "add", "-A")
     git(root, "commit", "-qm", "project")
     return root
-
-
-def git(repo: Path, *args: str) -> str:
-    identity = ["-c", "user.name=test", "-c", "user.email=test@localhost"]
-    done = subprocess.run(["git", *identity, *args], cwd=repo, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def run(args: list[str], cwd: Path, env: dict, timeout: float = 900) -> subprocess.CompletedProcess:

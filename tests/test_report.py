@@ -38,9 +38,10 @@ def write_run(root: Path) -> dict:
         for i in range(10):
             path = folder / f"img_{i}.png"
             noise_image(c * 100 + i).save(path)
-            rows.append({"path": str(path.relative_to(root)), "label": label, "sha": path})
+            rows.append(
+                {"path": str(path.relative_to(root)), "label": label, "sha256": sha256_file(path)}
+            )
     images = pd.DataFrame(rows)
-    images["sha256"] = images.pop("sha").map(sha256_file)
     split_of = {i: "train" if i < 6 else ("val" if i < 8 else "test") for i in range(10)}
     images["split"] = [split_of[i % 10] for i in range(len(images))]
     (root / "data/splits").mkdir(parents=True)

@@ -7,7 +7,7 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: run test install install-dev lint clean-venv
+.PHONY: run test faults install install-dev lint clean-venv
 
 # Reinstall whenever pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
@@ -33,6 +33,13 @@ run: install
 ## test: install with dev extras and run the test suite
 test: install-dev
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+## faults: the whole fault-injection suite at the trial counts RELIABILITY.md reports
+faults: install-dev
+	rm -f logs/faults/results.jsonl
+	PATH="$(CURDIR)/$(BIN):$$PATH" PIPELINE_FAULTS=full PIPELINE_FAULTS_RESULTS=$(CURDIR)/logs/faults/results.jsonl \
+		$(BIN)/python -m pytest -m faults; status=$$?; \
+		$(BIN)/python -m tests.faults_summary logs/faults/results.jsonl; exit $$status
 
 lint: install-dev
 	$(BIN)/ruff check pipeline flows tests

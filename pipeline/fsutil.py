@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -27,6 +28,35 @@ def is_os_litter(relpath: str | PurePosixPath) -> bool:
         return True
     name = parts[-1] if parts else ""
     return name in _LITTER_NAMES or name.startswith("._")
+
+
+def load_torch_weights(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers, never code.
+
+    A file that needs anything more (a pickled object, a ``__reduce__`` payload) or is not
+    a torch file at all is refused with its name instead of torch's unpickler traceback.
+    torch is imported here, not at the top, so this module stays importable without it.
+    """
+    import pickle
+
+    import torch
+
+    from pipeline.errors import DataError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", str(exc))
+        reason = found.group(1).strip() if found else type(exc).__name__
+        raise DataError(
+            f"{path}: refused to load: it is not a weights-only torch file ({reason}); "
+            "this pipeline never unpickles objects. Delete it and rerun the stage that writes it."
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as exc:
+        raise DataError(
+            f"{path}: not a readable torch file ({type(exc).__name__}: {exc}); "
+            "delete it and rerun the stage that writes it"
+        ) from None
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:

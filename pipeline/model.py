@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline.backbones import Backbone, build_backbone
 from pipeline.errors import DataError
-from pipeline.fsutil import atomic_path
+from pipeline.fsutil import atomic_path, load_torch_weights
 from pipeline.preprocessing import Preprocessing
 
 
@@ -95,7 +95,7 @@ def load_checkpoint(path: Path) -> tuple[ModelCard, dict]:
     """Read a checkpoint with ``weights_only=True``: tensors and plain data, never code."""
     if not path.exists():
         raise DataError(f"{path} does not exist: run the stage that writes it first")
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = load_torch_weights(path)
     return ModelCard.from_dict(data["card"]), data
 
 

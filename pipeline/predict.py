@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import DataError
 from pipeline.images import load_rgb
 from pipeline.preprocessing import Preprocessing
 
@@ -35,36 +38,95 @@ class OnnxContract:
     temperature: float
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, str]) -> OnnxContract:
-        try:
-            return cls(
-                classes=list(json.loads(meta["classes"])),
-                preprocessing=Preprocessing.from_dict(json.loads(meta["preprocessing"])),
-                temperature=float(meta.get("temperature", "1.0")),
-            )
-        except KeyError as exc:
-            raise ValueError(
-                f"metadata_props has no {exc.args[0]!r}; "
+    def from_metadata(cls, meta: dict[str, str], source: str = "model") -> OnnxContract:
+        """Parse and check the metadata; anything missing or malformed is refused by name."""
+        missing = [key for key in ("classes", "preprocessing") if key not in meta]
+        if missing:
+            raise DataError(
+                f"{source}: metadata_props has no {', '.join(map(repr, missing))}; "
                 "was it exported by `python -m pipeline export`?"
-            ) from None
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"unreadable metadata_props: {exc}") from None
+            )
+        try:
+            classes = json.loads(meta["classes"])
+            preprocessing = Preprocessing.from_dict(json.loads(meta["preprocessing"]))
+            temperature = float(meta.get("temperature", "1.0"))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise DataError(f"{source}: malformed metadata_props: {exc}") from None
+        if (
+            not isinstance(classes, list)
+            or not classes
+            or not all(isinstance(c, str) and c for c in classes)
+            or len(set(classes)) != len(classes)
+        ):
+            raise DataError(
+                f"{source}: metadata_props 'classes' must be a non-empty JSON list of "
+                "distinct non-empty names"
+            )
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise DataError(
+                f"{source}: metadata_props 'temperature' must be a positive finite number, "
+                f"not {meta.get('temperature')!r}"
+            )
+        return cls(classes, preprocessing, temperature)
 
 
 class OnnxClassifier:
-    """An onnxruntime CPU session plus the contract read from the same file."""
+    """An onnxruntime CPU session plus the contract read from the same file.
+
+    The file is read into memory and handed to onnxruntime as bytes, with the folder for
+    external data pointed at an empty temporary folder: a model that refers to external
+    data files is refused rather than reading whatever sits beside it or in the working
+    directory (our exports are one self-contained file).
+    """
 
     def __init__(self, model_path: Path | str, threads: int = 0) -> None:
         import onnxruntime as ort
 
+        path = Path(model_path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0: onnxruntime's default (all cores)
-        self.session = ort.InferenceSession(
-            str(model_path), options, providers=["CPUExecutionProvider"]
+        with tempfile.TemporaryDirectory(prefix="no-external-data-") as nowhere:
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", nowhere
+            )
+            try:
+                self.session = ort.InferenceSession(
+                    path.read_bytes(), options, providers=["CPUExecutionProvider"]
+                )
+            except OSError as exc:
+                raise DataError(f"{path}: cannot read the model: {exc.strerror}") from None
+            except Exception as exc:  # onnxruntime raises its own types for bad models
+                if "external data" in str(exc).lower():
+                    raise DataError(
+                        f"{path}: refers to external data files; only self-contained ONNX "
+                        "files are loaded (re-export with `python -m pipeline export`)"
+                    ) from None
+                raise DataError(f"{path}: not a loadable ONNX model: {exc}") from None
+        self.contract = OnnxContract.from_metadata(
+            self.session.get_modelmeta().custom_metadata_map, str(path)
         )
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.contract = OnnxContract.from_metadata(meta)
         self.input_name = self.session.get_inputs()[0].name
+        self._check_shapes(path)
+
+    def _check_shapes(self, path: Path) -> None:
+        """The graph must take this contract's images and give one logit per class."""
+        size = self.contract.preprocessing.input_size
+        input_shape = self.session.get_inputs()[0].shape
+        output_shape = self.session.get_outputs()[0].shape
+        wrong_input = len(input_shape) != 4 or any(
+            isinstance(actual, int) and actual != expected
+            for actual, expected in zip(input_shape[1:], (3, size, size), strict=True)
+        )
+        if wrong_input:
+            raise DataError(
+                f"{path}: input shape {input_shape} does not take 3x{size}x{size} images "
+                "as its metadata says"
+            )
+        if isinstance(output_shape[-1], int) and output_shape[-1] != len(self.contract.classes):
+            raise DataError(
+                f"{path}: the graph gives {output_shape[-1]} logits but the metadata names "
+                f"{len(self.contract.classes)} classes"
+            )
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
@@ -140,8 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         model = OnnxClassifier(args.model, args.threads)
-    except Exception as exc:  # onnxruntime raises its own types for unreadable files
-        sys.stderr.write(f"predict: {args.model}: cannot load the model: {exc}\n")
+    except DataError as exc:
+        sys.stderr.write(f"predict: {exc}\n")
         return 2
     failed = seen = 0
     for path, predictions, error in predict(model, args.inputs, args.top_k, args.batch_size):

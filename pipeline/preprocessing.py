@@ -36,6 +36,16 @@ class Preprocessing:
     resize: str = "center_crop"
 
     def __post_init__(self) -> None:
+        for name in ("input_size", "resize_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != 3 or not all(isinstance(v, int | float) for v in values):
+                raise ValueError(f"{name} must be three numbers (R, G, B), not {values!r}")
+        if not all(v > 0 for v in self.std):
+            raise ValueError(f"std must be positive, not {self.std!r}")
         if self.interpolation not in _RESAMPLE:
             raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}")
         if self.resize not in RESIZE_POLICIES:

@@ -59,6 +59,8 @@ def resolve(device: str, precision: str) -> Runtime:
     """Turn the ``device`` and ``*.precision`` settings into a concrete runtime."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            log.info("device: auto found no CUDA device; running on the CPU")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "device: cuda was asked for, but torch sees no CUDA device (use device: auto)"

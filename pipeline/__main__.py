@@ -3,7 +3,8 @@
 This is the command dvc.yaml runs for each stage; the stage modules do the work.
 ``python -m pipeline predict --model models/model.onnx IMAGE_OR_DIR...`` labels images
 with the exported model; it is dispatched before anything else is imported, so it runs
-where only onnxruntime, numpy and Pillow are installed.
+where only onnxruntime, numpy and Pillow are installed. ``python -m pipeline verify``
+re-hashes DVC's outputs and cache against dvc.lock (``pipeline/verify.py``).
 """
 
 from __future__ import annotations
@@ -122,13 +123,18 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.predict import main as predict
 
         return predict(argv[1:])
+    if argv[:1] == ["verify"]:
+        from pipeline.verify import main as verify
+
+        return verify(argv[1:])
     from pipeline.errors import PipelineError
 
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument(
         "stage",
-        choices=(*STAGES, "outputs", "predict"),
-        help="a stage; 'outputs' lists where results are; 'predict --help' for the predictor",
+        choices=(*STAGES, "outputs", "predict", "verify"),
+        help="a stage; 'outputs' lists where results are; 'predict --help' for the predictor; "
+        "'verify --help' to re-hash DVC's outputs and cache",
     )
     parser.add_argument("--params", default=None, help="params file (default: params.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")

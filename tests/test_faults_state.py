@@ -1,0 +1,182 @@
+"""Concurrency and state (#7 item 7): damaged bytes in DVC's outputs or cache are caught by
+``python -m pipeline verify`` before they are trusted, and two ``dvc repro`` started
+together on one workspace never mix their outputs.
+
+All of it runs real DVC on a real workspace (download → validate → split on tiny images:
+the cheapest stages with file and folder outputs, cached and uncached).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.verify import cache_folder, lock_entries, md5_of
+from tests.conftest import REPO_ROOT, create_image_folder
+from tests.faults import record, trials
+from tests.test_dvc_pipeline import copy_project, dvc, git, set_params, tool_env
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git + DVC workspace where download, validate and split have run (shared: each
+    test leaves it as it found it, and checks that)."""
+    tmp_path = tmp_path_factory.mktemp("state")
+    repo = copy_project(tmp_path / "repo")
+    git(repo, "init", "-q")
+    images = create_image_folder(tmp_path / "images", {"cat": 8, "dog": 8, "bird": 8})
+    set_params(repo, data={"source": str(images)})
+    dvc(repo, "repro", "split")
+    return repo
+
+
+def verify(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "verify", "--root", str(repo), *args],
+        cwd=REPO_ROOT,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def flip_byte(path: Path, rng: random.Random) -> int:
+    """Damage one byte in place, keeping the inode, size and mtime: bit rot as DVC sees it."""
+    before = path.stat()
+    offset = rng.randrange(before.st_size)
+    os.chmod(path, 0o644)  # DVC may make cache objects read-only
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    os.chmod(path, before.st_mode & 0o777)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    return offset
+
+
+def kind_of(target) -> str:
+    where, entry = target
+    return "manifest" if entry.is_manifest else where
+
+
+def dvc_status_clean(repo: Path) -> bool:
+    """``dvc status`` of the stages this workspace ran (the later ones never ran here)."""
+    return json.loads(dvc(repo, "status", "--json", "split")) == {}
+
+
+def test_verify_finds_every_damaged_byte_and_repair_plus_repro_restores_the_run(reproduced):
+    repo = reproduced
+    cache = cache_folder(repo)
+    entries, skipped = lock_entries(repo, cache)
+    assert skipped == []
+    # Every file behind dvc.lock, and every cache object, is a place a byte can rot.
+    targets = [("workspace", e) for e in entries if not e.is_manifest]
+    targets += [("cache", e) for e in entries if e.cached]
+    kinds = {kind_of(t) for t in targets}
+    assert kinds == {"workspace", "cache", "manifest"}
+    expected = {str(e.path): e.md5 for e in entries if not e.is_manifest}
+
+    rng = random.Random(7)
+    count = trials(20, 3)
+    # The first trials damage one of each kind; the rest pick at random.
+    firsts = [next(t for t in targets if kind_of(t) == kind) for kind in sorted(kinds)]
+    passed = lost = unnoticed_by_dvc = 0
+    failures: list[str] = []
+    for trial in range(count):
+        where, entry = firsts[trial] if trial < len(firsts) else rng.choice(targets)
+        damaged = entry.path if where == "workspace" else cache / entry.md5[:2] / entry.md5[2:]
+        offset = flip_byte(damaged, rng)
+        unnoticed_by_dvc += dvc_status_clean(repo)
+        found = verify(repo)
+        repaired = verify(repo, "--repair")
+        dvc(repo, "repro", "split")
+        after = verify(repo)
+        now = {path: md5_of(Path(path)) for path in expected if Path(path).is_file()}
+        ok = (
+            found.returncode == 1
+            and str(damaged) in found.stderr
+            and "DAMAGED" in found.stderr
+            and repaired.returncode == 0
+            and after.returncode == 0
+            and "0 damaged" in after.stdout
+            and dvc_status_clean(repo)
+            and now == expected
+        )
+        if not ok:
+            failures.append(
+                f"trial {trial}: {where} {damaged} @ {offset}: found {found.returncode}, "
+                f"repaired {repaired.returncode}, after {after.returncode} {after.stdout}, "
+                f"status clean {dvc_status_clean(repo)}, contents equal {now == expected}"
+                f"\n{found.stderr}\n{repaired.stdout}"
+            )
+        passed += ok
+        lost += now != expected
+    record(
+        "state: a byte of an output or cache object damaged (mtime kept)",
+        count,
+        passed,
+        lost,
+        unnoticed_by_plain_dvc_status=unnoticed_by_dvc,
+    )
+    assert passed == count, "\n".join(failures)
+
+
+def test_two_repros_at_once_take_turns_or_one_is_refused(reproduced):
+    """Both forced to redo split at the same moment: DVC's locks (the repository lock, and
+    per-output read/write locks that name the holding PID, with entries of dead PIDs
+    dropped) let one run; the other waits or fails saying who holds the lock. The outputs
+    are one run's, whole."""
+    repo = reproduced
+    count = trials(50, 3)
+    passed = lost = refused = 0
+    failures_seen: list[str] = []
+    for trial in range(count):
+        cmd = ["dvc", "repro", "--force", "--single-item", "split"]
+        procs = [
+            subprocess.Popen(
+                cmd,
+                cwd=repo,
+                env=tool_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        outputs = [(p.wait(timeout=600), p.stdout.read()) for p in procs]
+        for p in procs:
+            p.stdout.close()
+        failures = [out for code, out in outputs if code != 0]
+        refused += len(failures)
+        clean = dvc_status_clean(repo) and verify(repo).returncode == 0
+        ok = (
+            clean
+            and len(failures) <= 1
+            and all(
+                "Unable to acquire lock" in out
+                or ("is busy, it is being blocked by" in out and "(PID " in out)
+                for out in failures
+            )
+        )
+        if not ok:
+            failures_seen.append(f"trial {trial}: {outputs}")
+        passed += ok
+        lost += not clean
+    record(
+        "concurrency: two `dvc repro` on one workspace at once",
+        count,
+        passed,
+        lost,
+        second_refused=refused,
+    )
+    assert passed == count, "\n".join(failures_seen)

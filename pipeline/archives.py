@@ -4,11 +4,21 @@ A downloaded archive is data from a stranger: a member may try to escape the tar
 folder (``../``, absolute paths, links), impersonate a device, or unpack to far more
 than it claims. Each member is checked before anything is written for it, sizes are
 counted as bytes are actually written, and on any error the target is left empty.
+
+Links of any kind are refused outright and every file is written by this module into a
+fresh folder, so no later member can follow a link out of it. Tar members also pass
+tarfile's ``data`` filter as a second opinion; this module's own checks come first and do
+not depend on it, because that filter has had bypasses (CVE-2025-4517 and siblings) and
+is missing from older Python patch releases. A zip's central directory is checked as a
+whole before extraction: entries whose data overlap (one compressed stream reused by many
+members, the "better zip bomb") and declared sizes beyond the limits are refused at once.
 """
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
 import logging
 import lzma
 import re
@@ -37,6 +47,12 @@ _READ_ERRORS = (
     lzma.LZMAError,
     NotImplementedError,  # a zip compression method zipfile cannot read
 )
+# How each compressed tar begins, and the reader for it.
+_TAR_COMPRESSION = (
+    (b"\x1f\x8b", gzip.open),
+    (b"BZh", bz2.open),
+    (b"\xfd7zXZ\x00", lzma.open),
+)
 
 
 class UnsafeArchiveError(DataError):
@@ -45,6 +61,22 @@ class UnsafeArchiveError(DataError):
 
 class ArchiveLimitError(DataError):
     """The archive unpacks to more bytes or files than download.* allows."""
+
+
+@dataclass
+class ExtractLimits:
+    """How much one download may extract, counted over every archive it unpacks.
+
+    Pass one instance to each :func:`extract_archive` call of a download, so an archive of
+    archives cannot multiply ``download.max_extracted_bytes`` by the number it holds. Bytes
+    written are never given back, even for a folder later removed: the limit bounds the
+    work a hostile download can cause, not only what it leaves on disk.
+    """
+
+    max_bytes: int  # download.max_extracted_bytes
+    max_files: int  # download.max_files
+    bytes: int = 0  # written so far
+    files: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,7 +103,14 @@ def archive_kind(path: Path) -> str | None:
     return None
 
 
-def extract_archive(archive: Path, target: Path, *, max_bytes: int, max_files: int) -> int:
+def extract_archive(
+    archive: Path,
+    target: Path,
+    *,
+    max_bytes: int | None = None,
+    max_files: int | None = None,
+    limits: ExtractLimits | None = None,
+) -> int:
     """Extract ``archive`` into ``target`` in one streaming pass, refusing unsafe members.
 
     OS litter (``__MACOSX/``, ``.DS_Store``, ...) is skipped. Files get default
@@ -83,17 +122,24 @@ def extract_archive(archive: Path, target: Path, *, max_bytes: int, max_files: i
             this call created it, else emptied.
         max_bytes: most bytes to write (download.max_extracted_bytes).
         max_files: most files to write (download.max_files).
+        limits: instead of ``max_bytes``/``max_files``: limits shared with the other
+            archives of one download (nested archives), updated as files are written.
 
     Returns:
         The number of files written.
 
     Raises:
         UnsafeArchiveError: a member is absolute, has ``..`` or NUL in its path, is a
-            link, device, FIFO or encrypted, or repeats an earlier member's path.
+            link, device, FIFO or encrypted, repeats an earlier member's path, is refused
+            by tarfile's data filter, or (zip) its data overlaps another member's.
         ArchiveLimitError: a limit would be exceeded.
         DataError: not an archive, corrupt, or ``target`` is not empty.
     """
     archive, target = Path(archive), Path(target)
+    if limits is None:
+        if max_bytes is None or max_files is None:
+            raise TypeError("extract_archive needs max_bytes and max_files, or limits")
+        limits = ExtractLimits(max_bytes, max_files)
     kind = archive_kind(archive)
     if kind is None:
         raise DataError(f"{archive}: not a zip or tar archive (.tar, .tar.gz, .tar.bz2, .tar.xz)")
@@ -102,8 +148,8 @@ def extract_archive(archive: Path, target: Path, *, max_bytes: int, max_files: i
     created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
     try:
-        with _members(archive, kind) as members:
-            files, size, litter = _extract(archive, members, target, max_bytes, max_files)
+        with _members(archive, kind, target, limits) as members:
+            files, size, litter = _extract(archive, members, target, limits)
     except BaseException:
         if created:
             remove(target)
@@ -123,17 +169,91 @@ def extract_archive(archive: Path, target: Path, *, max_bytes: int, max_files: i
 
 
 @contextlib.contextmanager
-def _members(archive: Path, kind: str) -> Iterator[Iterator[_Member]]:
+def _members(
+    archive: Path, kind: str, target: Path, limits: ExtractLimits
+) -> Iterator[Iterator[_Member]]:
     """The archive's members in stored order, read lazily; read errors become DataError."""
     try:
         if kind == "zip":
             with zipfile.ZipFile(archive) as zf:
+                _check_zip_directory(archive, zf.infolist(), limits)
                 yield (_zip_member(zf, info) for info in zf.infolist())
         else:
-            with tarfile.open(archive, "r|*") as tf:  # stream mode: never seeks back
-                yield (_tar_member(tf, info) for info in tf)
+            with _tar_bytes(archive) as raw, tarfile.open(fileobj=raw, mode="r|") as tf:
+                yield (_tar_member(tf, info, target) for info in _each_once(tf))
     except _READ_ERRORS as exc:
         raise DataError(f"{archive}: corrupt or truncated archive ({exc})") from exc
+
+
+@contextlib.contextmanager
+def _tar_bytes(archive: Path) -> Iterator[_Uncompressed]:
+    """The tar's uncompressed bytes, for tarfile's stream mode (``r|``: never seeks back).
+
+    Decompressed here rather than by ``r|gz``: tarfile's stream decompression copies its
+    whole decompressed buffer on every read, so a very compressible tar of many small
+    members (up to ~1000x per 10 KB block) costs CPU quadratic in that ratio.
+    """
+    with open(archive, "rb") as fh:
+        head = fh.read(6)
+        fh.seek(0)
+        opener = next((o for magic, o in _TAR_COMPRESSION if head.startswith(magic)), None)
+        if opener is None:
+            yield _Uncompressed(fh)
+            return
+        with opener(fh) as decompressed:
+            yield _Uncompressed(decompressed)
+
+
+class _Uncompressed:
+    """A reader whose errors on corrupt data (OSError from gzip and bz2) are tar read errors,
+    so that they are reported as a corrupt archive, apart from errors writing the output."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self._fh = fh
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._fh.read(size)
+        except OSError as exc:
+            raise tarfile.ReadError(f"invalid compressed data: {exc}") from exc
+
+
+def _each_once(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The members in order, each forgotten once used: TarFile keeps every member it has
+    read in ``members``, about 1 KB each, gigabytes for a tar of millions of empty files."""
+    while (info := tf.next()) is not None:
+        yield info
+        tf.members.clear()
+
+
+def _check_zip_directory(
+    archive: Path, infos: list[zipfile.ZipInfo], limits: ExtractLimits
+) -> None:
+    """Refuse, before writing anything, overlapping entries and declared sizes over the limit.
+
+    Each entry's local header (30 bytes at least) and compressed data must end before the
+    next entry begins; a zip whose entries share one compressed stream expands it once per
+    entry. Declared sizes can lie low (the byte count in :func:`_extract` still applies),
+    but a zip that admits to being too big is refused without unpacking any of it.
+    """
+    by_offset = sorted(infos, key=lambda i: i.header_offset)
+    for before, entry in zip(by_offset, by_offset[1:], strict=False):
+        if entry.header_offset < before.header_offset + 30 + before.compress_size:
+            raise _unsafe(
+                archive,
+                entry.filename,
+                f"its data overlaps member {before.filename!r} (entries sharing compressed "
+                "data: a zip bomb)",
+            )
+    declared = limits.bytes
+    for info in infos:
+        declared += info.file_size
+        if declared > limits.max_bytes:
+            raise ArchiveLimitError(
+                f"{archive}: declares more than {limits.max_bytes} bytes uncompressed (at "
+                f"member {info.filename!r}); raise download.max_extracted_bytes in "
+                "params.yaml if the archive is trusted"
+            )
 
 
 def _zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> _Member:
@@ -148,8 +268,7 @@ def _zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> _Member:
     return _Member(info.filename, info.is_dir(), refusal, lambda: zf.open(info))
 
 
-def _tar_member(tf: tarfile.TarFile, info: tarfile.TarInfo) -> _Member:
-    refusal = None
+def _tar_member(tf: tarfile.TarFile, info: tarfile.TarInfo, target: Path) -> _Member:
     if info.issym():
         refusal = f"symbolic link to {info.linkname!r}"
     elif info.islnk():
@@ -160,6 +279,8 @@ def _tar_member(tf: tarfile.TarFile, info: tarfile.TarInfo) -> _Member:
         refusal = "FIFO"
     elif not (info.isreg() or info.isdir()):
         refusal = f"unsupported member type {info.type!r}"
+    else:
+        refusal = _data_filter_refusal(info, target)
 
     def open_member() -> IO[bytes]:
         fh = tf.extractfile(info)
@@ -169,8 +290,23 @@ def _tar_member(tf: tarfile.TarFile, info: tarfile.TarInfo) -> _Member:
     return _Member(info.name, info.isdir(), refusal, open_member)
 
 
+def _data_filter_refusal(info: tarfile.TarInfo, target: Path) -> str | None:
+    """Why tarfile's ``data`` filter refuses the member, if it does (a second opinion).
+
+    Looked up at call time, and skipped on Python patch releases that predate the filter.
+    """
+    data_filter = getattr(tarfile, "data_filter", None)
+    if data_filter is None:
+        return None
+    try:
+        data_filter(info, str(target))
+    except tarfile.FilterError as exc:
+        return f"refused by tarfile's data filter ({exc})"
+    return None
+
+
 def _extract(
-    archive: Path, members: Iterator[_Member], target: Path, max_bytes: int, max_files: int
+    archive: Path, members: Iterator[_Member], target: Path, limits: ExtractLimits
 ) -> tuple[int, int, int]:
     """Write the members; returns (files written, bytes written, litter skipped)."""
     seen: dict[str, bool] = {}  # relative path -> is a folder
@@ -194,18 +330,20 @@ def _extract(
             path.mkdir(parents=True, exist_ok=True)
             continue
         files += 1
-        if files > max_files:
+        limits.files += 1
+        if limits.files > limits.max_files:
             raise ArchiveLimitError(
-                f"{archive}: more than {max_files} files (at member {member.name!r}); "
+                f"{archive}: more than {limits.max_files} files (at member {member.name!r}); "
                 "raise download.max_files in params.yaml if the archive is trusted"
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         with member.open() as src, open(path, "xb") as dst:
             while chunk := src.read(_CHUNK):
                 size += len(chunk)
-                if size > max_bytes:
+                limits.bytes += len(chunk)
+                if limits.bytes > limits.max_bytes:
                     raise ArchiveLimitError(
-                        f"{archive}: unpacks to more than {max_bytes} bytes (at member "
+                        f"{archive}: unpacks to more than {limits.max_bytes} bytes (at member "
                         f"{member.name!r}); raise download.max_extracted_bytes in "
                         "params.yaml if the archive is trusted"
                     )

@@ -97,12 +97,14 @@ class DownloadParams:
 
 @dataclass(frozen=True)
 class ValidateParams:
-    """Bounds that the Great Expectations suite enforces on the manifest."""
+    """Bounds that the Great Expectations suite enforces on the manifest, and whether the
+    set of classes may differ from the one the previous successful run accepted."""
 
     min_images_per_class: int = 5
     min_side: int = 16
     max_side: int = 20_000
     max_pixels: int = 89_478_485
+    allow_class_change: bool = False
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from pipeline import builtin
-from pipeline.archives import archive_kind, extract_archive
+from pipeline.archives import ExtractLimits, archive_kind, extract_archive
 from pipeline.config import DataParams, DownloadParams, Params, Paths
+from pipeline.diskfull import disk_full_is_an_error
 from pipeline.errors import ConfigError, DataError
 from pipeline.fetch import ChecksumError, fetch_url
 from pipeline.fsutil import (
@@ -105,9 +106,14 @@ def materialise(
         dest = downloads_dir / f"{key}-{name}"
         if not data.sha256 and dest.exists() and md5_file(dest) == (data.md5 or "").lower():
             return dest  # fetch_url reuses a finished download only when it can check a sha256
-        path = fetch_url(
-            source, dest, sha256=data.sha256, retries=download.retries, timeout_s=download.timeout_s
-        )
+        with disk_full_is_an_error(downloads_dir, "paths.downloads"):
+            path = fetch_url(
+                source,
+                dest,
+                sha256=data.sha256,
+                retries=download.retries,
+                timeout_s=download.timeout_s,
+            )
         verify_md5(path, data.md5, source, discard=True)
         return path
     if not local.exists():
@@ -193,14 +199,15 @@ def unpack(source: Path, data: DataParams, download: DownloadParams, workdir: Pa
         raise DataError(
             f"{source}: not a folder nor a supported archive (.zip, .tar, .tar.gz/.tgz, .tar.bz2, .tar.xz)"
         )
-    limits = {"max_bytes": download.max_extracted_bytes, "max_files": download.max_files}
+    # One budget for the whole download: nested archives draw on the outer one's limits.
+    limits = ExtractLimits(download.max_extracted_bytes, download.max_files)
     outer = workdir / "extract"
-    extract_archive(source, outer, **limits)
+    extract_archive(source, outer, limits=limits)
     if data.member:
         chosen = _member(outer, data.member, source)
         if chosen.is_dir():
             return unwrap(chosen)
-        extract_archive(chosen, workdir / "member", **limits)
+        extract_archive(chosen, workdir / "member", limits=limits)
         return unwrap(workdir / "member")
     root = unwrap(outer)
     if has_image_folders(root):
@@ -208,7 +215,9 @@ def unpack(source: Path, data: DataParams, download: DownloadParams, workdir: Pa
     return _nested_image_folder(source, descend(outer), workdir, limits)
 
 
-def _nested_image_folder(source: Path, folder: Path, workdir: Path, limits: dict) -> Path:
+def _nested_image_folder(
+    source: Path, folder: Path, workdir: Path, limits: ExtractLimits
+) -> Path:
     """Extract the archives in ``folder``; exactly one of them must hold class folders."""
     nested = sorted(p for p in folder.iterdir() if p.is_file() and archive_kind(p) is not None)
     if not nested:
@@ -216,7 +225,7 @@ def _nested_image_folder(source: Path, folder: Path, workdir: Path, limits: dict
     found = []
     for i, archive in enumerate(nested):
         inner = workdir / f"nested-{i}"
-        extract_archive(archive, inner, **limits)
+        extract_archive(archive, inner, limits=limits)
         if has_image_folders(unwrap(inner)):
             found.append((archive, unwrap(inner)))
         else:
@@ -304,16 +313,20 @@ def write_raw(folder: ImageFolder, target: Path, move: bool) -> None:
 
 def run(paths: Paths, data: DataParams, download: DownloadParams) -> dict:
     """Fetch, verify, extract and normalise ``data.source`` into ``paths.raw``."""
-    workdir = fresh_tempdir(paths.raw.parent, "download")
-    try:
-        source = materialise(data, download, paths.downloads, workdir)
-        root = unpack(source, data, download, workdir)
-        folder = collect(root, data.exclude_classes)
-        inside_workdir = root.resolve().is_relative_to(workdir.resolve())
-        with atomic_path(paths.raw) as tmp:
-            write_raw(folder, tmp, move=inside_workdir)
-    finally:
-        remove(workdir)
+    # Outside the clean-up below, so a full disk is reported with the room a rerun has.
+    with disk_full_is_an_error(
+        paths.raw, "paths.raw", "; archives are first unpacked in a temporary folder beside it"
+    ):
+        workdir = fresh_tempdir(paths.raw.parent, "download")
+        try:
+            source = materialise(data, download, paths.downloads, workdir)
+            root = unpack(source, data, download, workdir)
+            folder = collect(root, data.exclude_classes)
+            inside_workdir = root.resolve().is_relative_to(workdir.resolve())
+            with atomic_path(paths.raw) as tmp:
+                write_raw(folder, tmp, move=inside_workdir)
+        finally:
+            remove(workdir)
     counts = {name: len(files) for name, files in folder.classes.items()}
     summary = {
         "source": data.source,

@@ -8,9 +8,11 @@ split-CSV row order: ``<split>.npy`` (N, D) float32, ``train_aug.npy`` (N, V, D)
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from tqdm import tqdm
 from pipeline.backbones import Backbone, build_backbone
 from pipeline.config import FeaturesParams, ModelParams, Params, Paths
 from pipeline.data import ImageDataset, RoundSampler, make_loader, train_transform
+from pipeline.diskfull import disk_full_is_an_error, free_bytes
 from pipeline.errors import DataError
 from pipeline.fsutil import atomic_path, write_json_atomic
 from pipeline.runtime import Runtime, resolve
@@ -55,11 +58,27 @@ class FeatureCache:
     def add(self, shas: list[str], features: np.ndarray) -> None:
         if not shas:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256("".join(sorted(shas)).encode()).hexdigest()[:16]
-        with atomic_path(self.folder / f"shard-{time.time_ns()}-{name}.npz") as tmp:
-            with open(tmp, "wb") as fh:
+        shard = self.folder / f"shard-{time.time_ns()}-{name}.npz"
+        with disk_full_is_an_error(shard, "paths.feature_cache"):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(shard) as tmp, open(tmp, "wb") as fh:
                 np.savez(fh, sha256=np.asarray(shas), features=features.astype(np.float32))
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    """``np.save``, with a full disk reported as ENOSPC.
+
+    numpy writes arrays with C ``fwrite`` and reports a short write as a bare OSError
+    ("N requested and M written") without errno; with no room left for the array on the
+    disk, that is a full disk.
+    """
+    try:
+        np.save(path, array, allow_pickle=False)
+    except OSError as exc:
+        if exc.errno is None and free_bytes(path) < array.nbytes:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from exc
+        raise
 
 
 def cache_key(backbone: Backbone, runtime: Runtime, view: str) -> str:
@@ -152,11 +171,15 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
     all_features = cached_embeddings(
         backbone, runtime, everything, cache, cfg.batch_size, pre, stats
     )
-    with atomic_path(paths.features) as tmp:
+    # A full disk is reported after atomic_path has removed its temporary folder.
+    with (
+        disk_full_is_an_error(paths.features, "paths.features"),
+        atomic_path(paths.features) as tmp,
+    ):
         tmp.mkdir()
         offset = 0
         for split, rows in splits.items():
-            np.save(tmp / f"{split}.npy", all_features[offset : offset + len(rows)])
+            save_array(tmp / f"{split}.npy", all_features[offset : offset + len(rows)])
             offset += len(rows)
         if cfg.augmented_views:
             aug = train_transform(pre, cfg.augment)
@@ -177,7 +200,7 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
                         desc=f"train view {view + 1}",
                     )
                 )
-            np.save(tmp / "train_aug.npy", np.stack(views, axis=1))
+            save_array(tmp / "train_aug.npy", np.stack(views, axis=1))
         index = {
             "classes": classes,
             "backbone": backbone.name,

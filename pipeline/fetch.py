@@ -9,12 +9,14 @@ size) in ``<dest>.part.json``. Only a complete, verified file is renamed onto ``
 from __future__ import annotations
 
 import email.utils
+import functools
 import ipaddress
 import logging
 import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
@@ -22,6 +24,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
+from pipeline.diskfull import DiskFullError, is_disk_full, size_text
 from pipeline.errors import PipelineError
 from pipeline.fsutil import read_json_or_empty, remove, sha256_file, write_json_atomic
 
@@ -81,7 +84,9 @@ def fetch_url(
     Raises:
         DownloadError: a client error (e.g. HTTP 404), an unsafe redirect, or still
             failing after ``retries`` retries.
-        ChecksumError: the complete file has another sha256; nothing is kept.
+        ChecksumError: the complete file has another sha256; nothing is kept. A file
+            resumed from several responses is first downloaded whole once more.
+        DiskFullError: no space left for ``dest``; a partial download is kept to resume.
     """
     dest = Path(dest)
     if urlsplit(url).scheme.lower() not in ("http", "https"):
@@ -96,70 +101,124 @@ def fetch_url(
             dest,
             "its sha256 differs" if expected else "no sha256 is given to check it",
         )
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     meta = dest.with_name(dest.name + ".part.json")
-
-    failures, furthest = 0, _size(part)
-    with (
-        requests.Session() as session,
-        tqdm(
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=dest.name,
-            disable=None if progress else True,
-        ) as bar,
-    ):
-        while True:
-            try:
-                _attempt(
-                    session,
-                    url,
-                    part,
-                    meta,
-                    verified=expected is not None,
-                    timeout_s=timeout_s,
-                    bar=bar,
-                )
-                break
-            except _Retryable as exc:
-                if _size(part) > furthest:
-                    furthest, failures = _size(part), 0
-                failures += 1
-                if failures > retries:
-                    raise DownloadError(
-                        f"giving up on {url} after {failures} failed "
-                        f"{'attempt' if failures == 1 else 'attempts'}; last error: {exc}"
-                    ) from exc
-                delay = min(max_backoff_s, backoff_s * 2 ** (failures - 1))
-                if exc.retry_after is not None:
-                    delay = min(max_backoff_s, exc.retry_after)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with (
+            requests.Session() as session,
+            tqdm(
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=dest.name,
+                disable=None if progress else True,
+            ) as bar,
+        ):
+            attempt = functools.partial(
+                _attempt,
+                session,
+                url,
+                part,
+                meta,
+                verified=expected is not None,
+                timeout_s=timeout_s,
+                bar=bar,
+            )
+            download = functools.partial(
+                _with_retries,
+                attempt,
+                url,
+                part,
+                retries=retries,
+                backoff_s=backoff_s,
+                max_backoff_s=max_backoff_s,
+            )
+            resumed = download()
+            actual = sha256_file(part) if expected else None
+            if actual != expected and resumed:
+                # Pieced together from several responses: a server that honoured a range of
+                # a file it had since replaced, or sent the wrong bytes, would go unnoticed
+                # by HTTP. One whole download tells that apart from a changed file.
                 log.warning(
-                    "download of %s failed (%s); retry %d/%d in %.1fs",
+                    "%s: sha256 mismatch in a file resumed from several responses; "
+                    "downloading it whole once more",
                     url,
-                    exc,
-                    failures,
-                    retries,
-                    delay,
                 )
-                time.sleep(delay)
-
-    if expected:
-        actual = sha256_file(part)
+                _discard(part, meta)
+                download()
+                actual = sha256_file(part)
         if actual != expected:
+            size = _size(part)
             for path in (part, meta, dest):
                 remove(path)
             raise ChecksumError(
-                f"sha256 mismatch for {url}: expected {expected}, got {actual}; "
-                "the file changed upstream or the expected sha256 is wrong"
+                f"sha256 mismatch for {url}: expected {expected}, got {actual} ({size} bytes); "
+                "the file changed upstream, the server sent wrong bytes, or the expected "
+                "sha256 is wrong"
             )
-    with open(part, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(part, dest)
-    remove(meta)
+        with open(part, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(part, dest)
+        remove(meta)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise _disk_full(url, part, meta) from exc
     log.info("downloaded %s to %s (%d bytes)", url, dest, dest.stat().st_size)
     return dest
+
+
+def _with_retries(
+    attempt: Callable[[], bool],
+    url: str,
+    part: Path,
+    *,
+    retries: int,
+    backoff_s: float,
+    max_backoff_s: float,
+) -> bool:
+    """Call ``attempt`` until it succeeds, sleeping with capped doubling backoff between
+    retryable failures; returns what the successful attempt returned."""
+    failures, furthest = 0, _size(part)
+    while True:
+        try:
+            return attempt()
+        except _Retryable as exc:
+            if _size(part) > furthest:
+                furthest, failures = _size(part), 0
+            failures += 1
+            if failures > retries:
+                raise DownloadError(
+                    f"giving up on {url} after {failures} failed "
+                    f"{'attempt' if failures == 1 else 'attempts'}; last error: {exc}"
+                ) from exc
+            delay = min(max_backoff_s, backoff_s * 2 ** (failures - 1))
+            if exc.retry_after is not None:
+                delay = min(max_backoff_s, exc.retry_after)
+            log.warning(
+                "download of %s failed (%s); retry %d/%d in %.1fs",
+                url,
+                exc,
+                failures,
+                retries,
+                delay,
+            )
+            time.sleep(delay)
+
+
+def _disk_full(url: str, part: Path, meta: Path) -> DiskFullError:
+    """The error for a full disk; a non-empty ``part`` is kept for the next run to resume."""
+    kept, total = _size(part), read_json_or_empty(meta).get("size")
+    if not kept:
+        _discard(part, meta)
+        return DiskFullError(part, detail=f" while downloading {url}", missing=total)
+    of = f" of {size_text(total)}" if total else ""
+    return DiskFullError(
+        part,
+        detail=f"; {size_text(kept)}{of} of {url} are kept in it and the next run resumes there",
+        missing=total - kept if total else None,
+    )
 
 
 def _attempt(
@@ -171,8 +230,11 @@ def _attempt(
     verified: bool,
     timeout_s: float,
     bar: tqdm,
-) -> None:
-    """One request: append to (or restart) ``part`` until it is complete, or raise."""
+) -> bool:
+    """One request: append to (or restart) ``part`` until it is complete, or raise.
+
+    Returns True when the complete ``part`` keeps bytes from before this request.
+    """
     offset = _resume_offset(url, part, meta, verified)
     # identity: the bytes on disk must be the bytes the server has, so ranges line up.
     headers = {"Accept-Encoding": "identity"}
@@ -199,7 +261,7 @@ def _attempt(
             total = _parse_total(resp.headers.get("Content-Range", ""))
             if (total if total is not None else read_json_or_empty(meta).get("size")) == offset:
                 log.info("%s: the partial file is already complete", url)
-                return
+                return True
             _discard(part, meta)
             raise _Retryable(f"server refused range {offset}- (size {total}); restarting")
         if status not in (200, 206):
@@ -243,6 +305,7 @@ def _attempt(
             raise _Retryable(f"connection lost at byte {received}: {exc}") from exc
         if total is not None and received < total:
             raise _Retryable(f"body ended at byte {received} of {total}")
+        return offset > 0
 
 
 def _resume_offset(url: str, part: Path, meta: Path, verified: bool) -> int:

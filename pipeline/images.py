@@ -82,6 +82,10 @@ def load_rgb(path: str | Path, draft: tuple[int, int] | None = None) -> Image.Im
         return to_rgb(img)
 
 
+# Difference hashes of flat or perfectly graded images say nothing about their content.
+DEGENERATE_DHASHES = frozenset({"0" * 16, "f" * 16})
+
+
 def dhash(img: Image.Image) -> int:
     """64-bit difference hash: equal for resized or re-encoded copies of one picture."""
     small = np.asarray(img.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)

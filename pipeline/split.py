@@ -18,12 +18,11 @@ from pipeline.config import Params, Paths, SplitParams
 from pipeline.errors import DataError
 from pipeline.expectations import Check, format_failures, run_suite
 from pipeline.fsutil import atomic_path, write_json_atomic
+from pipeline.images import DEGENERATE_DHASHES
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-# Hashes of flat or perfectly graded images say nothing about their content.
-_DEGENERATE_PHASHES = {"0" * 16, "f" * 16}
 
 
 def group_keys(images: pd.DataFrame) -> pd.Series:
@@ -43,7 +42,7 @@ def group_keys(images: pd.DataFrame) -> pd.Series:
 
     for sha, phash in zip(images["sha256"], images["phash"], strict=True):
         find(sha)
-        if isinstance(phash, str) and phash not in _DEGENERATE_PHASHES:
+        if isinstance(phash, str) and phash not in DEGENERATE_DHASHES:
             union(sha, "phash:" + phash)
     # The representative is the smallest sha256 in the component (phash nodes sort last).
     return images["sha256"].map(find)

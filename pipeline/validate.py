@@ -3,10 +3,16 @@
 Each file is decoded once, the way every later stage will load it (``images.load_rgb``).
 Files that cannot be used are quarantined with their reason (listed, never deleted);
 the rest must pass the suite, whose Data Docs land in ``reports/validation/``.
+
+The set of classes must also be the one the previous successful run accepted, unless
+``validate.allow_class_change`` is true: a class that appears or vanishes between two
+unattended runs (a renamed folder upstream, an edited ``data.exclude_classes``) changes
+what the model predicts, so it is a decision, not something a schedule does silently.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -21,7 +27,7 @@ from pipeline.config import Params, Paths, ValidateParams
 from pipeline.errors import DataError
 from pipeline.expectations import Check, format_failures, run_suite
 from pipeline.fsutil import atomic_path, is_os_litter, sha256_file, write_json_atomic
-from pipeline.images import KNOWN_MODES, probe_image
+from pipeline.images import DEGENERATE_DHASHES, KNOWN_MODES, probe_image
 
 log = logging.getLogger(__name__)
 
@@ -127,30 +133,66 @@ def suite_checks(cfg: ValidateParams) -> dict[str, list[Check]]:
                 describe="an identical image (same sha256) never appears under two classes",
             ),
         ],
+        "phash_labels": [
+            Check(
+                "ExpectColumnValuesToBeBetween",
+                {"column": "labels", "max_value": 1},
+                hard=False,
+                describe="a near-duplicate (same perceptual hash, other bytes: resized or "
+                "re-encoded) never appears under two classes",
+            ),
+        ],
     }
 
 
-def suite_tables(usable: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The tables the suite runs on, derived from the usable rows of the manifest."""
-    classes = usable.groupby("label").size().rename("images").to_frame()  # rows named by class
+def suite_tables(usable: pd.DataFrame, labels: list[str]) -> dict[str, pd.DataFrame]:
+    """The tables the suite runs on, derived from the usable rows of the manifest.
+
+    ``labels`` are all the classes in the raw data: a class whose every file was
+    quarantined counts 0 images, so it fails the per-class minimum instead of vanishing.
+    """
+    classes = (  # rows named by class
+        usable.groupby("label").size().reindex(labels, fill_value=0).rename("images").to_frame()
+    )
+    classes.index.name = "label"
     sha_labels = usable.groupby("sha256")["label"].nunique().rename("labels").to_frame()
-    return {"images": usable, "classes": classes, "sha256_labels": sha_labels}
+    near = _near_duplicates(usable)
+    phash_labels = near.groupby("phash")["label"].nunique().rename("labels").to_frame()
+    return {
+        "images": usable,
+        "classes": classes,
+        "sha256_labels": sha_labels,
+        "phash_labels": phash_labels,
+    }
 
 
-def cross_class_duplicates(usable: pd.DataFrame, limit: int = 20) -> list[dict]:
-    """Identical images filed under more than one class: the label noise worth a look."""
-    by_sha = usable.groupby("sha256").agg(
+def _near_duplicates(usable: pd.DataFrame) -> pd.DataFrame:
+    """Rows whose perceptual hash is shared by a file with other bytes (split groups them)."""
+    hashed = usable[usable["phash"].notna() & ~usable["phash"].isin(DEGENERATE_DHASHES)]
+    variants = hashed.groupby("phash")["sha256"].transform("nunique")
+    return hashed[variants > 1]
+
+
+def cross_class_duplicates(
+    usable: pd.DataFrame, key: str = "sha256", limit: int = 20
+) -> list[dict]:
+    """Images filed under more than one class: the label noise worth a look.
+
+    ``key="sha256"``: identical files; ``key="phash"``: near-duplicates (resized or
+    re-encoded copies that share a perceptual hash but not their bytes).
+    """
+    rows = usable if key == "sha256" else _near_duplicates(usable)
+    by_key = rows.groupby(key).agg(
         labels=("label", lambda s: sorted(set(s))), paths=("path", sorted)
     )
-    shared = by_sha[by_sha["labels"].map(len) > 1].head(limit)
-    return [
-        {"sha256": sha, "labels": row.labels, "paths": row.paths} for sha, row in shared.iterrows()
-    ]
+    shared = by_key[by_key["labels"].map(len) > 1].head(limit)
+    return [{key: k, "labels": row.labels, "paths": row.paths} for k, row in shared.iterrows()]
 
 
 def summarise(manifest: pd.DataFrame, usable: pd.DataFrame, suite) -> dict:
     """The contract metrics of validate.json."""
     cross = cross_class_duplicates(usable, limit=len(usable))
+    near = cross_class_duplicates(usable, key="phash", limit=len(usable))
     return {
         "files": len(manifest),
         "images": len(usable),
@@ -159,6 +201,8 @@ def summarise(manifest: pd.DataFrame, usable: pd.DataFrame, suite) -> dict:
         "duplicates": int(len(usable) - usable["sha256"].nunique()),
         "duplicates_across_classes": len(cross),
         "duplicate_examples": cross[:20],
+        "near_duplicates_across_classes": len(near),
+        "near_duplicate_examples": near[:20],
         "exif_rotated": int((usable["exif_orientation"].fillna(1) > 1).sum()),
         "modes": {str(k): int(v) for k, v in usable["mode"].value_counts().sort_index().items()},
         "class_counts": {str(k): int(v) for k, v in usable.groupby("label").size().items()},
@@ -166,9 +210,69 @@ def summarise(manifest: pd.DataFrame, usable: pd.DataFrame, suite) -> dict:
     }
 
 
+def accepted_classes_file(paths: Paths) -> Path:
+    """``metrics/classes.json``: the classes the last successful validate accepted.
+
+    Why a file of its own: DVC deletes a stage's outputs before rerunning it, so the
+    previous ``validate.json`` is gone by the time validate could compare with it. This
+    one is declared ``persist: true`` in dvc.yaml (DVC keeps it across reruns) and
+    ``cache: false`` (a small text file versioned beside the metrics, which a checkout
+    of an older commit brings back with that commit's classes). Only a run that passes
+    rewrites it; a failed run leaves the accepted list as it was.
+    """
+    return paths.metrics / "classes.json"
+
+
+def read_accepted_classes(path: Path) -> list[str] | None:
+    """The class list in ``path``, or None when no run has accepted one yet."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable class list ({exc}); restore it or delete it") from exc
+    classes = data.get("classes") if isinstance(data, dict) else None
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise DataError(f'{path}: expected {{"classes": [names]}}; restore it or delete it')
+    return classes
+
+
+def check_class_change(
+    previous: list[str] | None, current: list[str], allow: bool, source: Path
+) -> None:
+    """Fail when ``current`` differs from the ``previous`` accepted classes, unless allowed.
+
+    No previous list (a first run, or the file deleted) accepts any classes.
+    """
+    if previous is None:
+        log.info("no accepted class list at %s yet: accepting %d classes", source, len(current))
+        return
+    added, removed = sorted(set(current) - set(previous)), sorted(set(previous) - set(current))
+    if not (added or removed):
+        return
+    change = f"added {_listing(added)}, removed {_listing(removed)}"
+    if allow:
+        log.warning("classes changed (validate.allow_class_change is true): %s", change)
+        return
+    raise DataError(
+        f"the classes differ from those the last successful run accepted ({source}): "
+        f"{change}. If this is intended, set validate.allow_class_change: true in params.yaml "
+        "for one run (the new list is then accepted) and back to false after."
+    )
+
+
+def _listing(names: list[str], limit: int = 20) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{len(names)} {names[:limit]!r}{more}"
+
+
 def run(paths: Paths, cfg: ValidateParams) -> dict:
-    """Manifest → quarantine → expectations; fail naming the files or classes at fault."""
-    manifest = build_manifest(list_raw_files(paths.raw), cfg.max_pixels)
+    """Class-set check → manifest → quarantine → expectations; fail naming what is at fault."""
+    files = list_raw_files(paths.raw)
+    classes = sorted({label for _, label in files})
+    accepted = accepted_classes_file(paths)
+    check_class_change(read_accepted_classes(accepted), classes, cfg.allow_class_change, accepted)
+    manifest = build_manifest(files, cfg.max_pixels)
     quarantine = manifest.loc[~manifest["decodable"], ["path", "label", "reason"]]
     for row in quarantine.itertuples():
         log.warning("quarantined %s: %s", row.path, row.reason)
@@ -176,7 +280,7 @@ def run(paths: Paths, cfg: ValidateParams) -> dict:
         quarantine.to_csv(tmp, index=False)
     usable = manifest[manifest["decodable"]].reset_index(drop=True)
     suite = run_suite(
-        "validate", suite_tables(usable), suite_checks(cfg), docs_dir=paths.validation_docs
+        "validate", suite_tables(usable, classes), suite_checks(cfg), docs_dir=paths.validation_docs
     )
     if not suite.success:
         raise DataError(
@@ -186,6 +290,7 @@ def run(paths: Paths, cfg: ValidateParams) -> dict:
         manifest.to_parquet(tmp, index=False)
     metrics = summarise(manifest, usable, suite)
     write_json_atomic(paths.metrics_file("validate"), metrics)
+    write_json_atomic(accepted, {"classes": classes})
     log.info(
         "validate: %d usable images in %d classes, %d quarantined, %d duplicates",
         metrics["images"],

@@ -1,6 +1,6 @@
 """Print the fault suite's results (JSON lines from tests/faults.py) as a Markdown table.
 
-    python -m tests.faults_summary logs/faults/results.jsonl
+python -m tests.faults_summary logs/faults/results.jsonl
 """
 
 from __future__ import annotations
@@ -13,13 +13,18 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     path = Path(argv[0] if argv else "logs/faults/results.jsonl")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    print("| fault | trials | passed | data lost |")
-    print("|---|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['fault']} | {row['trials']} | {row['passed']} | {row['data_lost']} |")
+    lines = ["| fault | trials | passed | data lost |", "|---|---:|---:|---:|"]
+    lines += [
+        f"| {row['fault']} | {row['trials']} | {row['passed']} | {row['data_lost']} |"
+        for row in rows
+    ]
     failed = [r for r in rows if r["passed"] != r["trials"] or r["data_lost"]]
     total = sum(r["trials"] for r in rows)
-    print(f"\n{len(rows)} faults, {total} trials, {len(failed)} with a failed trial or lost data")
+    lines += [
+        "",
+        f"{len(rows)} faults, {total} trials, {len(failed)} with a failed trial or lost data",
+    ]
+    sys.stdout.write("\n".join(lines) + "\n")
     return 1 if failed else 0
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import random
 import stat
+import struct
 import tarfile
 import zipfile
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 
 from pipeline.archives import (
     ArchiveLimitError,
+    ExtractLimits,
     UnsafeArchiveError,
     archive_kind,
     extract_archive,
@@ -229,3 +232,50 @@ def test_file_count_limit(work: Path) -> None:
     assert "'f3.txt'" in message and "download.max_files" in message
     assert not (work / "out").exists()
     assert extract_archive(archive, work / "out", max_bytes=BIG, max_files=5) == 5
+
+
+def test_zip_declaring_too_much_is_refused_before_writing(work: Path) -> None:
+    archive = make_zip(work / "big.zip", {"a.txt": b"first", "zeros.bin": bytes(2_000_000)})
+    with pytest.raises(ArchiveLimitError, match="declares more than 1000000 bytes.*'zeros.bin'"):
+        extract_archive(archive, work / "out", max_bytes=1_000_000, max_files=10)
+    assert not (work / "out").exists()
+
+
+def test_refuses_zip_entries_sharing_data(work: Path) -> None:
+    archive = make_zip(work / "one.zip", {"a.txt": b"x" * 1000})
+    data = archive.read_bytes()
+    cd, end = data.index(b"PK\x01\x02"), data.index(b"PK\x05\x06")
+    entry = bytearray(data[cd:end])
+    twin = bytes(entry[:46]) + b"b.txt" + bytes(entry[46 + 5 :])  # same offset, other name
+    archive.write_bytes(
+        data[:cd]
+        + bytes(entry)
+        + twin
+        + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 2, 2, 2 * len(entry), cd, 0)
+    )
+    message = assert_refused(archive, work / "out", UnsafeArchiveError, "b.txt")
+    assert "overlaps member 'a.txt'" in message
+
+
+def test_shared_limits_span_several_archives(work: Path) -> None:
+    limits = ExtractLimits(max_bytes=1500, max_files=10)
+    archive = make_zip(work / "k.zip", {"k.bin": bytes(1000)})
+    assert extract_archive(archive, work / "first", limits=limits) == 1
+    with pytest.raises(ArchiveLimitError, match="more than 1500 bytes"):
+        extract_archive(archive, work / "second", limits=limits)
+    assert (limits.bytes, limits.files) == (1000, 1) and not (work / "second").exists()
+
+
+@pytest.mark.parametrize("suffix", [".tar.gz", ".tar.bz2", ".tar.xz"])
+def test_corrupt_compressed_tar(work: Path, suffix: str) -> None:
+    """Spoiled past the first members: the decompressor's own error is reported as corrupt."""
+    payload = random.Random(0).randbytes(1_000_000)  # bz2 blocks are 900 kB: three here
+    members = files_of({f"part{i}.bin": payload for i in range(3)})
+    good = make_tar(work / f"good{suffix}", members, TAR_MODES[suffix])
+    data = bytearray(good.read_bytes())
+    data[-len(data) // 4 :] = bytes(len(data) // 4)
+    bad = work / f"bad{suffix}"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        extract_archive(bad, work / "out", max_bytes=BIG, max_files=10)
+    assert not (work / "out").exists()

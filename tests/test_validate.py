@@ -78,3 +78,28 @@ def test_identical_image_under_two_classes_is_reported(workspace, tiny_imagefold
     assert metrics["duplicates"] == 2 and metrics["duplicates_across_classes"] == 1
     [case] = metrics["duplicate_examples"]
     assert case["labels"] == ["cat", "dog"] and len(case["paths"]) == 2
+
+
+def test_a_class_whose_every_file_is_quarantined_counts_zero():
+    usable = pd.DataFrame(
+        {"path": ["a/1.png"], "label": ["cat"], "sha256": ["1"], "phash": ["0123456789abcdef"]}
+    )
+    classes = validate.suite_tables(usable, ["cat", "ghost"])["classes"]
+    assert classes["images"].to_dict() == {"cat": 1, "ghost": 0}
+
+
+def test_class_change_is_refused_unless_allowed(tmp_path, caplog):
+    source = tmp_path / "classes.json"
+    validate.check_class_change(None, ["a", "b"], allow=False, source=source)  # first run
+    validate.check_class_change(["a", "b"], ["a", "b"], allow=False, source=source)
+    with pytest.raises(DataError) as info:
+        validate.check_class_change(["a", "b"], ["b", "c"], allow=False, source=source)
+    message = str(info.value)
+    assert "added 1 ['c'], removed 1 ['a']" in message and str(source) in message
+    assert "validate.allow_class_change: true" in message
+    validate.check_class_change(["a", "b"], ["b", "c"], allow=True, source=source)
+    assert "added 1 ['c'], removed 1 ['a']" in caplog.text
+    source.write_text('{"classes": "a"}')
+    with pytest.raises(DataError, match="classes.json: expected"):
+        validate.read_accepted_classes(source)
+    assert validate.read_accepted_classes(tmp_path / "absent.json") is None

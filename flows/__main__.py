@@ -3,6 +3,8 @@
 ``run`` needs no server (Prefect's ephemeral mode, unless ``PREFECT_API_URL`` points at
 one). ``serve`` creates the deployment ``training-pipeline/scheduled`` with the cron
 schedule in params.yaml (``flows.cron``) and runs its flow runs until stopped.
+``crash-detection`` creates the server-side automation that marks a run Crashed when its
+heartbeats stop (``serve`` does it too); workers started from prefect.yaml need it once.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import timedelta
+from pathlib import Path
 
 import yaml
 
@@ -21,6 +25,7 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 DEPLOYMENT = "scheduled"
+ZOMBIE_AUTOMATION = "training-pipeline: crash runs whose heartbeats stopped"
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -53,12 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--workspace", default=".", help="the repository to run in")
     commands.add_parser("serve", help=f"serve the deployment training-pipeline/{DEPLOYMENT}")
+    commands.add_parser(
+        "crash-detection", help="create the automation that marks silent runs Crashed"
+    )
     args = parser.parse_args(argv)
+
+    from pipeline.config import load_params
+
+    cfg = load_params(Path(getattr(args, "workspace", ".")) / "params.yaml").flows
+    # Before Prefect reads its settings: a run's process that dies (SIGKILL, OOM, a lost
+    # machine) stops these heartbeats, and the automation marks the run Crashed.
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(cfg.heartbeat_s))
 
     from prefect.schedules import Cron
 
     from flows.training import training_pipeline
-    from pipeline.config import load_params
 
     if args.command == "run":
         state = training_pipeline(
@@ -69,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         sys.stdout.write(f"training-pipeline: {state.name} {state.message or ''}".rstrip() + "\n")
         return 0 if state.is_completed() else 1
-    cfg = load_params().flows
+    ensure_crash_detection(cfg.zombie_after_s)
+    if args.command == "crash-detection":
+        return 0
     training_pipeline.serve(
         name=DEPLOYMENT,
         schedules=[Cron(cfg.cron, timezone=cfg.timezone)],
@@ -77,6 +93,47 @@ def main(argv: list[str] | None = None) -> int:
         tags=["transfer-pipeline"],
     )
     return 0
+
+
+def ensure_crash_detection(silent_s: int) -> None:
+    """The automation Prefect documents for zombie runs ("detect zombie flows"), for this
+    flow's runs only: after a heartbeat, expect another event of the same run within
+    ``silent_s`` seconds, or mark the run Crashed. Replaced, so a new setting applies."""
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    from flows.training import FLOW_NAME
+
+    try:
+        Automation.read(name=ZOMBIE_AUTOMATION).delete()
+    except ValueError:  # not created yet
+        pass
+    Automation(
+        name=ZOMBIE_AUTOMATION,
+        description=f"Marks a {FLOW_NAME} run Crashed after {silent_s} s without heartbeats.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.*"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=ResourceSpecification(
+                {"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAME}
+            ),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=silent_s),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {silent_s} s: the run's process died "
+                "(killed, out of memory or its machine lost); the next run resumes the work",
+            )
+        ],
+    ).create()
 
 
 if __name__ == "__main__":

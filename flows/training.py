@@ -91,10 +91,12 @@ def run_killable(args: list[str], cwd: Path, timeout_s: float) -> subprocess.Com
 
     Prefect's own timeouts cannot stop blocking code in a worker thread
     (PrefectHQ/prefect#15760), so the stage runs as a process this function can kill,
-    together with the stage command DVC started under it.
+    together with the stage command DVC started under it. If this process is killed
+    outright, the kernel kills the child (``pipeline.process``), and the stage follows.
     """
     proc = subprocess.Popen(
-        args,
+        # Through pipeline.process: killed by the kernel if this process dies (even SIGKILL).
+        [sys.executable, "-m", "pipeline.process", "--", *args],
         cwd=cwd,
         env=child_env(),
         stdout=subprocess.PIPE,
@@ -152,6 +154,24 @@ def reproduce(stage: str, workspace: str, timeout_s: float) -> StageResult:
     status = "ran" if ran else "up to date"
     logger.info("%s: %s in %.1f s", stage, status, seconds)
     return StageResult(stage, status, seconds)
+
+
+@task(name="verify", tags=["cpu"])
+def verify_outputs(workspace: str, timeout_s: float) -> list[str]:
+    """``python -m pipeline verify --repair`` before DVC trusts anything: damaged bytes in
+    outputs or cache (which DVC's mtime-based state misses) are restored or recomputed."""
+    logger = get_run_logger()
+    done = run_killable(
+        [sys.executable, "-m", "pipeline", "verify", "--repair"], Path(workspace), timeout_s
+    )
+    lines = [line.removeprefix("verify: ") for line in done.stdout.splitlines()]
+    if done.returncode != 0:
+        raise StageFailed(f"verify failed (exit {done.returncode}): {stage_error(done.stdout)}")
+    repairs = [line for line in lines if line.startswith(("restored", "removed", "rewrote"))]
+    for line in repairs:
+        logger.warning("verify: %s", line)
+    logger.info("verify: %s", lines[-1] if lines else "no output")
+    return repairs
 
 
 @contextlib.contextmanager
@@ -242,12 +262,17 @@ def push_outputs(workspace: str) -> None:
     get_run_logger().info("dvc push: %s", output.strip().splitlines()[-1:])
 
 
-def summary_markdown(results: list[StageResult], paths: Paths, experiment: str | None) -> str:
+def summary_markdown(
+    results: list[StageResult], paths: Paths, experiment: str | None, repairs: list[str]
+) -> str:
     """The run's artifact: each stage's status and time, the run report's headline table.
 
     ``paths``: the workspace's, made absolute with ``Paths.under``.
     """
     lines = ["# training-pipeline run", ""]
+    if repairs:
+        lines += ["Damaged copies found and repaired before the run (`python -m pipeline verify`):"]
+        lines += [f"- {line}" for line in repairs] + [""]
     if experiment:
         lines += [f"Saved as DVC experiment `{experiment}` (`dvc exp show`).", ""]
     lines += ["| stage | placement | status | seconds |", "|---|---|---|---|"]
@@ -262,7 +287,11 @@ def summary_markdown(results: list[StageResult], paths: Paths, experiment: str |
 
 
 def publish(
-    results: list[StageResult], workspace: Path, paths: Paths, experiment: str | None
+    results: list[StageResult],
+    workspace: Path,
+    paths: Paths,
+    experiment: str | None,
+    repairs: list[str],
 ) -> None:
     """The summary as a markdown artifact; the HTML report, where it exists, as a link.
 
@@ -270,7 +299,7 @@ def publish(
     """
     absolute = paths.under(workspace)
     create_markdown_artifact(
-        summary_markdown(results, absolute, experiment),
+        summary_markdown(results, absolute, experiment, repairs),
         key="training-pipeline-summary",
         description="Stages, headline figures and the model of this run",
     )
@@ -303,10 +332,11 @@ def training_pipeline(
     experiment = None
     with workspace_lock(root, cfg.lock_timeout_s), params_overridden(root, overrides):
         stages = stage_order(root)
-        unknown = set(cfg.timeouts_s) - set(stages) - {"default"}
+        unknown = set(cfg.timeouts_s) - set(stages) - {"default", "verify"}
         if unknown:
             raise ConfigError(f"flows.timeouts_s names no stage of dvc.yaml: {sorted(unknown)}")
         logger.info("stages in DVC order: %s", " → ".join(stages))
+        repairs = verify_outputs(str(root), cfg.timeout_for("verify"))
         for stage in stages:
             network = stage == "download"
             run = reproduce.with_options(
@@ -322,5 +352,5 @@ def training_pipeline(
             experiment = save_experiment(str(root), overrides, experiment_name(flow_run.name))
     if cfg.push if push is None else push:
         push_outputs(str(root))
-    publish(results, root, params.paths, experiment)
+    publish(results, root, params.paths, experiment, repairs)
     return [r.__dict__ for r in results]

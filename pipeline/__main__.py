@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return verify(argv[1:])
     from pipeline.errors import PipelineError
+    from pipeline.process import exit_with_parent
 
+    exit_with_parent()  # a stage dies with the dvc (or shell) that started it
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument(
         "stage",
@@ -155,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         run_stage(args.stage, args.params)
     except PipelineError as exc:
         log.error("%s failed: %s", args.stage, exc)
+        return 1
+    except OSError as exc:  # a full disk in a stage without its own handling is still the user's
+        from pipeline.diskfull import DiskFullError, is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        log.error("%s failed: %s", args.stage, DiskFullError(Path(exc.filename or Path.cwd())))
         return 1
     except KeyboardInterrupt:
         log.error("%s interrupted; nothing was committed", args.stage)

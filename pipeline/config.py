@@ -284,6 +284,12 @@ class FlowsParams:
     retry_delay_s: float = 30.0
     lock_timeout_s: float = 21600.0
     push: bool = False
+    heartbeat_s: int = 60
+
+    @property
+    def zombie_after_s(self) -> int:
+        """A run with no heartbeat for this long is marked Crashed (three missed beats)."""
+        return 3 * self.heartbeat_s
 
     def __post_init__(self) -> None:
         if "default" not in self.timeouts_s:
@@ -292,6 +298,8 @@ class FlowsParams:
             raise ConfigError("flows.timeouts_s values must be > 0 and lock_timeout_s >= 0")
         if len(self.cron.split()) != 5:
             raise ConfigError(f"flows.cron must have five fields, got {self.cron!r}")
+        if self.heartbeat_s < 30:
+            raise ConfigError(f"flows.heartbeat_s must be at least 30 (Prefect's minimum), got {self.heartbeat_s}")
 
     def timeout_for(self, stage: str) -> float:
         return self.timeouts_s.get(stage, self.timeouts_s["default"])

@@ -358,6 +358,8 @@ def test_prefect_yaml_mirrors_the_served_deployment():
     assert deployment["entrypoint"] == "flows/training.py:training_pipeline"
     (schedule,) = deployment["schedules"]
     assert (schedule["cron"], schedule["timezone"]) == (params["cron"], params["timezone"])
+    heartbeat = deployment["work_pool"]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]
+    assert heartbeat == str(params["heartbeat_s"])
 
 
 def processes_in(folder: Path) -> list[str]:

@@ -1,0 +1,139 @@
+"""A flow run's process killed outright (#7 item 7): its stage dies with it, Prefect marks
+the run Crashed (not Running forever), and the next run finishes the job.
+
+Real processes, a real ``prefect server`` on 127.0.0.1 and the automation that
+``python -m flows crash-detection`` creates; no part of Prefect or DVC is stood in for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.faults import FULL, record
+from tests.test_flows import (  # noqa: F401 (fixtures)
+    flows_run,
+    images,
+    make_repo,
+    processes_in,
+    run,
+    server,
+    stage_statuses,
+    start_flow_run,
+)
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+
+def alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to watch processes")
+def test_a_child_started_through_pipeline_process_dies_with_its_parent():
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys\n"
+            "child = subprocess.Popen([sys.executable, '-m', 'pipeline.process', '--', 'sleep', '300'])\n"
+            "print(child.pid, flush=True)\n"
+            "child.wait()\n",
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = int(parent.stdout.readline())
+    deadline = time.monotonic() + 30
+    while not Path(f"/proc/{child}/cmdline").read_bytes().startswith(b"sleep\0"):
+        assert time.monotonic() < deadline, "the child never exec'd sleep"
+        time.sleep(0.05)
+    parent.kill()  # SIGKILL: the parent can do nothing for its child
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    parent.stdout.close()
+    assert not alive(child), "the child outlived its SIGKILLed parent"
+
+
+def flow_runs(env: dict, cwd: Path) -> list[dict]:
+    code = (
+        "import json\n"
+        "from prefect.client.orchestration import get_client\n"
+        "with get_client(sync_client=True) as client:\n"
+        "    runs = client.read_flow_runs()\n"
+        "print(json.dumps([{'name': r.name, 'state': r.state.type.value, "
+        "'message': r.state.message} for r in runs]))\n"
+    )
+    done = run([sys.executable, "-c", code], cwd, env, 120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(not FULL, reason="waits ~3 min for Prefect's heartbeat automation: make faults")
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the stage's process")
+def test_a_killed_flow_run_ends_crashed_and_the_next_run_finishes(server, images, tmp_path):  # noqa: F811
+    repo = make_repo(
+        tmp_path / "repo", images, finetune={"epochs": 3}, flows={"heartbeat_s": 30}
+    )
+    setup = run([sys.executable, "-m", "flows", "crash-detection"], repo, server, 300)
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+
+    flow = start_flow_run(repo, server)
+    deadline = time.monotonic() + 600
+    while not any("pipeline finetune" in cmd for cmd in processes_in(repo)):
+        assert flow.poll() is None and time.monotonic() < deadline, "finetune never started"
+        time.sleep(0.2)
+    os.kill(flow.pid, signal.SIGKILL)  # the worker dies: no handler, no cleanup
+    flow.wait()
+    flow.stdout.close()
+    killed_at = time.monotonic()
+    while processes_in(repo) and time.monotonic() < killed_at + 20:
+        time.sleep(0.2)
+    orphans = processes_in(repo)
+
+    # Prefect's automation: no heartbeat for 3 x 30 s → Crashed.
+    deadline = killed_at + 300
+    while True:
+        runs = flow_runs(server, repo)
+        states = [r["state"] for r in runs]
+        if states == ["CRASHED"] or time.monotonic() > deadline:
+            break
+        time.sleep(5)
+    crashed_after_s = round(time.monotonic() - killed_at)
+
+    again = flows_run(repo, server)
+    statuses = stage_statuses(again.stdout + again.stderr)
+    status = run([sys.executable, "-m", "dvc", "status", "--json"], repo, server)
+    finished = (
+        again.returncode == 0
+        and statuses.get("finetune") == "ran"
+        and statuses.get("train_head") == "up to date"
+        and json.loads(status.stdout) == {}
+    )
+    ok = orphans == [] and states == ["CRASHED"] and finished
+    record(
+        "flow: the flow run's process killed (SIGKILL) mid-finetune",
+        1,
+        int(ok),
+        0 if finished else 1,
+        crashed_after_s=crashed_after_s,
+    )
+    assert orphans == [], "a stage outlived its killed flow run"
+    assert states == ["CRASHED"], runs
+    assert "no heartbeat for 90 s" in runs[0]["message"]
+    assert finished, again.stdout + again.stderr

@@ -23,8 +23,9 @@ $(BIN)/.installed-dev: $(BIN)/.installed
 install: $(BIN)/.installed
 install-dev: $(BIN)/.installed-dev
 
-## run: install, reproduce the pipeline with DVC, and say where the results are
+## run: install, check DVC's outputs and state (verify --repair), reproduce with DVC, say where results are
 run: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline verify --repair
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@echo
 	@echo "Outputs (paths from params.yaml):"

@@ -3,21 +3,26 @@
 Discriminative learning rates (backbone lr = ``finetune.lr`` × ``backbone_lr_mult``),
 linear warmup then cosine decay, transforms.v2 augmentation, early stopping on val loss,
 bf16 autocast where the hardware has it. A checkpoint is written atomically after every
-epoch; a rerun with the same inputs and params resumes from it instead of starting over.
-Each epoch seeds its own shuffling, augmentation and dropout, so a resumed run follows
-the same path as an uninterrupted one.
+epoch and every ``finetune.checkpoint_every_steps`` batches; a rerun with the same inputs
+and params resumes from it instead of starting over. Each epoch seeds its own shuffling,
+augmentation and dropout, and a checkpoint inside an epoch holds every RNG state and the
+sampler's position, so a resumed run follows the same path as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
+import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -26,8 +31,16 @@ from tqdm import tqdm
 from pipeline.backbones import build_backbone
 from pipeline.config import FinetuneParams, ModelParams, Params, Paths
 from pipeline.data import ImageDataset, RoundSampler, make_loader, train_transform
+from pipeline.errors import DataError
 from pipeline.features import read_split
-from pipeline.fsutil import atomic_path, remove, sha256_file, write_json_atomic
+from pipeline.fsutil import (
+    atomic_path,
+    load_torch_weights,
+    remove,
+    remove_stale_temporaries,
+    sha256_file,
+    write_json_atomic,
+)
 from pipeline.model import (
     Classifier,
     ModelCard,
@@ -36,7 +49,7 @@ from pipeline.model import (
     save_checkpoint,
 )
 from pipeline.runtime import Runtime, resolve
-from pipeline.train_head import check_finite
+from pipeline.train_head import check_finite, check_gradients
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +106,16 @@ def predict_logits(model: nn.Module, loader, runtime: Runtime) -> tuple[torch.Te
 
 
 def fingerprint(paths: Paths, model_cfg: ModelParams, cfg: FinetuneParams, bf16: bool) -> str:
-    """What a checkpoint must match to be resumed: inputs, params and precision."""
+    """What a checkpoint must match to be resumed: inputs, params and precision.
+
+    ``checkpoint_every_steps`` is left out: it says when to save, not what is computed.
+    """
+    settings = asdict(cfg)
+    del settings["checkpoint_every_steps"]
     parts = {
         "head": sha256_file(paths.head),
         "model": asdict(model_cfg),
-        "finetune": asdict(cfg),
+        "finetune": settings,
         "bf16": bf16,
         "splits": [sha256_file(paths.split_file(s)) for s in ("train", "val")],
     }
@@ -106,7 +124,7 @@ def fingerprint(paths: Paths, model_cfg: ModelParams, cfg: FinetuneParams, bf16:
 
 @dataclass
 class TrainState:
-    """Everything a resumed run needs; saved after every epoch."""
+    """Everything a resumed run needs at an epoch boundary; saved in every checkpoint."""
 
     epoch: int = 0
     best_loss: float = math.inf  # all epochs, epoch 0 (head alone) too: picks weights
@@ -114,6 +132,87 @@ class TrainState:
     best_state: dict | None = None
     waited: int = 0
     history: list = field(default_factory=list)
+
+
+@dataclass
+class EpochProgress:
+    """How far into epoch ``epoch`` training is: batches done and their running sums.
+
+    A checkpoint written inside an epoch stores it, so the resumed epoch skips exactly
+    those batches and its history row comes out as if it had never stopped.
+    """
+
+    epoch: int
+    step: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+
+
+class ResumableSampler(RoundSampler):
+    """A :class:`RoundSampler` that can start a round after its first ``skip`` items.
+
+    The skipped items are never handed to the loader, so their images are not decoded.
+    """
+
+    skip: int = 0
+
+    def __len__(self) -> int:
+        return self.size - self.skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+
+def rng_states(runtime: Runtime) -> dict:
+    """Every RNG a training step may draw from (dropout, stochastic depth, any transform)."""
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if runtime.cuda else [],
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_states(states: dict, runtime: Runtime) -> None:
+    torch.set_rng_state(states["torch"])
+    if runtime.cuda and states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_training_checkpoint(path: Path, payload: dict) -> None:
+    """One file per checkpoint: written to a temporary sibling, fsynced, renamed onto ``path``.
+
+    A kill at any moment leaves either the previous checkpoint or this one, never a torn file.
+    """
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def read_training_checkpoint(path: Path, key: str) -> dict | None:
+    """The checkpoint at ``path`` if it was written for these inputs and params, else None.
+
+    Temporaries of saves that were killed are deleted, never read; an unreadable file
+    (or one that is not weights-only) is reported and training starts over.
+    """
+    remove_stale_temporaries(path)
+    if not path.exists():
+        return None
+    try:
+        saved = load_torch_weights(path)
+    except DataError as exc:
+        log.warning("starting finetune over: %s", exc)
+        return None
+    if not isinstance(saved, dict) or saved.get("fingerprint") != key:
+        log.info("ignoring %s: it was written for other inputs or params", path)
+        return None
+    return saved
 
 
 def val_loss_acc(model: nn.Module, loader, runtime: Runtime) -> tuple[float, float]:
@@ -126,41 +225,56 @@ def val_loss_acc(model: nn.Module, loader, runtime: Runtime) -> tuple[float, flo
 def train_epoch(
     model,
     trainable,
-    loader,
+    batches: Iterator,
+    steps: int,
     optimiser,
     scheduler,
     criterion,
     runtime: Runtime,
-    epoch: int,
-    total: int,
+    progress: EpochProgress,
+    cfg: FinetuneParams,
+    save: Callable[[EpochProgress], None],
 ) -> dict:
-    """One pass over the training images; returns its loss, accuracy, images and seconds."""
+    """The rest of one pass over the training images (from ``progress.step`` of ``steps``).
+
+    Every ``cfg.checkpoint_every_steps`` batches, ``save(progress)`` writes a checkpoint.
+    Returns the epoch's loss, accuracy, images and seconds.
+    """
     set_train_mode(model, trainable)
-    started, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    every = cfg.checkpoint_every_steps
+    started = time.perf_counter() - progress.seconds
     with tqdm(
-        total=len(loader) * loader.batch_size,
-        unit="img",
-        desc=f"finetune {epoch}/{total}",
+        total=steps,
+        initial=progress.step,
+        unit="batch",
+        desc=f"finetune {progress.epoch}/{cfg.epochs}",
         disable=None,
     ) as bar:
-        for images, y, _index in loader:
+        for images, y, _index in batches:
+            where = f"in finetune epoch {progress.epoch} step {progress.step + 1}"
             images, y = runtime.to_device(images), y.to(runtime.device, non_blocking=True)
             with runtime.autocast():
                 logits = model(images)
             loss = criterion(logits.float(), y)
-            check_finite(loss, f"in finetune epoch {epoch}")
+            check_finite(loss, where)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
+            check_gradients(params, cfg.max_grad_norm, where)
             optimiser.step()
             scheduler.step()
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-            bar.update(len(y))
+            progress.step += 1
+            progress.loss_sum += loss.item() * len(y)
+            progress.correct += (logits.argmax(1) == y).sum().item()
+            progress.seen += len(y)
+            bar.update(1)
+            if every and progress.step % every == 0 and progress.step < steps:
+                progress.seconds = time.perf_counter() - started
+                save(progress)
     return {
-        "train_loss": loss_sum / seen,
-        "train_acc": correct / seen,
-        "images": seen,
+        "train_loss": progress.loss_sum / progress.seen,
+        "train_acc": progress.correct / progress.seen,
+        "images": progress.seen,
         "seconds": time.perf_counter() - started,
     }
 
@@ -201,33 +315,52 @@ def fine_tune(
         train_rows["sha256"],
         cfg.seed,
     )
-    sampler = RoundSampler(len(train_set), cfg.seed)
+    sampler = ResumableSampler(len(train_set), cfg.seed)
     loader = make_loader(
         train_set, runtime, cfg.batch_size, sampler=sampler, drop_last=True, persistent=True
     )
     val_set = ImageDataset(val_rows["path"], val_rows["label"].map(lookup), card.preprocessing)
     val_loader = make_loader(val_set, runtime, cfg.batch_size)
-    total = max(1, len(loader)) * cfg.epochs
+    steps = max(1, len(loader))
+    total = steps * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lr_lambda(total, round(total * cfg.warmup_fraction))
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-    state = TrainState()
-    saved = (
-        torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if checkpoint.exists()
-        else None
-    )
-    if saved is not None and saved["fingerprint"] == key:
+    def save(state: TrainState, progress: EpochProgress | None) -> None:
+        save_training_checkpoint(
+            checkpoint,
+            {
+                "fingerprint": key,
+                "model": model.state_dict(),
+                "optimiser": optimiser.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": None,  # bf16 autocast needs no loss scaling; kept for fp16
+                "state": asdict(state),
+                "progress": None if progress is None else asdict(progress),
+                "rng": rng_states(runtime),
+            },
+        )
+
+    state, progress, rng = TrainState(), None, None
+    saved = read_training_checkpoint(checkpoint, key)
+    if saved is not None:
         model.load_state_dict(saved["model"])
         optimiser.load_state_dict(saved["optimiser"])
         scheduler.load_state_dict(saved["scheduler"])
         state = TrainState(**saved["state"])
-        log.info("resuming finetune from the checkpoint after epoch %d", state.epoch)
+        if saved["progress"] is not None:
+            progress, rng = EpochProgress(**saved["progress"]), saved["rng"]
+            log.info(
+                "resuming finetune from the checkpoint at epoch %d, step %d of %d",
+                progress.epoch,
+                progress.step,
+                steps,
+            )
+        else:
+            log.info("resuming finetune from the checkpoint after epoch %d", state.epoch)
     else:
-        if saved is not None:
-            log.info("ignoring %s: it was written for other inputs or params", checkpoint)
         loss, acc = val_loss_acc(model, val_loader, runtime)
         state.best_loss, state.best_state = loss, snapshot(model)
         state.history.append(
@@ -239,12 +372,28 @@ def fine_tune(
         if state.waited >= cfg.patience:
             log.info("early stop: val loss has not improved for %d epochs", state.waited)
             break
-        torch.manual_seed(
-            cfg.seed + epoch
-        )  # dropout; shuffling and augmentation are seeded per epoch
-        sampler.set_round(epoch)
+        resumed = progress is not None and progress.epoch == epoch
+        progress = progress if resumed else EpochProgress(epoch)
+        sampler.set_round(epoch)  # shuffling and augmentation are seeded per epoch
+        sampler.skip = progress.step * cfg.batch_size
+        # A new loader iterator draws a seed from the global RNG, so the RNGs are set after it.
+        batches = iter(loader)
+        if resumed:
+            restore_rng_states(rng, runtime)
+        else:
+            torch.manual_seed(cfg.seed + epoch)  # dropout
         done = train_epoch(
-            model, trainable, loader, optimiser, scheduler, criterion, runtime, epoch, cfg.epochs
+            model,
+            trainable,
+            batches,
+            steps,
+            optimiser,
+            scheduler,
+            criterion,
+            runtime,
+            progress,
+            cfg,
+            lambda at: save(state, at),
         )
         images, seconds = images + done["images"], seconds + done["seconds"]
         val_loss, val_acc = val_loss_acc(model, val_loader, runtime)
@@ -276,15 +425,7 @@ def fine_tune(
         else:
             state.waited += 1
         state.epoch = epoch
-        payload = {
-            "fingerprint": key,
-            "model": model.state_dict(),
-            "optimiser": optimiser.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "state": asdict(state),
-        }
-        with atomic_path(checkpoint) as tmp:
-            torch.save(payload, tmp)
+        save(state, None)
     model.load_state_dict(state.best_state)
     return state, seconds, images
 

@@ -7,6 +7,7 @@ half-written file or folder where DVC could cache it.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -71,6 +72,17 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
 def _tmp_sibling(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.parent / f".{path.name}.tmp-{os.getpid()}"
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporaries that killed writers of ``path`` left (``atomic_path`` names).
+
+    Only for files one process at a time writes (a lock, such as DVC's, guarantees it).
+    """
+    path = Path(path)
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+            remove(stale)
 
 
 def _fsync_dir(path: Path) -> None:

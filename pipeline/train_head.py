@@ -42,6 +42,23 @@ def check_finite(loss: torch.Tensor, where: str) -> None:
         )
 
 
+def check_gradients(params: list[nn.Parameter], max_norm: float | None, where: str) -> float:
+    """The gradients' total norm, clipped to ``max_norm`` when set; a non-finite one stops.
+
+    Called between ``backward`` and the optimiser step, so an inf or NaN gradient never
+    reaches the weights (or a checkpoint) and the error says where it appeared.
+    """
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if not torch.isfinite(norm):
+        raise PipelineError(
+            f"gradient norm became {norm.item()} {where} (exploding gradients); nothing was "
+            "saved. Lower the learning rate or set max_grad_norm"
+        )
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm.item()
+
+
 def find_lr(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -100,7 +117,8 @@ def fit_head(
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     head = make_head(spec)
-    optimiser = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    params = list(head.parameters())
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(cfg.epochs, 1))
     history, best, best_loss, waited = [], None, math.inf, 0
     for epoch in range(1, cfg.epochs + 1):
@@ -111,9 +129,11 @@ def fit_head(
             batch = order[start : start + cfg.batch_size]
             logits = head(x[batch])
             loss = criterion(logits, y[batch])
-            check_finite(loss, f"in train_head epoch {epoch}")
+            where = f"in train_head epoch {epoch} step {start // cfg.batch_size + 1}"
+            check_finite(loss, where)
             optimiser.zero_grad()
             loss.backward()
+            check_gradients(params, None, where)
             optimiser.step()
             total += loss.item() * len(batch)
             correct += (logits.argmax(1) == y[batch]).sum().item()

@@ -7,15 +7,22 @@ backup) are never noticed, and neither is a damaged object in the cache: a later
 every output recorded in dvc.lock against its md5 there, and every cache object those
 outputs use against its own name (a cache object's name is its md5).
 
+It also reads DVC's own state files, which DVC rewrites in place rather than atomically
+(treeverse/dvc#7615): ``dvc repro`` killed while writing them leaves ``dvc.lock`` or
+``.dvc/tmp/rwlock`` cut short, and every later ``dvc`` command fails on them.
+
 ``--repair`` fixes what it can without guessing: a damaged workspace file is restored from
 an intact cache object, a damaged cache object from an intact workspace file, and where
-both are damaged both are removed, so the next ``dvc repro`` reruns the stage. The Prefect
-flow runs it before every ``dvc repro``.
+both are damaged both are removed, so the next ``dvc repro`` reruns the stage. A torn
+rwlock is reset (under DVC's own guard lock); a torn dvc.lock is restored from git's last
+commit, or removed when git has none, so DVC reruns what no longer matches it. The
+Prefect flow and ``make run`` run it before every ``dvc repro``.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -29,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_path, remove
+from pipeline.fsutil import atomic_path, remove, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ class Report:
     bytes_read: int
     problems: list[Problem]
     skipped: list[str]
+    torn: list[str]  # DVC state files a killed dvc left unreadable (see torn_state_files)
 
 
 def md5_of(path: Path, chunk_size: int = 1 << 20) -> str:
@@ -81,6 +89,55 @@ def cache_folder(root: Path) -> Path:
 
     with Repo(str(root)) as repo:
         return Path(repo.cache.local.path)
+
+
+RWLOCK = Path(".dvc/tmp/rwlock")
+LOCKFILE = Path("dvc.lock")
+
+
+def torn_state_files(root: Path) -> list[str]:
+    """DVC's state files that do not parse as DVC parses them: the rwlock as JSON, dvc.lock
+    as YAML checked against DVC's own schema (a file cut short can still be YAML)."""
+    from dvc.schema import COMPILED_LOCKFILE_SCHEMA
+
+    torn = []
+    rwlock, lockfile = root / RWLOCK, root / LOCKFILE
+    if rwlock.exists():
+        try:
+            json.loads(rwlock.read_text(encoding="utf-8") or "{}")
+        except ValueError as exc:
+            torn.append(f"{RWLOCK}: not JSON ({exc})")
+    if lockfile.exists():
+        try:
+            COMPILED_LOCKFILE_SCHEMA(yaml.safe_load(lockfile.read_text(encoding="utf-8")) or {})
+        except Exception as exc:  # yaml.YAMLError, voluptuous.Invalid
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            torn.append(f"{LOCKFILE}: not a valid lock file ({first})")
+    return torn
+
+
+def repair_state_files(root: Path) -> list[str]:
+    """Reset a torn rwlock; put back git's dvc.lock (or none) for a torn one."""
+    done = []
+    for torn in torn_state_files(root):
+        if torn.startswith(str(RWLOCK)):
+            with open(root / ".dvc" / "tmp" / "rwlock.lock", "a+") as guard:
+                fcntl.flock(guard, fcntl.LOCK_EX)  # the lock DVC takes to edit the rwlock
+                write_text_atomic(root / RWLOCK, "{}")
+            done.append(f"reset the torn {RWLOCK} (its holders are gone: it could not be read)")
+        else:
+            committed = subprocess.run(
+                ["git", "show", f"HEAD:{LOCKFILE}"], cwd=root, capture_output=True
+            )
+            if committed.returncode == 0:
+                write_text_atomic(root / LOCKFILE, committed.stdout.decode("utf-8"))
+                done.append(
+                    f"restored the torn {LOCKFILE} from git (HEAD); `dvc repro` reruns what differs"
+                )
+            else:
+                remove(root / LOCKFILE)
+                done.append(f"removed the torn {LOCKFILE} (not in git); `dvc repro` rebuilds it")
+    return done
 
 
 def lock_entries(root: Path, cache: Path) -> tuple[list[Entry], list[str]]:
@@ -136,6 +193,9 @@ def check(entry: Entry, cache: Path) -> tuple[Problem | None, int]:
 
 
 def verify(root: Path, cache: Path | None = None) -> Report:
+    torn = torn_state_files(root)
+    if any(t.startswith(str(LOCKFILE)) for t in torn):
+        return Report(0, 0, [], ["outputs: dvc.lock cannot be read"], torn)
     cache = cache_folder(root) if cache is None else cache
     entries, skipped = lock_entries(root, cache)
     problems, total = [], 0
@@ -144,7 +204,7 @@ def verify(root: Path, cache: Path | None = None) -> Report:
         total += read
         if problem is not None:
             problems.append(problem)
-    return Report(len(entries), total, problems, skipped)
+    return Report(len(entries), total, problems, skipped, torn)
 
 
 def repair(problem: Problem, cache: Path, root: Path) -> str:
@@ -200,11 +260,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     root = Path(args.root).resolve()
-    cache = cache_folder(root)
-    report = verify(root, cache)
-    lines = [f"not checked: {note}" for note in report.skipped]
-    errors = list(describe(report.problems))
+    lines, errors = [], []
     if args.repair:
+        lines += repair_state_files(root)  # first: DVC cannot even find its cache otherwise
+    report = verify(root)
+    lines += [f"not checked: {note}" for note in report.skipped]
+    errors += describe(report)
+    if args.repair:
+        cache = cache_folder(root)
         lines += [repair(problem, cache, root) for problem in report.problems]
     lines.append(
         f"{report.files} files, {report.bytes_read / 1e6:.1f} MB read, {len(report.problems)} "
@@ -212,13 +275,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sys.stderr.writelines(f"verify: {line}\n" for line in errors)
     sys.stdout.writelines(f"verify: {line}\n" for line in lines)
-    return 1 if report.problems and not args.repair else 0
+    return 1 if (report.problems or report.torn) and not args.repair else 0
 
 
-def describe(problems: list[Problem]) -> Iterator[str]:
-    for problem in problems:
+def describe(report: Report) -> Iterator[str]:
+    for torn in report.torn:
+        yield f"TORN (a killed dvc left it unreadable): {torn}"
+    for problem in report.problems:
         yield f"DAMAGED (stage {problem.entry.stage}): {problem.reason}"
-    if problems:
+    if report.torn or report.problems:
         yield (
             "run `python -m pipeline verify --repair`, then `dvc repro`: intact copies "
             "are restored, outputs with no intact copy are recomputed"

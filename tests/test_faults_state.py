@@ -180,3 +180,69 @@ def test_two_repros_at_once_take_turns_or_one_is_refused(reproduced):
         second_refused=refused,
     )
     assert passed == count, "\n".join(failures_seen)
+
+
+def test_dvc_state_files_cut_short_by_a_kill_are_repaired(reproduced):
+    """DVC rewrites dvc.lock and .dvc/tmp/rwlock in place (treeverse/dvc#7615): a kill
+    mid-write leaves them cut short and every later dvc command fails. ``verify`` names
+    them; ``verify --repair`` resets the rwlock and restores dvc.lock from git (or removes
+    it when git has none); then ``dvc repro`` completes and everything matches again."""
+    repo = reproduced
+    lock_bytes = (repo / "dvc.lock").read_bytes()
+    rng = random.Random(11)
+    count = trials(10, 2)
+    passed = lost = invalid_locks = 0
+    failures: list[str] = []
+    for trial in range(count):
+        committed = trial % 2 == 0  # dvc.lock in git's last commit, or never committed
+        if committed:
+            git(repo, "add", "dvc.lock")
+            git(repo, "commit", "-qm", f"lock {trial}", "--allow-empty")
+        else:
+            git(repo, "rm", "-q", "--cached", "--ignore-unmatch", "dvc.lock")
+            git(repo, "commit", "-qm", f"no lock {trial}", "--allow-empty")
+        cut = rng.randrange(1, len(lock_bytes) - 1)
+        (repo / "dvc.lock").write_bytes(lock_bytes[:cut])
+        rwlock = repo / ".dvc" / "tmp" / "rwlock"
+        rwlock.write_text(
+            '{"write": {"data/raw": {"pid": 1, "cmd": "dvc rep'[: rng.randrange(1, 40)]
+        )
+        # DVC's own verdict on the cut dvc.lock: a cut at a line boundary can leave a valid,
+        # shorter lock file (DVC then just reruns what it lacks), most cuts do not.
+        lock_invalid = "dvc.lock" in run_dvc_anyhow(repo).stderr
+        found = verify(repo)
+        repaired = verify(repo, "--repair")
+        dvc(repo, "repro", "split")
+        after = verify(repo)
+        lock_repair = (
+            "restored the torn dvc.lock from git" if committed else "removed the torn dvc.lock"
+        )
+        ok = (
+            found.returncode == 1
+            and "TORN (a killed dvc left it unreadable): .dvc/tmp/rwlock" in found.stderr
+            and ("TORN (a killed dvc left it unreadable): dvc.lock" in found.stderr) == lock_invalid
+            and repaired.returncode == 0
+            and (lock_repair in repaired.stdout) == lock_invalid
+            and "reset the torn .dvc/tmp/rwlock" in repaired.stdout
+            and after.returncode == 0
+            and dvc_status_clean(repo)
+        )
+        invalid_locks += lock_invalid
+        if not ok:
+            failures.append(f"trial {trial} (cut at {cut}):\n{found.stderr}\n{repaired.stdout}")
+        passed += ok
+        lost += after.returncode != 0
+    record(
+        "state: dvc.lock and DVC's rwlock cut short by a kill mid-write",
+        count,
+        passed,
+        lost,
+        dvc_lock_invalid=invalid_locks,
+    )
+    assert passed == count, "\n".join(failures)
+
+
+def run_dvc_anyhow(repo: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["dvc", "status"], cwd=repo, env=tool_env(), capture_output=True, text=True, timeout=300
+    )

@@ -33,7 +33,14 @@ TINY = {
 @pytest.fixture
 def tiny_run(tmp_path, monkeypatch):
     """A workspace whose data stages have run on 3 classes x 10 images; returns its params."""
-    images = create_image_folder(tmp_path / "images", {"cat": 10, "dog": 10, "bird": 10})
+    return prepare_tiny_run(tmp_path, monkeypatch, images_per_class=10)
+
+
+def prepare_tiny_run(tmp_path, monkeypatch, images_per_class: int):
+    """Run download, validate and split on generated images in ``tmp_path/ws`` (the new
+    working directory); return a function from params overrides to :class:`Params`."""
+    counts = dict.fromkeys(("cat", "dog", "bird"), images_per_class)
+    images = create_image_folder(tmp_path / "images", counts)
     ws = tmp_path / "ws"
     ws.mkdir()
     monkeypatch.chdir(ws)

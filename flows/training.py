@@ -167,7 +167,9 @@ def verify_outputs(workspace: str, timeout_s: float) -> list[str]:
     lines = [line.removeprefix("verify: ") for line in done.stdout.splitlines()]
     if done.returncode != 0:
         raise StageFailed(f"verify failed (exit {done.returncode}): {stage_error(done.stdout)}")
-    repairs = [line for line in lines if line.startswith(("reset", "restored", "removed", "rewrote"))]
+    repairs = [
+        line for line in lines if line.startswith(("reset", "restored", "removed", "rewrote"))
+    ]
     for line in repairs:
         logger.warning("verify: %s", line)
     logger.info("verify: %s", lines[-1] if lines else "no output")

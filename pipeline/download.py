@@ -9,7 +9,6 @@ renamed onto ``data/raw`` only when complete.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -28,6 +27,7 @@ from pipeline.fsutil import (
     atomic_path,
     fresh_tempdir,
     is_os_litter,
+    md5_file,
     remove,
     sha256_file,
     write_json_atomic,
@@ -145,14 +145,6 @@ def verify_md5(path: Path, expected: str | None, source: str, discard: bool) -> 
         raise ChecksumError(f"{source}: md5 mismatch: expected {expected.lower()}, got {actual}")
 
 
-def md5_file(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _entries(folder: Path) -> list[Path]:
     return [e for e in folder.iterdir() if not is_os_litter(e.name)]
 
@@ -215,9 +207,7 @@ def unpack(source: Path, data: DataParams, download: DownloadParams, workdir: Pa
     return _nested_image_folder(source, descend(outer), workdir, limits)
 
 
-def _nested_image_folder(
-    source: Path, folder: Path, workdir: Path, limits: ExtractLimits
-) -> Path:
+def _nested_image_folder(source: Path, folder: Path, workdir: Path, limits: ExtractLimits) -> Path:
     """Extract the archives in ``folder``; exactly one of them must hold class folders."""
     nested = sorted(p for p in folder.iterdir() if p.is_file() and archive_kind(p) is not None)
     if not nested:

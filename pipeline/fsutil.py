@@ -60,13 +60,22 @@ def load_torch_weights(path: Path) -> Any:
         ) from None
 
 
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
+def file_hexdigest(path: Path, algorithm: str, chunk_size: int = 1 << 20) -> str:
+    """Hex digest of a file's bytes, read in chunks."""
+    digest = hashlib.new(algorithm, usedforsecurity=algorithm != "md5")
     with open(path, "rb") as fh:
         while chunk := fh.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    return file_hexdigest(path, "sha256")
+
+
+def md5_file(path: Path) -> str:
+    """MD5, for what names files by it (DVC's cache, publishers that give only MD5)."""
+    return file_hexdigest(path, "md5")
 
 
 def _tmp_sibling(path: Path) -> Path:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_path, remove, write_text_atomic
+from pipeline.fsutil import atomic_path, md5_file, remove, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -69,14 +68,6 @@ class Report:
     problems: list[Problem]
     skipped: list[str]
     torn: list[str]  # DVC state files a killed dvc left unreadable (see torn_state_files)
-
-
-def md5_of(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cache_object(cache: Path, md5: str) -> Path:
@@ -158,7 +149,7 @@ def lock_entries(root: Path, cache: Path) -> tuple[list[Entry], list[str]]:
             if not entries[-1].is_manifest:
                 continue
             manifest = cache_object(cache, md5)
-            if not manifest.is_file() or md5_of(manifest) != md5.removesuffix(".dir"):
+            if not manifest.is_file() or md5_file(manifest) != md5.removesuffix(".dir"):
                 skipped.append(f"the files of {out['path']}: its manifest is missing or damaged")
             else:
                 entries += [
@@ -180,7 +171,7 @@ def check(entry: Entry, cache: Path) -> tuple[Problem | None, int]:
             if entry.is_manifest:  # without it the folder's files cannot be checked
                 damaged[where] = f"the manifest {path} of {entry.path} is missing"
             continue  # an absent output DVC sees itself (the stage reruns or is checked out)
-        actual = md5_of(path)
+        actual = md5_file(path)
         bytes_read += path.stat().st_size
         if actual != expected:
             damaged[where] = f"{where} copy {path} has md5 {actual}, dvc.lock says {expected}"

@@ -33,9 +33,9 @@ import yaml
 from pipeline import __main__ as cli
 from pipeline import features, finetune, train_head
 from pipeline.errors import PipelineError
-from pipeline.fsutil import load_torch_weights
+from pipeline.fsutil import load_torch_weights, md5_file
 from pipeline.model import load_checkpoint, save_checkpoint
-from pipeline.verify import cache_folder, md5_of, verify
+from pipeline.verify import cache_folder, verify
 from tests.conftest import create_image_folder
 from tests.faults import FULL, record, trials
 from tests.test_dvc_pipeline import copy_project, git, set_params, tool_env
@@ -380,19 +380,6 @@ def test_nan_loss_or_exploding_gradient_in_finetune_keeps_the_last_good_checkpoi
 
 # --- Crash anywhere: kill -9 of `dvc repro` at random moments in every stage ---------
 
-STAGES = (
-    "download",
-    "validate",
-    "split",
-    "features",
-    "train_head",
-    "finetune",
-    "evaluate",
-    "export",
-    "onnx_check",
-    "report",
-)
-
 
 def cache_problems(repo: Path) -> list[str]:
     """What a later run would trust wrongly: outputs that differ from dvc.lock or whose
@@ -406,7 +393,7 @@ def cache_problems(repo: Path) -> list[str]:
     problems = [problem.reason for problem in report.problems] + report.skipped
     for obj in cache.rglob("*"):
         name = obj.parent.name + obj.name
-        if obj.is_file() and md5_of(obj) != name.removesuffix(".dir"):
+        if obj.is_file() and md5_file(obj) != name.removesuffix(".dir"):
             problems.append(f"cache object {name} does not hash to its name")
     return problems
 
@@ -515,7 +502,7 @@ def test_kill_dvc_repro_anywhere_then_a_plain_rerun_recovers(dvc_workspace):
     repo = dvc_workspace
     # `make faults`: every stage, killed once while its command runs and once after it.
     # CI: download and validate, the cheapest.
-    stages = STAGES if FULL else STAGES[:2]
+    stages = cli.STAGES if FULL else cli.STAGES[:2]
     targets = [] if FULL else [stages[-1]]
     first = run_dvc(repo, "repro", *targets)
     assert first.returncode == 0, first.stdout + first.stderr

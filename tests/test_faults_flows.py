@@ -87,9 +87,7 @@ def flow_runs(env: dict, cwd: Path) -> list[dict]:
 @pytest.mark.skipif(not FULL, reason="waits ~3 min for Prefect's heartbeat automation: make faults")
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the stage's process")
 def test_a_killed_flow_run_ends_crashed_and_the_next_run_finishes(server, images, tmp_path):  # noqa: F811
-    repo = make_repo(
-        tmp_path / "repo", images, finetune={"epochs": 3}, flows={"heartbeat_s": 30}
-    )
+    repo = make_repo(tmp_path / "repo", images, finetune={"epochs": 3}, flows={"heartbeat_s": 30})
     setup = run([sys.executable, "-m", "flows", "crash-detection"], repo, server, 300)
     assert setup.returncode == 0, setup.stdout + setup.stderr
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.verify import cache_folder, lock_entries, md5_of
+from pipeline.fsutil import md5_file
+from pipeline.verify import cache_folder, lock_entries
 from tests.conftest import REPO_ROOT, create_image_folder
 from tests.faults import record, trials
 from tests.test_dvc_pipeline import copy_project, dvc, git, set_params, tool_env
@@ -69,7 +70,7 @@ def files_against_lock(repo: Path, cache: Path) -> tuple[dict[str, str], dict[st
     entries, _ = lock_entries(repo, cache)
     files = [e for e in entries if not e.is_manifest]
     recorded = {str(e.path): e.md5 for e in files}
-    actual = {str(e.path): md5_of(e.path) for e in files if e.path.is_file()}
+    actual = {str(e.path): md5_file(e.path) for e in files if e.path.is_file()}
     return recorded, actual
 
 

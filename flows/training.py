@@ -32,6 +32,7 @@ from ruamel.yaml import YAML
 from pipeline.config import FlowsParams, Paths, load_params, parse_params
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.report import headline_markdown
+from pipeline.verify import REPAIRED
 
 FLOW_NAME = "training-pipeline"
 # Placement: stages that run the network forward/backward want the GPU pool.
@@ -167,9 +168,7 @@ def verify_outputs(workspace: str, timeout_s: float) -> list[str]:
     lines = [line.removeprefix("verify: ") for line in done.stdout.splitlines()]
     if done.returncode != 0:
         raise StageFailed(f"verify failed (exit {done.returncode}): {stage_error(done.stdout)}")
-    repairs = [
-        line for line in lines if line.startswith(("reset", "restored", "removed", "rewrote"))
-    ]
+    repairs = [line.removeprefix(REPAIRED) for line in lines if line.startswith(REPAIRED)]
     for line in repairs:
         logger.warning("verify: %s", line)
     logger.info("verify: %s", lines[-1] if lines else "no output")

@@ -38,6 +38,7 @@ from pipeline.fsutil import (
     load_torch_weights,
     remove,
     remove_stale_temporaries,
+    save_torch_atomic,
     sha256_file,
     write_json_atomic,
 )
@@ -191,8 +192,7 @@ def save_training_checkpoint(path: Path, payload: dict) -> None:
 
     A kill at any moment leaves either the previous checkpoint or this one, never a torn file.
     """
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch_atomic(path, payload)
 
 
 def read_training_checkpoint(path: Path, key: str) -> dict | None:

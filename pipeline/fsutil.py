@@ -60,6 +60,15 @@ def load_torch_weights(path: Path) -> Any:
         ) from None
 
 
+def save_torch_atomic(path: Path, obj: Any) -> None:
+    """``torch.save`` to a temporary sibling, fsynced, renamed onto ``path``: a kill at any
+    moment leaves the previous file or this one, never a torn one. (torch imported here.)"""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
 def file_hexdigest(path: Path, algorithm: str, chunk_size: int = 1 << 20) -> str:
     """Hex digest of a file's bytes, read in chunks."""
     digest = hashlib.new(algorithm, usedforsecurity=algorithm != "md5")

@@ -6,7 +6,6 @@ next to the weights, so evaluate and export rebuild the model from the file alon
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from torch import nn
 
 from pipeline.backbones import Backbone, build_backbone
 from pipeline.errors import DataError
-from pipeline.fsutil import atomic_path, load_torch_weights
+from pipeline.fsutil import load_torch_weights, save_torch_atomic
 from pipeline.preprocessing import Preprocessing
 
 
@@ -85,10 +84,7 @@ class ModelCard:
 
 def save_checkpoint(path: Path, card: ModelCard, state_dict: dict, **extra: Any) -> None:
     """Write weights and card atomically (an interrupted save leaves the old file)."""
-    buffer = io.BytesIO()
-    torch.save({"card": card.to_dict(), "state_dict": state_dict, **extra}, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+    save_torch_atomic(path, {"card": card.to_dict(), "state_dict": state_dict, **extra})
 
 
 def load_checkpoint(path: Path) -> tuple[ModelCard, dict]:

@@ -82,6 +82,7 @@ def cache_folder(root: Path) -> Path:
         return Path(repo.cache.local.path)
 
 
+REPAIRED = "repaired: "  # marks each line that says what --repair changed (the flow lists them)
 RWLOCK = Path(".dvc/tmp/rwlock")
 LOCKFILE = Path("dvc.lock")
 
@@ -253,13 +254,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = Path(args.root).resolve()
     lines, errors = [], []
     if args.repair:
-        lines += repair_state_files(root)  # first: DVC cannot even find its cache otherwise
-    report = verify(root)
+        # First: DVC cannot even open the repository otherwise.
+        lines += [f"{REPAIRED}{done}" for done in repair_state_files(root)]
+    cache = cache_folder(root)
+    report = verify(root, cache)
     lines += [f"not checked: {note}" for note in report.skipped]
     errors += describe(report)
     if args.repair:
-        cache = cache_folder(root)
-        lines += [repair(problem, cache, root) for problem in report.problems]
+        lines += [f"{REPAIRED}{repair(problem, cache, root)}" for problem in report.problems]
     lines.append(
         f"{report.files} files, {report.bytes_read / 1e6:.1f} MB read, {len(report.problems)} "
         f"damaged{', repaired' if args.repair and report.problems else ''}"

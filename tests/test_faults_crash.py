@@ -539,9 +539,7 @@ def test_kill_dvc_repro_anywhere_then_a_plain_rerun_recovers(dvc_workspace):
             timeout=600,
         )
         killed["repairs"] = [
-            line
-            for line in repaired.stdout.splitlines()
-            if line.startswith(("verify: reset", "verify: restored", "verify: removed"))
+            line for line in repaired.stdout.splitlines() if line.startswith("verify: repaired: ")
         ]
         rerun = run_dvc(repo, "repro", *targets)
         killed["rerun_ok"] = repaired.returncode == 0 and rerun.returncode == 0

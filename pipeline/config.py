@@ -161,6 +161,7 @@ class AugmentParams:
 class FeaturesParams:
     batch_size: int = 32
     precision: Precision = "auto"
+    engine: Literal["auto", "torch", "onnxruntime"] = "auto"
     augmented_views: int = 0
     augment: AugmentParams = field(default_factory=AugmentParams)
     seed: int = 0
@@ -270,16 +271,17 @@ class OnnxCheckParams:
 class ReportParams:
     """How much of the data the run report (``paths.report``) shows as pictures."""
 
-    thumbnails_per_class: int = 4      # training images shown per class
-    thumbnail_px: int = 96             # longest side of a thumbnail
-    confused_pairs: int = 10           # most-confused class pairs shown with examples
-    examples_per_pair: int = 4         # misclassified test images shown per pair
-    max_listed_files: int = 200        # quarantined files / leaks listed; the rest are counted
+    thumbnails_per_class: int = 4  # training images shown per class
+    thumbnail_px: int = 96  # longest side of a thumbnail
+    confused_pairs: int = 10  # most-confused class pairs shown with examples
+    examples_per_pair: int = 4  # misclassified test images shown per pair
+    max_listed_files: int = 200  # quarantined files / leaks listed; the rest are counted
 
     def __post_init__(self) -> None:
-        if min(self.thumbnail_px, self.max_listed_files) < 1 or min(
-            self.thumbnails_per_class, self.confused_pairs, self.examples_per_pair
-        ) < 0:
+        if (
+            min(self.thumbnail_px, self.max_listed_files) < 1
+            or min(self.thumbnails_per_class, self.confused_pairs, self.examples_per_pair) < 0
+        ):
             raise ConfigError(
                 "report.thumbnail_px and max_listed_files must be >= 1, the counts >= 0"
             )
@@ -311,7 +313,9 @@ class FlowsParams:
         if len(self.cron.split()) != 5:
             raise ConfigError(f"flows.cron must have five fields, got {self.cron!r}")
         if self.heartbeat_s < 30:
-            raise ConfigError(f"flows.heartbeat_s must be at least 30 (Prefect's minimum), got {self.heartbeat_s}")
+            raise ConfigError(
+                f"flows.heartbeat_s must be at least 30 (Prefect's minimum), got {self.heartbeat_s}"
+            )
 
     def timeout_for(self, stage: str) -> float:
         return self.timeouts_s.get(stage, self.timeouts_s["default"])

@@ -21,7 +21,8 @@ from pipeline.preprocessing import Preprocessing
 from pipeline.runtime import Runtime
 
 
-def train_transform(pre: Preprocessing, aug: AugmentParams) -> Callable[[Image.Image], np.ndarray]:
+def train_geometry(pre: Preprocessing, aug: AugmentParams) -> Callable[[Image.Image], np.ndarray]:
+    """Training augmentation up to, not including, normalisation: HWC uint8 RGB out."""
     steps = [
         v2.RandomResizedCrop(
             pre.input_size, scale=(aug.scale_min, 1.0), interpolation=_interp(pre), antialias=True
@@ -34,7 +35,26 @@ def train_transform(pre: Preprocessing, aug: AugmentParams) -> Callable[[Image.I
     geometric = v2.Compose(steps)
 
     def transform(img: Image.Image) -> np.ndarray:
-        return pre.normalise(np.asarray(geometric(img), dtype=np.uint8))
+        return np.array(geometric(img), dtype=np.uint8)  # a writable copy, for torch
+
+    return transform
+
+
+def train_transform(pre: Preprocessing, aug: AugmentParams) -> Callable[[Image.Image], np.ndarray]:
+    """Training augmentation, then the backbone's normalisation: CHW float32 out."""
+    geometry = train_geometry(pre, aug)
+
+    def transform(img: Image.Image) -> np.ndarray:
+        return pre.normalise(geometry(img))
+
+    return transform
+
+
+def eval_geometry(pre: Preprocessing) -> Callable[[Image.Image], np.ndarray]:
+    """Evaluation resize/crop without normalisation: HWC uint8 RGB, for uint8-input engines."""
+
+    def transform(img: Image.Image) -> np.ndarray:
+        return np.array(pre.resize_crop(img), dtype=np.uint8)  # a writable copy, for torch
 
     return transform
 
@@ -49,7 +69,7 @@ def item_seed(seed: int, key: str, round_: int) -> int:
 
 
 class ImageDataset(Dataset):
-    """(path, label) → (CHW float32 tensor, label, index), decoded in the loader's workers.
+    """(path, label) → (transformed image tensor, label, index), decoded in the loader's workers.
 
     With ``augment_keys`` (one key per item, e.g. its sha256) the transform is random
     and seeded per (key, round): the item ``(i, round)`` asks for round ``round`` (an epoch

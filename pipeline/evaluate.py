@@ -10,6 +10,7 @@ confidence), from which the run report shows misclassified images.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -90,9 +91,46 @@ def report(
     return summary, temperature
 
 
+def joined_untrained(paths: Paths) -> bool:
+    """Whether the model is backbone + head exactly as features and train_head left them.
+
+    With ``finetune.epochs: 0`` nothing is trained, so the model's logits are the head's on
+    the cached features; running every val and test image through it again would repeat
+    the features stage (37 s of a 60 s head experiment on Caltech-101). Checked by content:
+    the same head tensors, and a features index made from the model's backbone, weights
+    and preprocessing.
+    """
+    card, model = load_checkpoint(paths.model)
+    if model.get("params", {}).get("epochs") != 0:
+        return False
+    head_card, head = load_checkpoint(paths.head)
+    index_file = paths.features / "index.json"
+    index = json.loads(index_file.read_text(encoding="utf-8")) if index_file.exists() else {}
+    same_head = head_card == card and all(
+        torch.equal(model["state_dict"].get(f"head.{k}", torch.empty(0)), v)
+        for k, v in head["state_dict"].items()
+    )
+    return same_head and (
+        index.get("backbone"),
+        index.get("weights"),
+        index.get("preprocessing"),
+    ) == (
+        card.backbone,
+        card.weights_id,
+        card.preprocessing.to_dict(),
+    )
+
+
 def run(paths: Paths, cfg: EvaluateParams, device: str) -> dict:
-    finetuned, classes = finetuned_logits(paths, cfg, device)
-    results = {"head": head_logits(paths, classes), "finetuned": finetuned}
+    if joined_untrained(paths):
+        log.info("finetune.epochs was 0: scoring backbone + head on the cached features")
+        classes = load_checkpoint(paths.model)[0].classes
+        head = head_logits(paths, classes)
+        results = {"head": head, "finetuned": head}
+    else:
+        finetuned, classes = finetuned_logits(paths, cfg, device)
+        results = {"head": head_logits(paths, classes), "finetuned": finetuned}
+    finetuned = results["finetuned"]
     paths.evaluation.mkdir(parents=True, exist_ok=True)
     metrics, temperatures = {}, {}
     for name in MODELS:

@@ -23,6 +23,7 @@ import onnx
 import torch
 
 from pipeline.config import Params, Paths
+from pipeline.engines import torch_to_onnx
 from pipeline.errors import DataError, PipelineError
 from pipeline.features import read_split
 from pipeline.fsutil import (
@@ -88,23 +89,9 @@ def contract_metadata(
 
 
 def to_onnx(model: Classifier, pre: Preprocessing, opset: int) -> onnx.ModelProto:
-    """torch.export → ONNX (dynamo exporter), batch axis dynamic, weights inside the file."""
+    """The classifier as ONNX: (N, 3, H, W) float32 ``input`` → ``logits``, batch dynamic."""
     example = torch.zeros(2, 3, pre.input_size, pre.input_size)
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    with tempfile.TemporaryDirectory(prefix="export-") as tmp:
-        out = Path(tmp) / "model.onnx"
-        torch.onnx.export(
-            model.eval(),
-            (example,),
-            str(out),
-            input_names=[INPUT],
-            output_names=[OUTPUT],
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-            dynamic_shapes={"x": {0: batch}},
-        )
-        proto = onnx.load(str(out))
+    proto = torch_to_onnx(model, example, INPUT, OUTPUT, opset)
     if [i.name for i in proto.graph.input] != [INPUT] or [o.name for o in proto.graph.output] != [
         OUTPUT
     ]:

@@ -1,6 +1,6 @@
 """Stage ``features``: the frozen backbone runs once per image; embeddings are cached by content.
 
-The cache key of an embedding is (backbone, weights, preprocessing, precision, view) plus
+The cache key of an embedding is (backbone, weights, preprocessing, engine, view) plus
 the image's sha256, so adding or removing a few images computes only those. Outputs, in
 split-CSV row order: ``<split>.npy`` (N, D) float32, ``train_aug.npy`` (N, V, D) when
 ``features.augmented_views`` > 0, and ``index.json`` (classes, backbone, preprocessing).
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm import tqdm
 
+from pipeline import engines
 from pipeline.backbones import Backbone, build_backbone
 from pipeline.config import FeaturesParams, ModelParams, Params, Paths
-from pipeline.data import ImageDataset, RoundSampler, make_loader, train_transform
+from pipeline.data import ImageDataset, RoundSampler, eval_geometry, make_loader, train_geometry
 from pipeline.diskfull import disk_full_is_an_error, free_bytes
 from pipeline.errors import DataError
 from pipeline.fsutil import atomic_path, write_json_atomic
@@ -81,40 +81,34 @@ def save_array(path: Path, array: np.ndarray) -> None:
         raise
 
 
-def cache_key(backbone: Backbone, runtime: Runtime, view: str) -> str:
+def cache_key(backbone: Backbone, engine: engines.Engine, view: str) -> str:
     """Everything that changes an embedding except the image itself."""
     spec = {
         "backbone": backbone.name,
         "weights": backbone.weights_id,
         "pre": backbone.preprocessing.to_dict(),
-        "bf16": runtime.bf16,
+        "engine": engine.name,
         "view": view,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def embed(
-    backbone: Backbone,
+    engine: engines.Engine,
+    feature_dim: int,
     dataset: ImageDataset,
     runtime: Runtime,
     batch_size: int,
     desc: str,
     view: int = 0,
 ) -> np.ndarray:
-    """Run the frozen backbone over a dataset; decoding overlaps compute in loader workers."""
-    # Moved outside inference mode: weights made inside it could never be trained again.
-    model = backbone.module.to(runtime.device, memory_format=torch.channels_last).eval()
-    out = np.empty((len(dataset), backbone.feature_dim), dtype=np.float32)
+    """Run the frozen backbone over a dataset of uint8 images; workers decode meanwhile."""
+    out = np.empty((len(dataset), feature_dim), dtype=np.float32)
     sampler = RoundSampler(len(dataset), seed=0, shuffle=False, round_=view)
     loader = make_loader(dataset, runtime, batch_size, sampler=sampler)
-    with (
-        torch.inference_mode(),
-        tqdm(total=len(dataset), unit="img", desc=desc, disable=None) as bar,
-    ):
+    with tqdm(total=len(dataset), unit="img", desc=desc, disable=None) as bar:
         for images, _labels, index in loader:
-            with runtime.autocast():
-                feats = model(runtime.to_device(images))
-            out[index.numpy()] = feats.float().cpu().numpy()
+            out[index.numpy()] = engine.embed(images)
             bar.update(len(index))
     return out
 
@@ -131,6 +125,7 @@ class EmbedStats:
 
 def cached_embeddings(
     backbone: Backbone,
+    engine: engines.Engine,
     runtime: Runtime,
     rows: pd.DataFrame,
     cache: FeatureCache,
@@ -149,7 +144,7 @@ def cached_embeddings(
         keys = None if view is None else todo["sha256"].tolist()
         dataset = ImageDataset(todo["path"].tolist(), [0] * len(todo), transform, keys, seed)
         started = time.perf_counter()
-        fresh = embed(backbone, dataset, runtime, batch_size, desc, view or 0)
+        fresh = embed(engine, backbone.feature_dim, dataset, runtime, batch_size, desc, view or 0)
         stats.add(len(todo), time.perf_counter() - started)
         cache.add(todo["sha256"].tolist(), fresh)
         known.update(zip(todo["sha256"].tolist(), fresh, strict=True))
@@ -162,14 +157,21 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
     runtime = resolve(device, cfg.precision)
     backbone = build_backbone(model_cfg.backbone, model_cfg.weights, model_cfg.resize)
     pre = backbone.preprocessing
+    engine = engines.build(
+        engines.choose(cfg.engine, cfg.precision, runtime),
+        backbone.module,
+        pre,
+        runtime,
+        paths.feature_cache,
+    )
     splits = {s: read_split(paths, s) for s in SPLITS}
     classes = sorted(set(splits["train"]["label"]))
     stats = EmbedStats()
     # All splits in one pass: one loader start-up, one cache read.
     everything = pd.concat(list(splits.values()), ignore_index=True)
-    cache = FeatureCache(paths.feature_cache, cache_key(backbone, runtime, "eval"))
+    cache = FeatureCache(paths.feature_cache, cache_key(backbone, engine, "eval"))
     all_features = cached_embeddings(
-        backbone, runtime, everything, cache, cfg.batch_size, pre, stats
+        backbone, engine, runtime, everything, cache, cfg.batch_size, eval_geometry(pre), stats
     )
     # A full disk is reported after atomic_path has removed its temporary folder.
     with (
@@ -182,13 +184,14 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
             save_array(tmp / f"{split}.npy", all_features[offset : offset + len(rows)])
             offset += len(rows)
         if cfg.augmented_views:
-            aug = train_transform(pre, cfg.augment)
+            aug = train_geometry(pre, cfg.augment)
             views = []
             for view in range(cfg.augmented_views):
-                key = cache_key(backbone, runtime, f"aug{view}:seed{cfg.seed}:{cfg.augment}")
+                key = cache_key(backbone, engine, f"aug{view}:seed{cfg.seed}:{cfg.augment}")
                 views.append(
                     cached_embeddings(
                         backbone,
+                        engine,
                         runtime,
                         splits["train"],
                         FeatureCache(paths.feature_cache, key),
@@ -207,7 +210,7 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
             "weights": backbone.weights_id,
             "feature_dim": backbone.feature_dim,
             "preprocessing": pre.to_dict(),
-            "bf16": runtime.bf16,
+            "engine": engine.name,
             "augmented_views": cfg.augmented_views,
         }
         (tmp / "index.json").write_text(
@@ -223,13 +226,15 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
         "embed_seconds": round(stats.seconds, 2),
         "images_per_second": round(stats.computed / stats.seconds, 1) if stats.computed else None,
         "device": str(runtime.device),
-        "bf16": runtime.bf16,
+        "engine": engine.name,
+        "engine_setup_seconds": round(engine.setup_seconds, 2),
         "feature_dim": backbone.feature_dim,
     }
     write_json_atomic(paths.metrics_file("features"), metrics)
     log.info(
-        "features: %d computed (%s img/s), %d reused, %.1f s in all",
+        "features: %d computed with %s (%s img/s), %d reused, %.1f s in all",
         stats.computed,
+        engine.name,
         metrics["images_per_second"],
         metrics["reused"],
         seconds,

@@ -132,7 +132,7 @@ def test_finetune_and_evaluate(tiny_run):
     assert len(pd.read_csv(p.paths.plots / "confusion.csv")) == 6
 
 
-def test_zero_epochs_gives_backbone_plus_head(tiny_run):
+def test_zero_epochs_gives_backbone_plus_head(tiny_run, caplog):
     p = tiny_run(finetune={"epochs": 0})
     features.main(p)
     train_head.main(p)
@@ -152,7 +152,89 @@ def test_zero_epochs_gives_backbone_plus_head(tiny_run):
     with torch.no_grad():
         direct = model.head(torch.from_numpy(arrays["test"]))
         full = model(x)
-    assert torch.allclose(full, direct, atol=0.05)  # cached features were bf16 or fp32
+    assert torch.allclose(full, direct, atol=1e-4)  # onnxruntime fp32 features = PyTorch fp32
+
+    # So evaluate scores the joined model on the cached features, and says so.
+    caplog.set_level("INFO", logger="pipeline.evaluate")
+    result = evaluate.main(p)
+    assert result["finetuned"] == result["head"]
+    assert "scoring backbone + head on the cached features" in caplog.text
+
+    # A model whose head is not train_head's (trained elsewhere, or stale) is run on images.
+    checkpoint = torch.load(p.paths.model, weights_only=True)
+    weight = next(k for k in checkpoint["state_dict"] if k.startswith("head.") and "weight" in k)
+    checkpoint["state_dict"][weight] = checkpoint["state_dict"][weight] * 2
+    torch.save(checkpoint, p.paths.model)
+    assert not evaluate.joined_untrained(p.paths)
+    assert evaluate.main(p)["finetuned"] != result["head"]
+
+
+def test_feature_engines_agree_with_the_reference_preprocessing(tiny_run):
+    """onnxruntime and PyTorch fp32 embed uint8 batches (normalised inside the model) as the
+    backbone embeds ``Preprocessing``'s float arrays; the exported graph is reused."""
+    from pipeline import engines
+    from pipeline.backbones import build_backbone
+    from pipeline.data import eval_geometry
+    from pipeline.images import load_rgb
+    from pipeline.runtime import resolve
+
+    p = tiny_run(features={"engine": "onnxruntime"})
+    first = features.main(p)
+    assert first["engine"] == "onnxruntime-fp32"
+    graphs = sorted((p.paths.feature_cache / "engines").glob("*.onnx"))
+    assert len(graphs) == 1
+    stamp = graphs[0].stat().st_mtime_ns
+    by_onnx, _ = features.load_features(p.paths)
+
+    torch_params = tiny_run(features={"engine": "torch", "precision": "fp32"})
+    assert features.main(torch_params)["engine"] == "torch-fp32"
+    by_torch, _ = features.load_features(p.paths)
+    backbone = build_backbone("efficientnet_lite0", "none", p.model.resize)
+    rows = features.read_split(p.paths, "test")
+    images = [load_rgb(path) for path in rows["path"]]
+    reference = np.stack([backbone.preprocessing(img) for img in images])
+    with torch.no_grad():
+        expected = backbone.module.eval()(torch.from_numpy(reference)).numpy()
+    scale = np.abs(expected).max()
+    assert np.abs(by_torch["test"] - expected).max() <= 1e-5 * scale
+    assert np.abs(by_onnx["test"] - expected).max() <= 1e-4 * scale
+
+    # Built again (a rerun), the onnxruntime engine loads the cached graph: same file.
+    runtime = resolve("cpu", "fp32")
+    again = engines.build(
+        "onnxruntime", backbone.module, backbone.preprocessing, runtime, p.paths.feature_cache
+    )
+    batch = torch.from_numpy(np.stack([eval_geometry(backbone.preprocessing)(i) for i in images]))
+    assert np.abs(again.embed(batch) - expected).max() <= 1e-4 * scale
+    assert sorted((p.paths.feature_cache / "engines").glob("*.onnx")) == graphs
+    assert graphs[0].stat().st_mtime_ns == stamp
+    # Different weights are a different graph.
+    with torch.no_grad():
+        next(backbone.module.parameters()).add_(1.0)
+    assert (
+        engines.graph_key(
+            engines.FromUInt8(backbone.module, backbone.preprocessing), backbone.preprocessing
+        )
+        != graphs[0].stem
+    )
+
+
+def test_feature_engine_choice():
+    from pipeline import engines
+    from pipeline.errors import ConfigError
+    from pipeline.runtime import Runtime
+
+    cpu = Runtime(torch.device("cpu"), bf16=True, workers=1)
+    assert engines.choose("auto", "auto", cpu) == "onnxruntime"
+    assert engines.choose("auto", "fp32", cpu) == "onnxruntime"
+    assert engines.choose("auto", "bf16", cpu) == "torch"
+    assert engines.choose("torch", "auto", cpu) == "torch"
+    with pytest.raises(ConfigError, match="features.engine: onnxruntime computes in fp32"):
+        engines.choose("onnxruntime", "bf16", cpu)
+    with pytest.raises(ConfigError, match="features.engine must be one of"):
+        engines.choose("tensorrt", "auto", cpu)
+    with pytest.raises(Exception, match="features.engine"):
+        parse_params({"features": {"engine": "tensorrt"}})
 
 
 @pytest.mark.slow

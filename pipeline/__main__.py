@@ -52,9 +52,12 @@ def run_stage(stage: str, params_file: str | None = None) -> dict:
 
 @contextlib.contextmanager
 def logged_run(log_file: Path) -> Iterator[None]:
-    """Record the stage's start, end, seconds and outcome in ``log_file`` (the run report's
-    dates and durations). A log beside DVC's outputs, not one of them: a rerun that changes
-    nothing else must not make the stages downstream of it rerun."""
+    """Record the stage's start, end, seconds, peak memory and outcome in ``log_file`` (the
+    run report's dates and durations). A log beside DVC's outputs, not one of them: a rerun
+    that changes nothing else must not make the stages downstream of it rerun.
+
+    Peak RSS is the stage's own process and, separately, the largest of its finished child
+    processes (loader workers); both come from getrusage, so they cost nothing to record."""
     from pipeline.fsutil import write_json_atomic
 
     started, clock = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
@@ -71,9 +74,20 @@ def logged_run(log_file: Path) -> Iterator[None]:
                     timespec="seconds"
                 ),
                 "seconds": round(time.perf_counter() - clock, 2),
+                **peak_rss_mb(),
                 "status": status,
             },
         )
+
+
+def peak_rss_mb() -> dict[str, float]:
+    """This process's peak resident set, and its largest finished child's, in MB (10^6 B)."""
+    import resource
+
+    scale = 1024 / 1e6 if sys.platform != "darwin" else 1 / 1e6  # KiB on Linux, bytes on macOS
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
+    return {"peak_rss_mb": round(own, 1), "peak_rss_children_mb": round(children, 1)}
 
 
 def describe_outputs(params_file: str | None = None) -> str:

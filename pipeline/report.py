@@ -373,6 +373,8 @@ def provenance_section(paths: Paths) -> dict:
                 "params": recorded,
                 "finished_at": timing.get("finished_at"),
                 "seconds": timing.get("seconds"),
+                "peak_rss_mb": timing.get("peak_rss_mb"),
+                "peak_rss_children_mb": timing.get("peak_rss_children_mb"),
                 "status": timing.get("status"),
             }
         )

@@ -267,6 +267,8 @@ def test_stage_runs_are_logged_for_the_report(tmp_path):
         pass
     done = json.loads(log_file.read_text())
     assert done["status"] == "succeeded" and 0 <= done["seconds"] < 5
+    # this test process has torch imported: well over 50 MB resident
+    assert 50 < done["peak_rss_mb"] < 100_000 and done["peak_rss_children_mb"] >= 0
     assert done["started_at"] <= done["finished_at"]
     with pytest.raises(RuntimeError), logged_run(log_file):
         raise RuntimeError("the stage failed")

@@ -125,6 +125,41 @@ def test_caltech_over_loopback_http(repo):
     assert "Running stage" not in dvc(repo, "repro", "split")
 
 
+def bench(script: str, repo: Path, *args: str) -> dict:
+    """Run one of bench/'s scripts on ``repo`` and return the JSON it prints."""
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / script), "--root", str(repo), *args],
+        capture_output=True,
+        text=True,
+        env=tool_env(),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def check_benchmarks_run(repo: Path) -> None:
+    """Smoke runs of the benchmarks on a finished workspace (figures: BENCHMARKS.md)."""
+    speed = bench("features_speed.py", repo, "--limit", "12", "--forward-batches", "1")
+    assert speed["images"] == 12 and speed["engine"] == "onnxruntime-fp32"
+    assert min(speed["baseline_ips"], speed["stage_ips"], speed["forward_only_ips"]) > 0
+    onnx = bench("onnx_speed.py", repo, "--rounds", "1", "--repeats", "1")
+    assert set(onnx["images_per_second"]) == {"eager", "onnx_fp32", "onnx_int8"}
+    assert onnx["int8_vs_fp32"] > 0 and onnx["test_top1"]["onnx_fp32"] is not None
+    overhead = bench("dvc_overhead.py", repo, "--repeat", "1")
+    head = overhead["head_lr_change"]
+    assert head["stages_ran"] == [
+        "train_head",
+        "finetune",
+        "evaluate",
+        "export",
+        "onnx_check",
+        "report",
+    ]
+    assert {"download", "validate", "split", "features"} <= set(head["stages_not_ran"])
+    assert all(entry["peak_rss_mb"] > 50 for entry in head["per_stage"].values())
+    assert "Running stage" not in dvc(repo, "repro")  # the original params, restored
+
+
 def test_full_pipeline_reruns_only_what_a_head_change_affects(repo, tmp_path):
     # A class folder whose name is HTML: the report must show it as text.
     hostile = "<img src=x onerror=alert(1)>"
@@ -173,6 +208,7 @@ def test_full_pipeline_reruns_only_what_a_head_change_affects(repo, tmp_path):
     assert set(shown) == {"loss", "accuracy", "confusion"}
     diffed = json.loads(dvc(repo, "plots", "diff", "--json"))["data"]
     assert diffed["loss"][0]["revisions"] == ["workspace", "HEAD"]
+    check_benchmarks_run(repo)
     if not browser_available():
         return  # tests/test_report.py says why it skips its browser test
     with open_page(page, tmp_path / "profile") as visit:

@@ -55,6 +55,7 @@ def torch_to_onnx(
             dynamo=True,
             external_data=False,
             dynamic_shapes=({0: batch},),
+            verbose=False,  # the exporter's progress lines would bury the stage's own log
         )
         return onnx.load(str(out))
 
@@ -147,21 +148,29 @@ def graph_key(model: nn.Module, pre: Preprocessing) -> str:
 
 
 def onnx_session(model: FromUInt8, pre: Preprocessing, cache: Path):
-    """The uint8-input backbone as an onnxruntime CPU session on all this process's threads."""
+    """The uint8-input backbone as an onnxruntime CPU session on all this process's threads.
+
+    A cached graph that onnxruntime cannot load (a damaged file) is exported again.
+    """
     import onnxruntime as ort
 
-    graph = cache / "engines" / f"{graph_key(model, pre)}.onnx"
-    if graph.exists():
-        serialized = graph.read_bytes()
-    else:
-        example = torch.zeros(2, pre.input_size, pre.input_size, 3, dtype=torch.uint8)
-        serialized = torch_to_onnx(model.cpu(), example, "images", "features", OPSET)
-        serialized = serialized.SerializeToString()
-        with disk_full_is_an_error(graph, "paths.feature_cache"):
-            graph.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(graph) as tmp:
-                tmp.write_bytes(serialized)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
+    graph = cache / "engines" / f"{graph_key(model, pre)}.onnx"
+    if graph.exists():
+        try:
+            return ort.InferenceSession(
+                graph.read_bytes(), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own types for unreadable graphs
+            log.warning("%s cannot be loaded (%s); exporting the backbone again", graph, exc)
+    example = torch.zeros(2, pre.input_size, pre.input_size, 3, dtype=torch.uint8)
+    serialized = torch_to_onnx(
+        model.cpu(), example, "images", "features", OPSET
+    ).SerializeToString()
+    with disk_full_is_an_error(graph, "paths.feature_cache"):
+        graph.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(graph) as tmp:
+            tmp.write_bytes(serialized)
     return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])

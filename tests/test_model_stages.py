@@ -208,6 +208,13 @@ def test_feature_engines_agree_with_the_reference_preprocessing(tiny_run):
     assert np.abs(again.embed(batch) - expected).max() <= 1e-4 * scale
     assert sorted((p.paths.feature_cache / "engines").glob("*.onnx")) == graphs
     assert graphs[0].stat().st_mtime_ns == stamp
+    # A damaged cached graph is exported again rather than failing the stage.
+    graphs[0].write_bytes(graphs[0].read_bytes()[:1000])
+    rebuilt = engines.build(
+        "onnxruntime", backbone.module, backbone.preprocessing, runtime, p.paths.feature_cache
+    )
+    assert np.abs(rebuilt.embed(batch) - expected).max() <= 1e-4 * scale
+    assert graphs[0].stat().st_size > 1_000_000
     # Different weights are a different graph.
     with torch.no_grad():
         next(backbone.module.parameters()).add_(1.0)

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -122,6 +123,8 @@ def main() -> None:
         "forward_only_ips": round(ceiling, 1),
         "stage_vs_baseline": round(stage / base, 2),
         "stage_vs_forward_only": round(stage / ceiling, 3),
+        # the same for 1,000 images or 8,677 when nothing holds the decoded dataset
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6),
     }
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
 

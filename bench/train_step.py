@@ -31,7 +31,14 @@ from pipeline.backbones import build_backbone  # noqa: E402
 from pipeline.runtime import cpu_has_fast_bf16  # noqa: E402
 
 
-def make_step(channels_last: bool, bf16: bool, batch: int, classes: int):
+def make_step(
+    channels_last: bool,
+    bf16: bool,
+    batch: int,
+    classes: int,
+    frozen_bn: bool = False,
+    compile_: bool = False,
+):
     backbone = build_backbone("efficientnet_lite0", "imagenet")
     model = nn.Sequential(
         backbone.module,
@@ -42,6 +49,11 @@ def make_step(channels_last: bool, bf16: bool, batch: int, classes: int):
     ).train()
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
+    if frozen_bn:
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+    forward = torch.compile(model) if compile_ else model
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=layout)
     y = torch.randint(0, classes, (batch,))
@@ -50,7 +62,7 @@ def make_step(channels_last: bool, bf16: bool, batch: int, classes: int):
     def step() -> None:
         cast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with cast:
-            logits = model(x)
+            logits = forward(x)
         loss = criterion(logits.float(), y)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -73,6 +85,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--classes", type=int, default=101)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--experiments", action="store_true", help="also frozen BN, torch.compile")
     args = parser.parse_args()
     variants = {
         "eager_nchw_fp32": (False, False),
@@ -81,10 +94,22 @@ def main() -> None:
     if cpu_has_fast_bf16():
         variants["channels_last_bf16"] = (True, True)
     result: dict = {"threads": torch.get_num_threads(), "batch": args.batch, "img_s": {}}
-    step = None
+    profiled = None
     for name, (channels_last, bf16) in variants.items():
-        step = make_step(channels_last, bf16, args.batch, args.classes)
-        result["img_s"][name] = round(images_per_second(step, args.batch, args.steps), 1)
+        profiled = make_step(channels_last, bf16, args.batch, args.classes)
+        result["img_s"][name] = round(images_per_second(profiled, args.batch, args.steps), 1)
+    if args.experiments:
+        bf16 = cpu_has_fast_bf16()
+        step = make_step(True, bf16, args.batch, args.classes, frozen_bn=True)
+        result["img_s"]["frozen_batchnorm"] = round(
+            images_per_second(step, args.batch, args.steps), 1
+        )
+        started = time.perf_counter()
+        step = make_step(True, bf16, args.batch, args.classes, compile_=True)
+        step()
+        result["compile_s"] = round(time.perf_counter() - started, 1)
+        result["img_s"]["compiled"] = round(images_per_second(step, args.batch, args.steps), 1)
+    step = profiled
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(max(2, args.steps // 2)):
             step()

@@ -285,8 +285,12 @@ def test_disk_full_during_features_keeps_no_partial_output(
     )
     fs = workspace / "fs"
     fs.mkdir()
-    # The stage writes a cache shard (~160 kB) and then the features (~155 kB): sizes below
-    # 160 KiB fill the disk while the cache is written, larger ones while the features are.
+    # The onnxruntime engine's graph (~14 MB for Lite0) is exported once into the feature
+    # cache; it is on the disk beforehand (test_disk_full_while_the_engine_graph_is_written
+    # fills the disk with it). Then the stage writes a cache shard (~160 kB) and the features
+    # (~155 kB): room below 160 KiB fills while the cache is written, more while the features are.
+    graph = engine_graph(paths)
+    graph_kib = kib_on_tmpfs([graph.stat().st_size])
     runs = itertools.count()
     rng = random.Random(SEED + 2)
     cases = [rng.randrange(40, 300, 4) for _ in range(trials(5, 1))]
@@ -294,10 +298,15 @@ def test_disk_full_during_features_keeps_no_partial_output(
     def trial(small_kib: int) -> str | None:
         i = next(runs)
         shutil.rmtree(fs)
-        fs.mkdir()
+        (fs / "cache/engines").mkdir(parents=True)
+        shutil.copy2(graph, fs / "cache/engines" / graph.name)
         metrics_before = paths.metrics_file("features").read_text()
         full, roomy = stage_on_growing_tmpfs(
-            "features", fs, [small_kib, 2048], ["fs", "metrics"], tmp_path / f"t{i}"
+            "features",
+            fs,
+            [graph_kib + small_kib, graph_kib + 2048],
+            ["fs", "metrics"],
+            tmp_path / f"t{i}",
         )
         metrics = [roomy.after / "metrics/features.json", full.after / "metrics/features.json"]
         full.after, roomy.after = full.after / "fs", roomy.after / "fs"
@@ -328,5 +337,59 @@ def test_disk_full_during_features_keeps_no_partial_output(
 
     failures = run_trials(
         "disk full during features (tmpfs on paths.features and feature_cache)", cases, trial
+    )
+    assert not failures, failures
+
+
+def engine_graph(paths) -> Path:
+    """The onnxruntime graph the reference ``features`` run exported into the feature cache."""
+    graphs = sorted((paths.feature_cache / "engines").glob("*.onnx"))
+    assert len(graphs) == 1, graphs
+    return graphs[0]
+
+
+def test_disk_full_while_the_engine_graph_is_written(tmpfs_works, workspace, tmp_path, split_images):
+    """The backbone's graph fills the disk: no partial graph is kept, the error names the file
+    and the setting, and the next run with room exports it again and computes the features."""
+    paths = parse_params(split_images).paths
+    reference, index = features.load_features(paths)
+    graph = engine_graph(paths)
+    graph_kib = kib_on_tmpfs([graph.stat().st_size])
+    write_params(
+        {**split_images, "paths": {"features": "fs/features", "feature_cache": "fs/cache"}}
+    )
+    fs = workspace / "fs"
+    fs.mkdir()
+    metrics_before = paths.metrics_file("features").read_text()
+
+    def trial(room_kib: int) -> str | None:
+        full, roomy = stage_on_growing_tmpfs(
+            "features", fs, [room_kib, graph_kib + 2048], ["fs", "metrics"], tmp_path / "t"
+        )
+        kept = full.after / "fs"
+        if list((kept / "cache").rglob("*.onnx")) or hidden(kept) or (kept / "features").exists():
+            return "data lost"  # a partial graph, a temporary file or partial features kept
+        if (full.after / "metrics/features.json").read_text() != metrics_before:
+            return "data lost"
+        assert full.returncode == 1, full.stderr
+        assert (
+            f"features failed: disk full (ENOSPC): no space left on device writing "
+            f"fs/cache/engines/{graph.name}" in full.stderr
+        ), full.stderr
+        assert "point paths.feature_cache in params.yaml" in full.stderr, full.stderr
+        assert roomy.returncode == 0, roomy.stderr
+        assert json.loads((roomy.after / "metrics/features.json").read_text())["computed"] == 30
+        exported = roomy.after / "fs/cache/engines" / graph.name
+        assert exported.stat().st_size == graph.stat().st_size
+        for name, array in reference.items():
+            saved = np.load(roomy.after / "fs/features" / f"{name}.npy")
+            assert np.allclose(saved, array, atol=1e-5)
+        assert json.loads((roomy.after / "fs/features/index.json").read_text()) == index
+        assert not hidden(roomy.after / "fs")
+        return None
+
+    # One trial: the graph is one file written at once, so where the disk fills hardly matters.
+    failures = run_trials(
+        "disk full while the features engine's graph is written", [graph_kib // 2], trial
     )
     assert not failures, failures

@@ -348,7 +348,9 @@ def engine_graph(paths) -> Path:
     return graphs[0]
 
 
-def test_disk_full_while_the_engine_graph_is_written(tmpfs_works, workspace, tmp_path, split_images):
+def test_disk_full_while_the_engine_graph_is_written(
+    tmpfs_works, workspace, tmp_path, split_images
+):
     """The backbone's graph fills the disk: no partial graph is kept, the error names the file
     and the setting, and the next run with room exports it again and computes the features."""
     paths = parse_params(split_images).paths

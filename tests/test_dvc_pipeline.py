@@ -151,6 +151,7 @@ def check_benchmarks_run(repo: Path) -> None:
     assert head["stages_ran"] == list(STAGES[STAGES.index("train_head") :])
     assert {"download", "validate", "split", "features"} <= set(head["stages_not_ran"])
     assert all(entry["peak_rss_mb"] > 50 for entry in head["per_stage"].values())
+    assert overhead["restore_original_params"]["stages_ran"] == []  # DVC's run cache
     assert "Running stage" not in dvc(repo, "repro")  # the original params, restored
 
 

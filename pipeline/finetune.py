@@ -2,7 +2,7 @@
 
 Discriminative learning rates (backbone lr = ``finetune.lr`` × ``backbone_lr_mult``),
 linear warmup then cosine decay, transforms.v2 augmentation, early stopping on val loss,
-bf16 autocast where the hardware has it. A checkpoint is written atomically after every
+the epoch with the best val accuracy kept (the head alone, epoch 0, included), bf16 autocast where the hardware has it. A checkpoint is written atomically after every
 epoch and every ``finetune.checkpoint_every_steps`` batches; a rerun with the same inputs
 and params resumes from it instead of starting over. Each epoch seeds its own shuffling,
 augmentation and dropout, and a checkpoint inside an epoch holds every RNG state and the
@@ -128,7 +128,8 @@ class TrainState:
     """Everything a resumed run needs at an epoch boundary; saved in every checkpoint."""
 
     epoch: int = 0
-    best_loss: float = math.inf  # all epochs, epoch 0 (head alone) too: picks weights
+    best_acc: float = -math.inf  # all epochs, epoch 0 (head alone) too: picks weights
+    best_loss: float = math.inf  # of the epoch with best_acc: breaks ties
     best_trained_loss: float = math.inf  # fine-tuned epochs only: early stopping
     best_state: dict | None = None
     waited: int = 0
@@ -279,6 +280,16 @@ def train_epoch(
     }
 
 
+def beats(acc: float, loss: float, best_acc: float, best_loss: float) -> bool:
+    """Whether an epoch's val figures beat the kept ones: accuracy first, loss breaks ties.
+
+    Val loss alone rewards confidence: on Caltech-101 the head alone (epoch 0; label
+    smoothing and class weights keep its logits soft) had val accuracy 96.8% at loss 0.557,
+    fine-tuned epoch 3 95.7% at 0.300; keeping epoch 3 cost 0.5 pt of test top-1.
+    """
+    return acc > best_acc or (acc == best_acc and loss < best_loss)
+
+
 def snapshot(model: nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
@@ -294,7 +305,7 @@ def fine_tune(
     checkpoint: Path,
     key: str,
 ) -> tuple[TrainState, float, int]:
-    """Unfreeze, fit at discriminative rates, keep the best val-loss weights (epoch 0 = head alone)."""
+    """Unfreeze, fit at discriminative rates, keep the best val-accuracy weights (epoch 0 = head alone)."""
     lookup = {c: i for i, c in enumerate(card.classes)}
     model.to(runtime.device, memory_format=torch.channels_last)
     trainable = freeze_all_but_last(model, blocks, cfg.unfreeze_blocks)
@@ -362,7 +373,7 @@ def fine_tune(
             log.info("resuming finetune from the checkpoint after epoch %d", state.epoch)
     else:
         loss, acc = val_loss_acc(model, val_loader, runtime)
-        state.best_loss, state.best_state = loss, snapshot(model)
+        state.best_acc, state.best_loss, state.best_state = acc, loss, snapshot(model)
         state.history.append(
             {"epoch": 0, "train_loss": None, "train_acc": None, "val_loss": loss, "val_acc": acc}
         )
@@ -414,8 +425,9 @@ def fine_tune(
             val_acc,
             done["images"] / done["seconds"],
         )
-        if val_loss < state.best_loss - 1e-4:
-            state.best_loss, state.best_state = val_loss, snapshot(model)
+        if beats(val_acc, val_loss, state.best_acc, state.best_loss):
+            state.best_acc, state.best_loss = val_acc, val_loss
+            state.best_state = snapshot(model)
         # Patience counts against fine-tuned epochs only: the first epochs run at the
         # schedule's peak lr and may trail the head alone before they overtake it
         # (Caltech, full unfreeze: val loss 0.53 and 0.45 after epochs 1-2 against 0.31 for
@@ -428,6 +440,15 @@ def fine_tune(
         save(state, None)
     model.load_state_dict(state.best_state)
     return state, seconds, images
+
+
+def kept_epoch(history: pd.DataFrame) -> pd.Series:
+    """The history row whose weights :func:`fine_tune` kept (the first of equals, as it does)."""
+    best = history.iloc[0]
+    for _, row in history.iloc[1:].iterrows():
+        if beats(row["val_acc"], row["val_loss"], best["val_acc"], best["val_loss"]):
+            best = row
+    return best
 
 
 def run(paths: Paths, model_cfg: ModelParams, cfg: FinetuneParams, device: str) -> dict:
@@ -464,10 +485,11 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FinetuneParams, device: str) 
     with atomic_path(paths.plots / "finetune.csv") as tmp:
         frame.round(6).to_csv(tmp, index=False)
     trained = frame[frame["epoch"] > 0]
-    best = frame.loc[frame["val_loss"].idxmin()] if len(trained) else None
+    best = kept_epoch(frame) if len(trained) else None
     if best is not None and best["epoch"] == 0:
         log.warning(
-            "fine-tuning never beat the head alone on val loss; keeping backbone + head as they were"
+            "fine-tuning never beat the head alone on val accuracy; "
+            "keeping backbone + head as they were"
         )
     metrics = {
         "epochs_run": len(trained),

@@ -277,3 +277,21 @@ def test_killed_finetune_resumes_from_its_checkpoint(tiny_run):
     assert "resuming finetune from the checkpoint after epoch" in done.stderr
     assert json.loads(p.paths.metrics_file("finetune").read_text())["epochs_run"] == 4
     assert p.paths.model.exists() and not checkpoint.exists()
+
+
+def test_finetune_keeps_the_epoch_with_the_best_val_accuracy():
+    """Caltech-101's history (head alone soft but more accurate) keeps the head; accuracy
+    first, then loss, and the first of equals."""
+    caltech = pd.DataFrame(
+        {
+            "epoch": [0, 1, 2, 3, 4, 5],
+            "val_loss": [0.557267, 0.606086, 0.442777, 0.300033, 0.351813, 0.355048],
+            "val_acc": [0.967667, 0.866051, 0.904157, 0.957275, 0.945727, 0.939954],
+        }
+    )
+    assert finetune.kept_epoch(caltech)["epoch"] == 0
+    better = caltech.assign(val_acc=[0.96, 0.97, 0.98, 0.98, 0.98, 0.5])
+    better.loc[3, "val_loss"] = 0.4  # ties epoch 2 on accuracy with a lower loss
+    better.loc[4, "val_loss"] = 0.4  # equals epoch 3: the first is kept
+    assert finetune.kept_epoch(better)["epoch"] == 3
+    assert finetune.beats(0.9, 1.0, 0.8, 0.1) and not finetune.beats(0.8, 0.2, 0.8, 0.1)

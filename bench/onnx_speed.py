@@ -20,8 +20,6 @@ import json
 import os
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import images_per_second  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.features import read_split  # noqa: E402
 from pipeline.fsutil import read_json_or_empty  # noqa: E402
 from pipeline.images import load_rgb  # noqa: E402
 from pipeline.model import load_classifier  # noqa: E402
 from pipeline.predict import OnnxClassifier  # noqa: E402
-
-
-def images_per_second(run: Callable[[], object], batch: int, repeats: int) -> float:
-    started = time.perf_counter()
-    for _ in range(repeats):
-        run()
-    return batch * repeats / (time.perf_counter() - started)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import images_per_second  # noqa: E402
 from pipeline.backbones import build_backbone  # noqa: E402
 from pipeline.runtime import cpu_has_fast_bf16  # noqa: E402
 
@@ -71,14 +72,6 @@ def make_step(
     return step
 
 
-def images_per_second(step, batch: int, steps: int) -> float:
-    step()  # warm-up
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return batch * steps / (time.perf_counter() - started)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -97,18 +90,22 @@ def main() -> None:
     profiled = None
     for name, (channels_last, bf16) in variants.items():
         profiled = make_step(channels_last, bf16, args.batch, args.classes)
-        result["img_s"][name] = round(images_per_second(profiled, args.batch, args.steps), 1)
+        result["img_s"][name] = round(
+            images_per_second(profiled, args.batch, args.steps, warmup=1), 1
+        )
     if args.experiments:
         bf16 = cpu_has_fast_bf16()
         step = make_step(True, bf16, args.batch, args.classes, frozen_bn=True)
         result["img_s"]["frozen_batchnorm"] = round(
-            images_per_second(step, args.batch, args.steps), 1
+            images_per_second(step, args.batch, args.steps, warmup=1), 1
         )
         started = time.perf_counter()
         step = make_step(True, bf16, args.batch, args.classes, compile_=True)
         step()
         result["compile_s"] = round(time.perf_counter() - started, 1)
-        result["img_s"]["compiled"] = round(images_per_second(step, args.batch, args.steps), 1)
+        result["img_s"]["compiled"] = round(
+            images_per_second(step, args.batch, args.steps, warmup=1), 1
+        )
     step = profiled
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(max(2, args.steps // 2)):

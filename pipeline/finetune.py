@@ -2,9 +2,10 @@
 
 Discriminative learning rates (backbone lr = ``finetune.lr`` × ``backbone_lr_mult``),
 linear warmup then cosine decay, transforms.v2 augmentation, early stopping on val loss,
-the epoch with the best val accuracy kept (the head alone, epoch 0, included), bf16 autocast where the hardware has it. A checkpoint is written atomically after every
-epoch and every ``finetune.checkpoint_every_steps`` batches; a rerun with the same inputs
-and params resumes from it instead of starting over. Each epoch seeds its own shuffling,
+the epoch with the best val accuracy kept (the head alone, epoch 0, included), bf16
+autocast where the hardware has it. A checkpoint is written atomically after every epoch
+and every ``finetune.checkpoint_every_steps`` batches; a rerun with the same inputs and
+params resumes from it instead of starting over. Each epoch seeds its own shuffling,
 augmentation and dropout, and a checkpoint inside an epoch holds every RNG state and the
 sampler's position, so a resumed run follows the same path as an uninterrupted one.
 """
@@ -305,7 +306,10 @@ def fine_tune(
     checkpoint: Path,
     key: str,
 ) -> tuple[TrainState, float, int]:
-    """Unfreeze, fit at discriminative rates, keep the best val-accuracy weights (epoch 0 = head alone)."""
+    """Unfreeze, fit at discriminative rates, keep the best val-accuracy weights.
+
+    Epoch 0 is the head alone, so fine-tuning that never beats it keeps it.
+    """
     lookup = {c: i for i, c in enumerate(card.classes)}
     model.to(runtime.device, memory_format=torch.channels_last)
     trainable = freeze_all_but_last(model, blocks, cfg.unfreeze_blocks)

@@ -278,18 +278,11 @@ def split_images(workspace, tmp_path):
 def test_disk_full_during_features_keeps_no_partial_output(
     tmpfs_works, workspace, tmp_path, split_images
 ):
-    paths = parse_params(split_images).paths
-    reference, index = features.load_features(paths)
-    write_params(
-        {**split_images, "paths": {"features": "fs/features", "feature_cache": "fs/cache"}}
-    )
-    fs = workspace / "fs"
-    fs.mkdir()
+    paths, reference, index, graph, fs = features_on_fs(split_images, workspace)
     # The onnxruntime engine's graph (~14 MB for Lite0) is exported once into the feature
     # cache; it is on the disk beforehand (test_disk_full_while_the_engine_graph_is_written
     # fills the disk with it). Then the stage writes a cache shard (~160 kB) and the features
     # (~155 kB): room below 160 KiB fills while the cache is written, more while the features are.
-    graph = engine_graph(paths)
     graph_kib = kib_on_tmpfs([graph.stat().st_size])
     runs = itertools.count()
     rng = random.Random(SEED + 2)
@@ -341,11 +334,19 @@ def test_disk_full_during_features_keeps_no_partial_output(
     assert not failures, failures
 
 
-def engine_graph(paths) -> Path:
-    """The onnxruntime graph the reference ``features`` run exported into the feature cache."""
+def features_on_fs(split_images: dict, workspace: Path):
+    """The reference features run's paths, arrays, index and onnxruntime graph; then params
+    that put ``paths.features`` and ``paths.feature_cache`` under the empty folder ``fs``."""
+    paths = parse_params(split_images).paths
+    reference, index = features.load_features(paths)
     graphs = sorted((paths.feature_cache / "engines").glob("*.onnx"))
     assert len(graphs) == 1, graphs
-    return graphs[0]
+    write_params(
+        {**split_images, "paths": {"features": "fs/features", "feature_cache": "fs/cache"}}
+    )
+    fs = workspace / "fs"
+    fs.mkdir()
+    return paths, reference, index, graphs[0], fs
 
 
 def test_disk_full_while_the_engine_graph_is_written(
@@ -353,15 +354,8 @@ def test_disk_full_while_the_engine_graph_is_written(
 ):
     """The backbone's graph fills the disk: no partial graph is kept, the error names the file
     and the setting, and the next run with room exports it again and computes the features."""
-    paths = parse_params(split_images).paths
-    reference, index = features.load_features(paths)
-    graph = engine_graph(paths)
+    paths, reference, index, graph, fs = features_on_fs(split_images, workspace)
     graph_kib = kib_on_tmpfs([graph.stat().st_size])
-    write_params(
-        {**split_images, "paths": {"features": "fs/features", "feature_cache": "fs/cache"}}
-    )
-    fs = workspace / "fs"
-    fs.mkdir()
     metrics_before = paths.metrics_file("features").read_text()
 
     def trial(room_kib: int) -> str | None:

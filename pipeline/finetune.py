@@ -51,7 +51,7 @@ from pipeline.model import (
     save_checkpoint,
 )
 from pipeline.runtime import Runtime, resolve
-from pipeline.train_head import check_finite, check_gradients
+from pipeline.train_head import check_finite, check_gradients, training_criterion
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +341,12 @@ def fine_tune(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lr_lambda(total, round(total * cfg.warmup_fraction))
     )
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    criterion = training_criterion(
+        train_rows["label"].map(lookup).to_numpy(dtype=np.int64),
+        len(card.classes),
+        cfg.class_balanced,
+        cfg.label_smoothing,
+    ).to(runtime.device)
 
     def save(state: TrainState, progress: EpochProgress | None) -> None:
         save_training_checkpoint(

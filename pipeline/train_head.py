@@ -35,6 +35,14 @@ def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(weights / weights[counts > 0].mean(), dtype=torch.float32)
 
 
+def training_criterion(
+    y: np.ndarray, n_classes: int, class_balanced: bool, label_smoothing: float
+) -> nn.CrossEntropyLoss:
+    """The training loss of train_head and finetune: optionally class-weighted and smoothed."""
+    weight = class_weights(y, n_classes) if class_balanced else None
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+
+
 def check_finite(loss: torch.Tensor, where: str) -> None:
     if not torch.isfinite(loss):
         raise PipelineError(
@@ -110,8 +118,7 @@ def fit_head(
 ) -> tuple[nn.Module, pd.DataFrame, dict]:
     """Train a head with early stopping on val loss; return the best head, history and facts."""
     x, y = torch.tensor(train.x), torch.tensor(train.y)
-    weight = class_weights(train.y, spec.n_classes) if cfg.class_balanced else None
-    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    criterion = training_criterion(train.y, spec.n_classes, cfg.class_balanced, cfg.label_smoothing)
     plain = nn.CrossEntropyLoss()  # val loss is comparable across settings
     lr = find_lr(x, y, spec, cfg, criterion) if cfg.lr == "auto" else float(cfg.lr)
     torch.manual_seed(cfg.seed)

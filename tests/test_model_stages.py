@@ -113,8 +113,16 @@ def test_nan_loss_stops_training_and_saves_nothing(tiny_run):
     assert not p.paths.head.exists()
 
 
+def test_class_balanced_loss_weighs_classes_by_inverse_frequency():
+    y = np.array([0, 0, 0, 1])  # class 2 has no training images
+    balanced = train_head.training_criterion(y, 3, True, 0.1)
+    assert torch.allclose(balanced.weight, torch.tensor([0.5, 1.5, 0.0]))
+    assert balanced.label_smoothing == 0.1
+    assert train_head.training_criterion(y, 3, False, 0.0).weight is None
+
+
 def test_finetune_and_evaluate(tiny_run):
-    p = tiny_run()
+    p = tiny_run(finetune={"class_balanced": True})
     features.main(p)
     train_head.main(p)
     metrics = finetune.main(p)

@@ -323,9 +323,10 @@ def fine_tune(
         ],
         weight_decay=cfg.weight_decay,
     )
+    train_labels = train_rows["label"].map(lookup)
     train_set = ImageDataset(
         train_rows["path"],
-        train_rows["label"].map(lookup),
+        train_labels,
         train_transform(card.preprocessing, cfg.augment),
         train_rows["sha256"],
         cfg.seed,
@@ -342,7 +343,7 @@ def fine_tune(
         optimiser, lr_lambda(total, round(total * cfg.warmup_fraction))
     )
     criterion = training_criterion(
-        train_rows["label"].map(lookup).to_numpy(dtype=np.int64),
+        train_labels.to_numpy(dtype=np.int64),
         len(card.classes),
         cfg.class_balanced,
         cfg.label_smoothing,

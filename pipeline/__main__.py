@@ -123,8 +123,14 @@ def headline_figures(paths) -> list[str]:
         if "int8" in parity:
             q = parity["int8"]
             lines.append(
-                f"  {'onnx int8':<16} top-1 {q['top1']:.4f}, {q['cpu_latency_ms_p50']:.1f} ms at "
-                f"batch 1, {q['cpu_throughput_ips']:.0f} img/s"
+                f"  {'onnx int8':<16} top-1 {q['top1']:.4f} ({100 * q['top1_drop']:+.2f} pt "
+                f"below fp32), {q['cpu_latency_ms_p50']:.1f} ms at batch 1, "
+                f"{q['cpu_throughput_ips']:.0f} img/s"
+            )
+        if "cpu" in parity:
+            cpu = parity["cpu"]
+            lines.append(
+                f"  {'measured on':<16} {cpu['model']}; int8 kernels: {cpu['onnxruntime_int8_kernel']}"
             )
     if lines:
         lines = ["", "Results (all figures: dvc metrics show):", *lines]

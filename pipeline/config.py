@@ -72,7 +72,7 @@ class Paths:
 class DataParams:
     """Where the labelled images come from."""
 
-    source: str = "builtin:digits"
+    source: str = "builtin:digits-mini"
     sha256: str | None = None
     md5: str | None = None  # for publishers that give only an MD5 (Caltech's data repository)
     member: str | None = None
@@ -252,7 +252,10 @@ class ExportParams:
 
 @dataclass(frozen=True)
 class OnnxCheckParams:
-    """Parity bounds between the ONNX and the PyTorch model, and how CPU speed is measured."""
+    """Parity bounds between the ONNX and the PyTorch model, and how CPU speed is measured.
+
+    The bounds on predictions (agreement, top-1 gap, int8 drop) are on true rates, tested
+    one-sided at ``significance`` on the test split (pipeline/significance.py)."""
 
     threads: int = 2
     batch_size: int = 32
@@ -262,11 +265,16 @@ class OnnxCheckParams:
     min_top1_agreement: float = 0.999
     max_top1_gap: float = 0.002
     max_int8_drop: float = 0.01
+    significance: float = 0.05
 
     def __post_init__(self) -> None:
         if min(self.threads, self.batch_size, self.latency_runs, self.throughput_batches) < 1:
             raise ConfigError(
                 "onnx_check.threads, batch_size, latency_runs and throughput_batches must be >= 1"
+            )
+        if not 0 < self.significance < 1:
+            raise ConfigError(
+                f"onnx_check.significance must be between 0 and 1, got {self.significance!r}"
             )
 
 

@@ -9,10 +9,12 @@ fitted on val, and provenance (backbone, params hash, git commit, test metrics).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +42,10 @@ from pipeline.provenance import git_revision
 
 log = logging.getLogger(__name__)
 INPUT, OUTPUT = "input", "logits"
+INT8_RECIPE = (
+    "int8 static QDQ: u8 activations; s8 per-channel weights, 7-bit on GEMM ops, 8-bit on "
+    "depthwise convolutions (no int16 saturation on any x86-64 CPU)"
+)
 
 
 # The sections that shape the exported file; paths, download effort, device and the
@@ -129,35 +135,111 @@ def calibration_rows(paths: Paths, count: int, seed: int) -> list[str]:
 
 
 class CalibrationImages:
-    """onnxruntime's CalibrationDataReader over preprocessed training images, in batches."""
+    """onnxruntime's CalibrationDataReader over preprocessed training images, in batches.
+
+    Every batch has ``batch_size`` images: the last one is filled up with images from the
+    start. onnxruntime's histogram calibrators (percentile, entropy) stack the batches'
+    outputs and fail on a short last batch; repeating images moves no minimum or maximum.
+    """
 
     def __init__(self, image_paths: list[str], pre: Preprocessing, batch_size: int = 16) -> None:
-        self.image_paths, self.pre, self.batch_size = image_paths, pre, batch_size
+        self.image_paths, self.pre = image_paths, pre
+        self.batch_size = min(batch_size, len(image_paths))
         self._batches = self._iterate()
 
     def _iterate(self) -> Iterator[dict[str, np.ndarray]]:
-        for start in range(0, len(self.image_paths), self.batch_size):
-            chunk = self.image_paths[start : start + self.batch_size]
+        paths = self.image_paths
+        for start in range(0, len(paths), self.batch_size):
+            chunk = (paths[start:] + paths)[: self.batch_size]
             yield {INPUT: np.stack([self.pre(load_rgb(p)) for p in chunk])}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
 
 
+def quantize_reader(calibration: CalibrationImages):
+    """``calibration`` as the CalibrationDataReader that onnxruntime's quantizer takes."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return calibration.get_next()
+
+    return Reader()
+
+
+# A convolution output channel whose weights all lie below this fraction of its layer's
+# largest weight is dead (batch norm folded a near-zero scale into it): its weights move
+# its output by less than one activation quantization step (1/255 of the range), but its
+# int8 bias scale (input scale x weight scale) would be so small that the bias overflows
+# int32 and is clipped. Such weights are set to zero before quantizing; the bias stays.
+DEAD_CHANNEL_FRACTION = 1e-4
+
+
+def grouped(node: onnx.NodeProto) -> bool:
+    return any(a.name == "group" and a.i > 1 for a in node.attribute)
+
+
+def gemm_weights(proto: onnx.ModelProto) -> dict[str, int]:
+    """Weights of the ops onnxruntime runs through its u8×s8 GEMM kernels (convolutions that
+    are not depthwise, Gemm, MatMul), each with its output-channel axis (as the quantizer
+    takes it: 0 for Conv and a transposed Gemm weight, 1 otherwise)."""
+    initializers = {init.name for init in proto.graph.initializer}
+    weights = {}
+    for node in proto.graph.node:
+        if len(node.input) < 2 or node.input[1] not in initializers:
+            continue
+        if node.op_type == "Conv" and not grouped(node):
+            weights[node.input[1]] = 0
+        elif node.op_type == "Gemm":
+            transposed = any(a.name == "transB" and a.i for a in node.attribute)
+            weights[node.input[1]] = 0 if transposed else 1
+        elif node.op_type == "MatMul":
+            weights[node.input[1]] = 1
+    return weights
+
+
+def zero_dead_channels(proto: onnx.ModelProto, fraction: float = DEAD_CHANNEL_FRACTION) -> int:
+    """Zero the weights of dead convolution channels (see DEAD_CHANNEL_FRACTION), in place;
+    returns how many channels."""
+    from onnx import numpy_helper
+
+    conv_weights = {node.input[1] for node in proto.graph.node if node.op_type == "Conv"}
+    zeroed = 0
+    for init in proto.graph.initializer:
+        if init.name not in conv_weights:
+            continue
+        weights = numpy_helper.to_array(init)
+        largest = np.abs(weights.reshape(weights.shape[0], -1)).max(axis=1)
+        dead = largest < fraction * largest.max()
+        if dead.any():
+            weights = weights.copy()
+            weights[dead] = 0
+            init.CopyFrom(numpy_helper.from_array(weights, init.name))
+            zeroed += int(dead.sum())
+    return zeroed
+
+
 def quantize_int8(fp32_path: Path, calibration: CalibrationImages, method: str) -> onnx.ModelProto:
-    """Static int8 (QDQ, per-channel weights) calibrated on training images."""
+    """Static int8 that computes the same on every x86-64 CPU, calibrated on training images.
+
+    QDQ, u8 activations, s8 per-channel weights. onnxruntime's u8×s8 GEMM kernels on
+    AVX2 and on AVX-512 without VNNI sum each pair of products in a saturating int16
+    (``vpmaddubsw``); with 8-bit weights a pair can exceed it (255 x 127 x 2 > 32767),
+    and on Caltech-101 and digits such a model lost 12 pt of top-1 on an AVX2 CPU that a
+    VNNI CPU did not. So the weights of every op that runs through those kernels
+    (``gemm_weights``) get 7 bits (onnxruntime's reduce_range: 255 x 64 x 2 fits), and
+    depthwise convolutions, whose kernels widen to int16 before multiplying on every ISA,
+    keep 8 bits, which their few weights per channel need. The logits then agree across
+    ISAs up to float rounding (BENCHMARKS.md: int8 across CPUs).
+    """
     from onnxruntime.quantization import (
-        CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
         QuantType,
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return calibration.get_next()
 
     methods = {
         "minmax": CalibrationMethod.MinMax,
@@ -167,18 +249,35 @@ def quantize_int8(fp32_path: Path, calibration: CalibrationImages, method: str) 
     with tempfile.TemporaryDirectory(prefix="quantize-") as tmp:
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
-        quantize_static(
-            str(prepared),
-            str(quantized),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=methods[method],
-        )
+        model = onnx.load(str(prepared))
+        dead = zero_dead_channels(model)
+        onnx.save_model(model, str(prepared))
+        seven_bit = {
+            name: [{"reduce_range": True, "axis": axis}]
+            for name, axis in gemm_weights(model).items()
+        }
+        with contextlib.redirect_stdout(sys.stderr):  # the calibrators print their progress
+            quantize_static(
+                str(prepared),
+                str(quantized),
+                quantize_reader(calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=False,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=methods[method],
+                extra_options={"TensorQuantOverrides": seven_bit},
+            )
         proto = onnx.load(str(quantized))
-    log.info("int8: calibrated on %d training images (%s)", len(calibration.image_paths), method)
+    log.info(
+        "int8: calibrated on %d training images (%s); 7-bit weights on %d GEMM ops, 8-bit on "
+        "depthwise convolutions; %d dead channels zeroed",
+        len(calibration.image_paths),
+        method,
+        len(seven_bit),
+        dead,
+    )
     return proto
 
 
@@ -289,7 +388,7 @@ def run(params: Params) -> dict:
         calibration = CalibrationImages(images, card.preprocessing)
         int8 = quantize_int8(paths.onnx, calibration, cfg.calibration_method)
         save_checked(
-            with_metadata(int8, {**metadata, "quantization": "int8 static QDQ"}), paths.onnx_int8
+            with_metadata(int8, {**metadata, "quantization": INT8_RECIPE}), paths.onnx_int8
         )
         log.info("wrote %s (%.1f MB)", paths.onnx_int8, paths.onnx_int8.stat().st_size / 1e6)
     else:

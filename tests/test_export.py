@@ -162,14 +162,76 @@ def test_onnx_matches_pytorch_and_int8_keeps_accuracy(exported):
     assert metrics["top1_agreement"] == 1.0
     assert metrics["onnx_top1"] == metrics["torch_top1"] == 1.0
     assert 0 < metrics["cpu_latency_ms_p50"] <= metrics["cpu_latency_ms_p95"]
+    cpu = metrics["cpu"]  # where it ran, and which int8 kernels onnxruntime picked there
+    assert cpu["model"] and cpu["machine"] == "x86_64" and cpu["onnxruntime"] == ort.__version__
+    assert "sse4_1" in cpu["features"] and cpu["onnxruntime_int8_kernel"]
+    assert metrics["disagreements"] == 0 and metrics["significance"] == 0.05
     assert metrics["cpu_throughput_ips"] > 0
     int8 = metrics["int8"]
-    assert int8["top1"] == 1.0 and int8["top1_drop"] <= 0.01
+    assert int8["top1"] == 1.0 and int8["top1_drop"] <= 0.01 and int8["passed"]
+    assert (int8["lost"], int8["gained"]) == (0, 0) and int8["drop_p_value"] > 0.5
     assert int8["size_mb"] < metrics["size_mb"] / 2  # int8 weights: about a quarter
     proto = onnx.load(str(params.paths.onnx_int8))
     ops = {n.op_type for n in proto.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert {p.key for p in proto.metadata_props} >= {"classes", "preprocessing", "temperature"}
+
+
+# Under qemu-x86_64: the int8 model's logits for IMAGES (.npy) into OUT, and which CPU
+# (and so which onnxruntime int8 kernels) the emulator presented.
+EMULATED_LOGITS = """
+import json, sys
+import numpy as np
+import onnxruntime as ort
+from pipeline.cpu import cpu_info
+model, images, out = sys.argv[1:]
+session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+np.save(out, session.run(None, {"input": np.load(images)})[0])
+print(json.dumps(cpu_info().to_dict()))
+"""
+
+
+def emulated_int8_logits(model: Path, images: Path, cpu: str, out: Path) -> dict:
+    """The int8 logits computed on ``cpu``'s kernels, emulated by ``qemu-x86_64 -cpu``."""
+    done = subprocess.run(
+        ["qemu-x86_64", "-cpu", cpu, sys.executable, "-c", EMULATED_LOGITS, model, images, out],
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"cpu": json.loads(done.stdout.splitlines()[-1]), "logits": np.load(out)}
+
+
+def test_int8_computes_the_same_on_avx2_kernels_as_on_exact_ones(exported, tmp_path):
+    """Issue #16: onnxruntime's u8×s8 kernels saturate on AVX2 (and AVX-512 without VNNI)
+    but not on SSE4 or VNNI. The exported int8 model must give the same logits on both
+    kinds (up to float rounding), so its accuracy cannot depend on the consumer's CPU.
+    Both run under qemu's CPU emulation, whatever this machine's own CPU is."""
+    if shutil.which("qemu-x86_64") is None:
+        pytest.skip("qemu-x86_64 not found (Debian: apt-get install qemu-user; .ci/run does)")
+    params, _ = exported
+    test_csv = (params.paths.splits / "test.csv").read_text().splitlines()[1:]
+    paths = [line.split(",")[0] for line in test_csv][::3][:6]
+    _, card, _ = load_classifier(params.paths.model)
+    images = tmp_path / "images.npy"
+    np.save(images, np.stack([card.preprocessing(load_rgb(p)) for p in paths]))
+    avx2 = emulated_int8_logits(params.paths.onnx_int8, images, "Haswell-v4", tmp_path / "a.npy")
+    exact = emulated_int8_logits(params.paths.onnx_int8, images, "Nehalem", tmp_path / "s.npy")
+    assert avx2["cpu"]["onnxruntime_int8_kernel"].startswith("avx2")
+    assert exact["cpu"]["onnxruntime_int8_kernel"].startswith("sse")
+    assert (avx2["cpu"]["int8_u8s8_exact"], exact["cpu"]["int8_u8s8_exact"]) == (False, True)
+    fp32 = ort.InferenceSession(str(params.paths.onnx), providers=["CPUExecutionProvider"])
+    reference = fp32.run(None, {"input": np.load(images)})[0]
+    scale = np.abs(reference).max()
+    difference = np.abs(avx2["logits"] - exact["logits"]).max()
+    assert difference <= 0.02 * scale, (
+        f"int8 logits differ by {difference:.3g} between AVX2 and exact kernels "
+        f"(logits up to {scale:.3g}): saturation"
+    )
+    assert (avx2["logits"].argmax(1) == reference.argmax(1)).all()
+    assert (exact["logits"].argmax(1) == reference.argmax(1)).all()
 
 
 def test_batch_axis_is_dynamic(exported):

@@ -122,7 +122,11 @@ def write_run(root: Path) -> dict:
         "threads": 2, "batch_sizes": [1, 32], "size_mb": 19.3, "cpu_latency_ms_p50": 4.04,
         "cpu_latency_ms_p95": 4.27, "cpu_throughput_ips": 229.2,
         "int8": {"top1": 0.5, "size_mb": 5.4, "cpu_latency_ms_p50": 2.61, "cpu_latency_ms_p95": 2.76,
-                 "cpu_throughput_ips": 479.1},
+                 "cpu_throughput_ips": 479.1, "lost": 7, "gained": 2, "drop_p_value": 0.0123},
+        "cpu": {"model": "AMD EPYC <b>test</b>", "machine": "x86_64",
+                "features": ["sse4_1", "avx", "fma", "avx2"], "onnxruntime": "1.32.0",
+                "onnxruntime_int8_kernel": "avx2 (vpmaddubsw: int16 pair sums saturate)",
+                "int8_u8s8_exact": False},
     })  # fmt: skip
     (root / "models").mkdir()
     (root / "models/MODEL_CARD.md").write_text(
@@ -180,6 +184,12 @@ def test_report_shows_the_run_and_escapes_names_from_the_data(finished_run):
     assert f"{finetuned['top1']:.4f}" in html and f"{finetuned['macro_f1']:.4f}" in html
     assert "2026-11-23T12:00:00+00:00" in html and "0123456789" in html  # provenance
     assert "FAILED" in html and "3.2e-06" in html
+    # Where onnx_check ran, beside its latency figures (issue #16); escaped like all else.
+    speed = html[html.index("<h3>CPU speed") : html.index('id="speed"')]
+    assert "Measured on <strong>AMD EPYC &lt;b&gt;test&lt;/b&gt;</strong>" in speed
+    assert "sse4_1, avx, fma, avx2" in speed and "onnxruntime 1.32.0" in speed
+    assert "avx2 (vpmaddubsw: int16 pair sums saturate)" in speed
+    assert "7 / 2 (0.012)" in html
 
 
 def test_report_of_a_partial_run_says_what_has_not_run(workspace):

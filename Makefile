@@ -6,6 +6,8 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+# The stages run with this venv's Python (bin/stage, dvc.yaml's command, reads it).
+export PIPELINE_PYTHON := $(abspath $(BIN))/python
 
 .PHONY: run test faults install install-dev lint clean-venv
 
@@ -25,8 +27,8 @@ install-dev: $(BIN)/.installed-dev
 
 ## run: install, check DVC's outputs and state (verify --repair), reproduce with DVC, say where results are
 run: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pipeline verify --repair
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/python -m pipeline verify --repair
+	$(BIN)/dvc repro
 	@echo
 	@echo "Outputs (paths from params.yaml):"
 	@$(BIN)/python -m pipeline outputs

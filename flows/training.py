@@ -70,7 +70,8 @@ def placement(stage: str) -> str:
 
 
 def child_env() -> dict[str, str]:
-    """The stage's environment: this interpreter's tools first, analytics off, a git identity.
+    """The stage's environment: this interpreter's tools first and the stages run by it
+    (``bin/stage`` reads ``PIPELINE_PYTHON``), analytics off, a git identity.
 
     ``dvc exp save`` commits; where git has no identity configured, it falls back to one
     naming the flow rather than failing after the whole pipeline has run.
@@ -78,6 +79,7 @@ def child_env() -> dict[str, str]:
     env = {
         **os.environ,
         "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        "PIPELINE_PYTHON": sys.executable,
         "DVC_NO_ANALYTICS": "1",
         "GX_ANALYTICS_ENABLED": "false",
     }

@@ -1,13 +1,17 @@
 """Datasets that ship inside a dependency, so ``make run`` works offline on a fresh machine.
 
 ``data.source: builtin:digits`` renders scikit-learn's 1,797 handwritten digits (8x8, 16
-grey levels, UCI) as a folder of small PNGs, one folder per digit.
+grey levels, UCI) as a folder of small PNGs, one folder per digit. ``builtin:digits-mini``
+(the default) renders the first 50 of each digit, 500 images: fine-tuning dominates the
+first run, and on a 2-core CPU without bf16 the full set makes that run take 7-11 minutes
+where the mini set takes about 3, with the same pipeline and settings as a real dataset.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +25,31 @@ PREFIX = "builtin:"
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-def render_digits(target: Path, size: int = 32) -> int:
-    """Write each digit as ``target/<digit name>/digit_NNNN.png`` (dark ink on white)."""
+def render_digits(target: Path, per_class: int | None = None, size: int = 32) -> int:
+    """Write each digit as ``target/<digit name>/digit_NNNN.png`` (dark ink on white): all
+    of them, or the first ``per_class`` of each digit in the dataset's order."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
+    written = dict.fromkeys(range(len(DIGIT_NAMES)), 0)
     for index, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        if per_class is not None and written[label] >= per_class:
+            continue
+        written[label] += 1
         ink = (255 - pixels * (255 / 16)).clip(0, 255).astype(np.uint8)
         img = Image.fromarray(ink, mode="L").resize((size, size), Image.Resampling.BICUBIC)
         folder = target / DIGIT_NAMES[label]
         folder.mkdir(parents=True, exist_ok=True)
         img.save(folder / f"digit_{index:04d}.png", optimize=False)
-    log.info("rendered %d builtin digit images into %s", len(digits.images), target)
-    return len(digits.images)
+    total = sum(written.values())
+    log.info("rendered %d builtin digit images into %s", total, target)
+    return total
 
 
-BUILTINS: dict[str, Callable[[Path], int]] = {"digits": render_digits}
+BUILTINS: dict[str, Callable[[Path], int]] = {
+    "digits": render_digits,
+    "digits-mini": partial(render_digits, per_class=50),
+}
 
 
 def render_builtin(source: str, target: Path) -> int:

@@ -4,10 +4,12 @@ Each file is decoded once, the way every later stage will load it (``images.load
 Files that cannot be used are quarantined with their reason (listed, never deleted);
 the rest must pass the suite, whose Data Docs land in ``reports/validation/``.
 
-The set of classes must also be the one the previous successful run accepted, unless
-``validate.allow_class_change`` is true: a class that appears or vanishes between two
-unattended runs (a renamed folder upstream, an edited ``data.exclude_classes``) changes
-what the model predicts, so it is a decision, not something a schedule does silently.
+The set of classes must also be the one the previous successful run accepted from the
+same source, unless ``validate.allow_class_change`` is true: a class that appears or
+vanishes between two unattended runs of one dataset (a renamed folder upstream, an edited
+``data.exclude_classes``) changes what the model predicts, so it is a decision, not
+something a schedule does silently. A new ``data.source`` (or ``data.member``) is a new
+dataset: its classes are accepted as they are, with no flag to set and reset.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.config import Params, Paths, ValidateParams
+from pipeline.config import DataParams, Params, Paths, ValidateParams
 from pipeline.errors import DataError
 from pipeline.expectations import Check, format_failures, run_suite
 from pipeline.fsutil import atomic_path, is_os_litter, sha256_file, write_json_atomic
@@ -211,7 +213,8 @@ def summarise(manifest: pd.DataFrame, usable: pd.DataFrame, suite) -> dict:
 
 
 def accepted_classes_file(paths: Paths) -> Path:
-    """``metrics/classes.json``: the classes the last successful validate accepted.
+    """``metrics/classes.json``: the classes the last successful validate accepted, and the
+    source (``data.source``, ``data.member``) they came from.
 
     Why a file of its own: DVC deletes a stage's outputs before rerunning it, so the
     previous ``validate.json`` is gone by the time validate could compare with it. This
@@ -223,8 +226,28 @@ def accepted_classes_file(paths: Paths) -> Path:
     return paths.metrics / "classes.json"
 
 
-def read_accepted_classes(path: Path) -> list[str] | None:
-    """The class list in ``path``, or None when no run has accepted one yet."""
+@dataclass(frozen=True)
+class AcceptedClasses:
+    """A class list a successful run accepted, and the dataset it was accepted for.
+
+    ``source`` is None for a list written before the source was recorded: its classes
+    are still compared, whatever the source is now.
+    """
+
+    classes: list[str]
+    source: dict[str, str | None] | None = None
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "classes": self.classes}
+
+
+def dataset_identity(data: DataParams) -> dict[str, str | None]:
+    """What names a dataset: the source as written in params.yaml and the member used."""
+    return {"source": data.source, "member": data.member}
+
+
+def read_accepted_classes(path: Path) -> AcceptedClasses | None:
+    """The accepted list in ``path``, or None when no run has accepted one yet."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -234,20 +257,41 @@ def read_accepted_classes(path: Path) -> list[str] | None:
     classes = data.get("classes") if isinstance(data, dict) else None
     if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
         raise DataError(f'{path}: expected {{"classes": [names]}}; restore it or delete it')
-    return classes
+    source = data.get("source")
+    if source is not None and not (
+        isinstance(source, dict) and all(isinstance(v, str | None) for v in source.values())
+    ):
+        raise DataError(f"{path}: malformed 'source' {source!r}; restore it or delete it")
+    return AcceptedClasses(classes, source)
 
 
 def check_class_change(
-    previous: list[str] | None, current: list[str], allow: bool, source: Path
+    previous: AcceptedClasses | None,
+    current: list[str],
+    dataset: dict[str, str | None],
+    allow: bool,
+    source: Path,
 ) -> None:
-    """Fail when ``current`` differs from the ``previous`` accepted classes, unless allowed.
+    """Fail when ``current`` differs from the classes ``previous`` accepted for the same
+    ``dataset``, unless allowed.
 
-    No previous list (a first run, or the file deleted) accepts any classes.
+    No previous list (a first run, or the file deleted) accepts any classes; so does a
+    different dataset (``data.source`` or ``data.member`` changed): a new dataset brings
+    its own classes.
     """
     if previous is None:
         log.info("no accepted class list at %s yet: accepting %d classes", source, len(current))
         return
-    added, removed = sorted(set(current) - set(previous)), sorted(set(previous) - set(current))
+    if previous.source is not None and previous.source != dataset:
+        log.info(
+            "a new dataset (%s, was %s): accepting its %d classes",
+            _describe(dataset),
+            _describe(previous.source),
+            len(current),
+        )
+        return
+    added = sorted(set(current) - set(previous.classes))
+    removed = sorted(set(previous.classes) - set(current))
     if not (added or removed):
         return
     change = f"added {_listing(added)}, removed {_listing(removed)}"
@@ -255,10 +299,16 @@ def check_class_change(
         log.warning("classes changed (validate.allow_class_change is true): %s", change)
         return
     raise DataError(
-        f"the classes differ from those the last successful run accepted ({source}): "
-        f"{change}. If this is intended, set validate.allow_class_change: true in params.yaml "
-        "for one run (the new list is then accepted) and back to false after."
+        f"the classes differ from those the last successful run accepted from "
+        f"{_describe(dataset)} ({source}): {change}. If this is intended, set "
+        "validate.allow_class_change: true in params.yaml for one run (the new list is then "
+        "accepted) and back to false after. (A new data.source needs no flag.)"
     )
+
+
+def _describe(dataset: dict[str, str | None]) -> str:
+    member = dataset.get("member")
+    return f"data.source {dataset.get('source')!r}" + (f", member {member!r}" if member else "")
 
 
 def _listing(names: list[str], limit: int = 20) -> str:
@@ -266,12 +316,13 @@ def _listing(names: list[str], limit: int = 20) -> str:
     return f"{len(names)} {names[:limit]!r}{more}"
 
 
-def run(paths: Paths, cfg: ValidateParams) -> dict:
+def run(paths: Paths, cfg: ValidateParams, data: DataParams) -> dict:
     """Class-set check → manifest → quarantine → expectations; fail naming what is at fault."""
     files = list_raw_files(paths.raw)
     classes = sorted({label for _, label in files})
-    accepted = accepted_classes_file(paths)
-    check_class_change(read_accepted_classes(accepted), classes, cfg.allow_class_change, accepted)
+    accepted, dataset = accepted_classes_file(paths), dataset_identity(data)
+    previous = read_accepted_classes(accepted)
+    check_class_change(previous, classes, dataset, cfg.allow_class_change, accepted)
     manifest = build_manifest(files, cfg.max_pixels)
     quarantine = manifest.loc[~manifest["decodable"], ["path", "label", "reason"]]
     for row in quarantine.itertuples():
@@ -290,7 +341,7 @@ def run(paths: Paths, cfg: ValidateParams) -> dict:
         manifest.to_parquet(tmp, index=False)
     metrics = summarise(manifest, usable, suite)
     write_json_atomic(paths.metrics_file("validate"), metrics)
-    write_json_atomic(accepted, {"classes": classes})
+    write_json_atomic(accepted, AcceptedClasses(classes, dataset).to_dict())
     log.info(
         "validate: %d usable images in %d classes, %d quarantined, %d duplicates",
         metrics["images"],
@@ -302,4 +353,4 @@ def run(paths: Paths, cfg: ValidateParams) -> dict:
 
 
 def main(params: Params) -> dict:
-    return run(params.paths, params.validate)
+    return run(params.paths, params.validate, params.data)

@@ -26,7 +26,7 @@ STAGES = [
 
 def test_repo_params_load_and_match_defaults():
     params = load_params(REPO_ROOT / "params.yaml")
-    assert params.data.source == "builtin:digits"
+    assert params.data.source == "builtin:digits-mini"
     assert params.data.exclude_classes == ("BACKGROUND_Google",)
     assert (params.split.ratios.train, params.split.ratios.val, params.split.ratios.test) == (
         0.7,
@@ -44,7 +44,7 @@ def test_dvc_stages_are_named_by_the_contract():
     assert list(_dvc_yaml()["stages"]) == STAGES
     assert list(__main__.STAGES) == STAGES
     for name, stage in _dvc_yaml()["stages"].items():
-        assert stage["cmd"] == f"python -m pipeline {name}"
+        assert stage["cmd"] == f"bin/stage {name}"
 
 
 def test_every_param_dvc_yaml_names_exists():

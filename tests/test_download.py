@@ -107,6 +107,16 @@ def test_builtin_digits(workspace):
     summary = _run(workspace, source="builtin:digits")
     assert summary["classes"] == 10 and summary["files"] == 1797
     assert "zero/digit_0000.png" in _raw_files()
+
+
+def test_builtin_digits_mini_is_the_first_fifty_of_each_digit(workspace):
+    summary = _run(workspace, source="builtin:digits-mini")
+    assert summary["classes"] == 10 and summary["files"] == 500
+    files = _raw_files()
+    per_class = {name: sum(f.startswith(name + "/") for f in files) for name in ("zero", "nine")}
+    assert per_class == {"zero": 50, "nine": 50}
+    # the same images as the full set's first ones (rendered identically)
+    assert "zero/digit_0000.png" in files and "one/digit_0001.png" in files
     with pytest.raises(ConfigError, match="unknown builtin dataset 'letters'"):
         _run(workspace, source="builtin:letters")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from tests.test_report import SECTIONS, section_headings
 
 pytestmark = pytest.mark.slow
 PROJECT_FILES = [
+    "bin",
     "pipeline",
     "dvc.yaml",
     "params.yaml",
@@ -155,7 +157,53 @@ def check_benchmarks_run(repo: Path) -> None:
     assert "Running stage" not in dvc(repo, "repro")  # the original params, restored
 
 
+def readme_dvc_commands() -> list[str]:
+    """Every DVC command the README tells a user to type (``.venv/bin/dvc ...``), in order:
+    the lines of its shell blocks and the commands quoted in its prose, comments removed."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            if line.startswith(".venv/bin/dvc"):
+                commands.append(line.split("  #")[0].strip())
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    commands += re.findall(r"`(\.venv/bin/dvc [^`]*)`", prose)
+    return list(dict.fromkeys(commands))
+
+
+def as_typed(repo: Path, command: str) -> subprocess.CompletedProcess:
+    """``command`` typed into a fresh shell in ``repo``, the venv neither active nor on PATH
+    (``repo/.venv`` is this interpreter's venv, as ``make install`` would have made it)."""
+    venv = repo / ".venv"
+    if not venv.exists():
+        venv.symlink_to(sys.prefix, target_is_directory=True)
+    bindir = str(Path(sys.executable).parent)
+    path = os.pathsep.join(
+        p for p in os.environ["PATH"].split(os.pathsep) if p and Path(p) != Path(bindir)
+    )
+    env = {k: v for k, v in tool_env().items() if k not in ("PIPELINE_PYTHON", "VIRTUAL_ENV")}
+    env["PATH"] = path
+    for role in ("AUTHOR", "COMMITTER"):  # `dvc exp run` commits; a user has an identity
+        env.setdefault(f"GIT_{role}_NAME", "test")
+        env.setdefault(f"GIT_{role}_EMAIL", "test@localhost")
+    done = subprocess.run(
+        ["bash", "-c", command], cwd=repo, env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
 def test_full_pipeline_reruns_only_what_a_head_change_affects(repo, tmp_path):
+    """The README's DVC commands, typed as written in a shell without the venv on PATH
+    (issue #16): the pipeline, a head experiment that reruns only what follows the head,
+    the metrics and the plots."""
+    commands = readme_dvc_commands()
+    repro = ".venv/bin/dvc repro"
+    experiment = next(c for c in commands if " exp run -S head.lr=" in c)
+    others = [".venv/bin/dvc metrics show", ".venv/bin/dvc plots show"]
+    assert set(commands) == {repro, experiment, *others}, (
+        f"the README's DVC commands changed; run each here: {commands}"
+    )
     # A class folder whose name is HTML: the report must show it as text.
     hostile = "<img src=x onerror=alert(1)>"
     images = create_image_folder(tmp_path / "images", {"cat": 12, "dog": 12, hostile: 12})
@@ -168,7 +216,7 @@ def test_full_pipeline_reruns_only_what_a_head_change_affects(repo, tmp_path):
         # random weights on noise images: int8 may flip a near-chance prediction or two
         onnx_check={"max_int8_drop": 1.0, "latency_runs": 5, "throughput_batches": 1},
     )
-    first = dvc(repo, "repro")
+    first = as_typed(repo, repro).stdout
     assert "Running stage 'report'" in first
     assert "Running stage" not in dvc(repo, "repro")
     git(repo, "add", "-A")
@@ -176,12 +224,16 @@ def test_full_pipeline_reruns_only_what_a_head_change_affects(repo, tmp_path):
     evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
     assert set(evaluated) == {"head", "finetuned"}
 
-    set_params(repo, head={"lr": 0.0005})
-    second = dvc(repo, "repro")
+    second = as_typed(repo, experiment).stdout
     for stage in ("train_head", "finetune", "evaluate", "export", "onnx_check"):
         assert f"Running stage '{stage}'" in second
     for stage in ("download", "validate", "split", "features"):
         assert f"Running stage '{stage}'" not in second
+    assert "Reproducing experiment" in second and "Experiment" in second  # exp show's table
+    lr = experiment.split("head.lr=")[1].split()[0]
+    assert re.search(rf'"lr": ?{re.escape(lr)}\b', dvc(repo, "exp", "show", "--json"))
+    for command in others:
+        as_typed(repo, command)
     metrics = dvc(repo, "metrics", "show", "--json")
     assert "finetuned" in metrics and "top1" in metrics and "max_abs_diff" in metrics
     checked = json.loads((repo / "metrics/onnx_check.json").read_text())

@@ -964,7 +964,7 @@ def test_class_change_fails_validate_until_allowed(tmp_path, monkeypatch):
     run()  # the first run accepts whatever it finds
     outcomes.append(
         []
-        if json.loads(accepted.read_text()) == {"classes": ["bird", "cat", "dog"]}
+        if json.loads(accepted.read_text())["classes"] == ["bird", "cat", "dog"]
         else [accepted.read_text()]
     )
 
@@ -986,7 +986,7 @@ def test_class_change_fails_validate_until_allowed(tmp_path, monkeypatch):
     outcomes.append(
         []
         if metrics["classes"] == 4
-        and json.loads(accepted.read_text()) == {"classes": ["cat", "dog", "fish", "owl"]}
+        and json.loads(accepted.read_text())["classes"] == ["cat", "dog", "fish", "owl"]
         else [accepted.read_text()]
     )
     run()  # the same classes again: no flag needed
@@ -1019,13 +1019,21 @@ def test_class_change_through_dvc_repro(tmp_path):
     problems = []
     if done.returncode == 0 or "added 1 ['fish']" not in done.stdout + done.stderr:
         problems.append(f"repro passed or unclear: {done.stdout[-1500:]}{done.stderr[-1500:]}")
-    if accepted != {"classes": ["cat", "dog"]}:
+    if accepted != {"source": {"source": str(images), "member": None}, "classes": ["cat", "dog"]}:
         problems.append(f"the failed run changed the accepted list to {accepted}")
     if FULL:  # the flag lets the change through, and DVC then finds everything up to date
         set_params(repo, validate={"allow_class_change": True})
         dvc(repo, "repro", "validate")
         after = json.loads((repo / "metrics/classes.json").read_text())
         status = json.loads(dvc(repo, "status", "--json", "validate"))
-        if after != {"classes": ["cat", "dog", "fish"]} or status:
+        if after["classes"] != ["cat", "dog", "fish"] or status:
             problems.append(f"accepted list {after}, dvc status {status}")
+        set_params(repo, validate={"allow_class_change": False})
+    # Another dataset: its own classes are accepted with no flag (issue #16).
+    other = create_image_folder(tmp_path / "other", {"ant": 5, "bee": 5}, seed=3)
+    set_params(repo, data={"source": str(other)})
+    dvc(repo, "repro", "validate")
+    switched = json.loads((repo / "metrics/classes.json").read_text())
+    if switched != {"source": {"source": str(other), "member": None}, "classes": ["ant", "bee"]}:
+        problems.append(f"a new data.source left the accepted list at {switched}")
     tally("classes changed since the last accepted run (dvc repro)", [problems])

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -90,16 +91,44 @@ def test_a_class_whose_every_file_is_quarantined_counts_zero():
 
 def test_class_change_is_refused_unless_allowed(tmp_path, caplog):
     source = tmp_path / "classes.json"
-    validate.check_class_change(None, ["a", "b"], allow=False, source=source)  # first run
-    validate.check_class_change(["a", "b"], ["a", "b"], allow=False, source=source)
+    digits = {"source": "builtin:digits", "member": None}
+    accepted = validate.AcceptedClasses(["a", "b"], digits)
+    validate.check_class_change(None, ["a", "b"], digits, allow=False, source=source)  # first run
+    validate.check_class_change(accepted, ["a", "b"], digits, allow=False, source=source)
     with pytest.raises(DataError) as info:
-        validate.check_class_change(["a", "b"], ["b", "c"], allow=False, source=source)
+        validate.check_class_change(accepted, ["b", "c"], digits, allow=False, source=source)
     message = str(info.value)
     assert "added 1 ['c'], removed 1 ['a']" in message and str(source) in message
-    assert "validate.allow_class_change: true" in message
-    validate.check_class_change(["a", "b"], ["b", "c"], allow=True, source=source)
+    assert "validate.allow_class_change: true" in message and "'builtin:digits'" in message
+    validate.check_class_change(accepted, ["b", "c"], digits, allow=True, source=source)
     assert "added 1 ['c'], removed 1 ['a']" in caplog.text
+    # A list written before sources were recorded is compared whatever the source now is.
+    legacy = validate.AcceptedClasses(["a", "b"])
+    with pytest.raises(DataError, match="added 1"):
+        validate.check_class_change(
+            legacy, ["b", "c"], {"source": "x", "member": None}, False, source
+        )
     source.write_text('{"classes": "a"}')
     with pytest.raises(DataError, match="classes.json: expected"):
         validate.read_accepted_classes(source)
+    source.write_text('{"classes": ["a"], "source": "builtin:digits"}')
+    with pytest.raises(DataError, match="classes.json: malformed 'source'"):
+        validate.read_accepted_classes(source)
     assert validate.read_accepted_classes(tmp_path / "absent.json") is None
+
+
+def test_a_new_source_or_member_is_a_new_dataset_with_its_own_classes(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline")
+    source = tmp_path / "classes.json"
+    digits = validate.AcceptedClasses(["one", "two"], {"source": "builtin:digits", "member": None})
+    caltech = {"source": "/data/101_ObjectCategories.tar.gz", "member": None}
+    validate.check_class_change(digits, ["airplanes", "ant"], caltech, allow=False, source=source)
+    assert "a new dataset (data.source '/data/101_ObjectCategories.tar.gz'" in caplog.text
+    inner = {"source": "/data/101_ObjectCategories.tar.gz", "member": "subset"}
+    at_caltech = validate.AcceptedClasses(["airplanes", "ant"], caltech)
+    validate.check_class_change(at_caltech, ["ant"], inner, allow=False, source=source)
+    with pytest.raises(DataError, match="removed 1 \\['airplanes'\\]"):
+        validate.check_class_change(at_caltech, ["ant"], caltech, allow=False, source=source)
+    written = validate.AcceptedClasses(["ant"], inner).to_dict()
+    source.write_text(json.dumps(written))
+    assert validate.read_accepted_classes(source) == validate.AcceptedClasses(["ant"], inner)

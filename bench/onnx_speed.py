@@ -7,7 +7,8 @@ onnx_check.batch_size), preprocessed once, then in interleaved rounds
 - ``onnx_fp32``: models/model.onnx in onnxruntime (CPUExecutionProvider);
 - ``onnx_int8``: models/model.int8.onnx (when exported),
 
-all with ``onnx_check.threads`` threads. The median round gives each img/s. Accuracy
+all with ``onnx_check.threads`` threads. The median round gives each img/s, and the median
+of the rounds' int8/fp32 ratios the paired speed-up. Accuracy
 comes from onnx_check's own figures on the whole test split. Prints one JSON object.
 
     python bench/onnx_speed.py --root /path/to/workspace
@@ -71,6 +72,15 @@ def main() -> None:
         for name, run in runs.items():
             rounds[name].append(images_per_second(run, batch_size, args.repeats))
     ips = {name: round(statistics.median(values), 1) for name, values in rounds.items()}
+    # Each round measures the engines back to back, so a ratio within a round cancels the
+    # machine's slower drifts (on a shared VM fp32 alone ranged 108-158 img/s run to run).
+    paired = (
+        statistics.median(
+            a / b for a, b in zip(rounds["onnx_int8"], rounds["onnx_fp32"], strict=True)
+        )
+        if "onnx_int8" in rounds
+        else None
+    )
     checked = read_json_or_empty(paths.metrics_file("onnx_check"))
     result = {
         "batch_size": batch_size,
@@ -82,6 +92,7 @@ def main() -> None:
         "int8_vs_fp32": round(ips["onnx_int8"] / ips["onnx_fp32"], 2)
         if "onnx_int8" in ips
         else None,
+        "int8_vs_fp32_paired": round(paired, 2) if paired is not None else None,
         "test_top1": {
             "torch_fp32": checked.get("torch_top1"),
             "onnx_fp32": checked.get("onnx_top1"),

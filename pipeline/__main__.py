@@ -123,8 +123,8 @@ def headline_figures(paths) -> list[str]:
         if "int8" in parity:
             q = parity["int8"]
             lines.append(
-                f"  {'onnx int8':<16} top-1 {q['top1']:.4f} ({100 * q['top1_drop']:+.2f} pt "
-                f"below fp32), {q['cpu_latency_ms_p50']:.1f} ms at batch 1, "
+                f"  {'onnx int8':<16} top-1 {q['top1']:.4f} (drop against fp32 "
+                f"{100 * q['top1_drop']:.2f} pt), {q['cpu_latency_ms_p50']:.1f} ms at batch 1, "
                 f"{q['cpu_throughput_ips']:.0f} img/s"
             )
         if "cpu" in parity:

@@ -42,7 +42,7 @@ faults: install-dev
 	rm -f logs/faults/results.jsonl
 	PATH="$(CURDIR)/$(BIN):$$PATH" PIPELINE_FAULTS=full PIPELINE_FAULTS_RESULTS=$(CURDIR)/logs/faults/results.jsonl \
 		$(BIN)/python -m pytest -m faults; status=$$?; \
-		$(BIN)/python -m tests.faults_summary logs/faults/results.jsonl; exit $$status
+		$(BIN)/python -m tests.support.faults_summary logs/faults/results.jsonl; exit $$status
 
 lint: install-dev
 	$(BIN)/ruff check pipeline flows tests

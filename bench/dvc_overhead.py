@@ -28,8 +28,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.training import params_overridden  # noqa: E402
-from pipeline.__main__ import STAGES  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
+
+
+def dvc_stages(root: Path) -> list[str]:
+    """The stages of ``root``'s dvc.yaml, in its order."""
+    import yaml
+
+    return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
 
 
 def repro(root: Path) -> tuple[float, list[str]]:
@@ -92,7 +98,7 @@ def main() -> None:
             "head.lr": f"{lr} -> {new_lr}",
             "wall_s": round(head_seconds, 1),
             "stages_ran": head_ran,
-            "stages_not_ran": [s for s in STAGES if s not in head_ran],
+            "stages_not_ran": [s for s in dvc_stages(root) if s not in head_ran],
             "in_stages_s": round(in_stages, 1),
             "dvc_s": round(head_seconds - in_stages, 1),
             "per_stage": logs,

@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.stage_throughput import make_dataset  # noqa: E402
-from pipeline.backbones import build_backbone  # noqa: E402
-from pipeline.data import ImageDataset, make_loader  # noqa: E402
-from pipeline.runtime import resolve  # noqa: E402
+from pipeline.modeling.backbones import build_backbone  # noqa: E402
+from pipeline.modeling.datasets import ImageDataset, make_loader  # noqa: E402
+from pipeline.modeling.runtime import resolve  # noqa: E402
 
 
 def main() -> None:

@@ -33,14 +33,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import engines  # noqa: E402
-from pipeline.backbones import build_backbone  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
-from pipeline.data import ImageDataset, eval_geometry  # noqa: E402
-from pipeline.features import embed, read_split  # noqa: E402
-from pipeline.images import load_rgb  # noqa: E402
-from pipeline.runtime import resolve  # noqa: E402
-from pipeline.split import SPLITS  # noqa: E402
+from pipeline.data.images import load_rgb  # noqa: E402
+from pipeline.data.splits import read_split  # noqa: E402
+from pipeline.modeling import engines  # noqa: E402
+from pipeline.modeling.backbones import build_backbone  # noqa: E402
+from pipeline.modeling.datasets import ImageDataset, eval_geometry  # noqa: E402
+from pipeline.modeling.runtime import resolve  # noqa: E402
+from pipeline.stages.features import embed  # noqa: E402
+from pipeline.stages.split import SPLITS  # noqa: E402
 
 
 def spread(rows: pd.DataFrame, limit: int | None) -> pd.DataFrame:

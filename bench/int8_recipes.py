@@ -34,7 +34,7 @@ from bench.timing import images_per_second  # noqa: E402
 
 RECIPES = {
     # name: quantize_static keyword arguments on top of QDQ and minmax calibration;
-    # "export" is the recipe the export stage uses (pipeline.export.quantize_int8).
+    # "export" is the recipe the export stage uses (pipeline.stages.export.quantize_int8).
     "export": None,
     "u8s8": {"per_channel": True, "reduce_range": False},  # export's recipe until issue #16
     "u8s8_reduce_range": {"per_channel": True, "reduce_range": True},  # 7-bit weights everywhere
@@ -65,7 +65,7 @@ def quantize(fp32: Path, out: Path, images: list[str], pre, recipe: dict | None)
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from pipeline.export import CalibrationImages, quantize_int8, quantize_reader
+    from pipeline.stages.export import CalibrationImages, quantize_int8, quantize_reader
 
     started = time.perf_counter()
     if recipe is None:
@@ -105,11 +105,11 @@ def main() -> None:
     import onnxruntime as ort
 
     from pipeline.config import load_params
-    from pipeline.cpu import cpu_info
-    from pipeline.export import calibration_rows
-    from pipeline.features import read_split
-    from pipeline.images import load_rgb
-    from pipeline.predict import OnnxClassifier
+    from pipeline.data.images import load_rgb
+    from pipeline.data.splits import read_split
+    from pipeline.serving.predict import OnnxClassifier
+    from pipeline.stages.export import calibration_rows
+    from pipeline.system.cpu import cpu_info
 
     os.chdir(args.root)
     params = load_params("params.yaml")

@@ -19,10 +19,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.stage_throughput import make_dataset  # noqa: E402
-from pipeline.backbones import build_backbone  # noqa: E402
-from pipeline.data import ImageDataset, make_loader  # noqa: E402
-from pipeline.images import load_rgb  # noqa: E402
-from pipeline.runtime import Runtime  # noqa: E402
+from pipeline.data.images import load_rgb  # noqa: E402
+from pipeline.modeling.backbones import build_backbone  # noqa: E402
+from pipeline.modeling.datasets import ImageDataset, make_loader  # noqa: E402
+from pipeline.modeling.runtime import Runtime  # noqa: E402
 
 
 def main() -> None:

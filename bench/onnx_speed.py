@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.timing import images_per_second  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
-from pipeline.features import read_split  # noqa: E402
-from pipeline.fsutil import read_json_or_empty  # noqa: E402
-from pipeline.images import load_rgb  # noqa: E402
-from pipeline.model import load_classifier  # noqa: E402
-from pipeline.predict import OnnxClassifier  # noqa: E402
+from pipeline.data.images import load_rgb  # noqa: E402
+from pipeline.data.splits import read_split  # noqa: E402
+from pipeline.modeling.model import load_classifier  # noqa: E402
+from pipeline.serving.predict import OnnxClassifier  # noqa: E402
+from pipeline.system.fsutil import read_json_or_empty  # noqa: E402
 
 
 def main() -> None:

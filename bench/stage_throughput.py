@@ -20,14 +20,16 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
 
-from pipeline import features, finetune, train_head  # noqa: E402
-from pipeline.backbones import build_backbone  # noqa: E402
-from pipeline.config import parse_params  # noqa: E402
-from pipeline.runtime import resolve  # noqa: E402
+from pipeline.config import overlay, parse_params  # noqa: E402
+from pipeline.modeling.backbones import build_backbone  # noqa: E402
+from pipeline.modeling.runtime import resolve  # noqa: E402
+from pipeline.stages import features, finetune, train_head  # noqa: E402
 
 
 def _write_class(args: tuple[Path, int, int]) -> None:
@@ -116,17 +118,20 @@ def main() -> None:
         ws.mkdir()
         os.chdir(ws)
         params = parse_params(
-            {
-                "data": {"source": str(images)},
-                "device": args.device,
-                "model": {"backbone": args.backbone},
-                "features": {"batch_size": args.features_batch},
-                "finetune": {
-                    "epochs": args.epochs,
-                    "batch_size": args.finetune_batch,
-                    "patience": 99,
+            overlay(
+                yaml.safe_load((REPO_ROOT / "params.yaml").read_text()),
+                {
+                    "data": {"source": str(images)},
+                    "device": args.device,
+                    "model": {"backbone": args.backbone},
+                    "features": {"batch_size": args.features_batch},
+                    "finetune": {
+                        "epochs": args.epochs,
+                        "batch_size": args.finetune_batch,
+                        "patience": 99,
+                    },
                 },
-            }
+            )
         )
         write_splits(images, params.paths.splits)
         timings = {}

@@ -28,8 +28,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.timing import images_per_second  # noqa: E402
-from pipeline.backbones import build_backbone  # noqa: E402
-from pipeline.runtime import cpu_has_fast_bf16  # noqa: E402
+from pipeline.modeling.backbones import build_backbone  # noqa: E402
+from pipeline.modeling.runtime import cpu_has_fast_bf16  # noqa: E402
 
 
 def make_step(

@@ -11,6 +11,7 @@ and schedules. A run with parameter overrides is saved as a DVC experiment.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import re
@@ -31,12 +32,10 @@ from ruamel.yaml import YAML
 
 from pipeline.config import FlowsParams, Paths, load_params, parse_params
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.report import headline_markdown
-from pipeline.verify import REPAIRED
+from pipeline.reporting.headline import headline_markdown
+from pipeline.system.verify import REPAIRED
 
 FLOW_NAME = "training-pipeline"
-# Placement: stages that run the network forward/backward want the GPU pool.
-GPU_STAGES = frozenset({"features", "train_head", "finetune", "evaluate"})
 ERROR_LINE = re.compile(r"(^ERROR[: ].*|\bERROR\b \S+: .*)")
 
 
@@ -53,20 +52,24 @@ class StageResult:
     stage: str
     status: str  # "ran" or "up to date"
     seconds: float
+    placement: str = "cpu"  # dvc.yaml's meta.placement for the stage
 
 
-def stage_order(workspace: Path) -> list[str]:
-    """The stages of dvc.yaml in dependency order, from DVC's own graph."""
+def dvc_stages(workspace: Path) -> dict[str, str]:
+    """The stages of dvc.yaml in dependency order, from DVC's own graph, each with its
+    placement (``meta.placement`` in dvc.yaml: ``gpu`` or ``cpu``)."""
     import networkx as nx
     from dvc.repo import Repo
 
     with Repo(str(workspace)) as repo:
         graph = repo.index.graph  # edges point from a stage to what it depends on
-        return [stage.addressing for stage in nx.topological_sort(graph.reverse(copy=True))]
+        stages = list(nx.topological_sort(graph.reverse(copy=True)))
+        return {stage.addressing: (stage.meta or {}).get("placement", "cpu") for stage in stages}
 
 
-def placement(stage: str) -> str:
-    return "gpu" if stage in GPU_STAGES else "cpu"
+def stage_order(workspace: Path) -> list[str]:
+    """The stages of dvc.yaml in dependency order, from DVC's own graph."""
+    return list(dvc_stages(workspace))
 
 
 def child_env() -> dict[str, str]:
@@ -95,11 +98,11 @@ def run_killable(args: list[str], cwd: Path, timeout_s: float) -> subprocess.Com
     Prefect's own timeouts cannot stop blocking code in a worker thread
     (PrefectHQ/prefect#15760), so the stage runs as a process this function can kill,
     together with the stage command DVC started under it. If this process is killed
-    outright, the kernel kills the child (``pipeline.process``), and the stage follows.
+    outright, the kernel kills the child (``pipeline.system.process``), and the stage follows.
     """
     proc = subprocess.Popen(
-        # Through pipeline.process: killed by the kernel if this process dies (even SIGKILL).
-        [sys.executable, "-m", "pipeline.process", "--", *args],
+        # Through pipeline.system.process: killed by the kernel if this process dies (even SIGKILL).
+        [sys.executable, "-m", "pipeline.system.process", "--", *args],
         cwd=cwd,
         env=child_env(),
         stdout=subprocess.PIPE,
@@ -279,9 +282,7 @@ def summary_markdown(
     if experiment:
         lines += [f"Saved as DVC experiment `{experiment}` (`dvc exp show`).", ""]
     lines += ["| stage | placement | status | seconds |", "|---|---|---|---|"]
-    lines += [
-        f"| {r.stage} | {placement(r.stage)} | {r.status} | {r.seconds:.1f} |" for r in results
-    ]
+    lines += [f"| {r.stage} | {r.placement} | {r.status} | {r.seconds:.1f} |" for r in results]
     lines += ["", headline_markdown(paths), ""]
     lines.append(f"ONNX model: `{paths.onnx}`")
     if paths.report.exists():
@@ -334,23 +335,24 @@ def training_pipeline(
     results: list[StageResult] = []
     experiment = None
     with workspace_lock(root, cfg.lock_timeout_s), params_overridden(root, overrides):
-        stages = stage_order(root)
+        stages = dvc_stages(root)
         unknown = set(cfg.timeouts_s) - set(stages) - {"default", "verify"}
         if unknown:
             raise ConfigError(f"flows.timeouts_s names no stage of dvc.yaml: {sorted(unknown)}")
-        logger.info("stages in DVC order: %s", " → ".join(stages))
+        logger.info("stages in DVC order: %s", " → ".join(f"{s} ({p})" for s, p in stages.items()))
         repairs = verify_outputs(str(root), cfg.timeout_for("verify"))
-        for stage in stages:
+        for stage, placement in stages.items():
             network = stage == "download"
             run = reproduce.with_options(
                 name=stage,
-                tags=[placement(stage)],
+                tags=[placement],
                 retries=cfg.download_retries if network else 0,
                 retry_delay_seconds=[cfg.retry_delay_s * 2**i for i in range(cfg.download_retries)]
                 if network
                 else None,
             )
-            results.append(run(stage, str(root), cfg.timeout_for(stage)))
+            result = run(stage, str(root), cfg.timeout_for(stage))
+            results.append(dataclasses.replace(result, placement=placement))
         if overrides:
             experiment = save_experiment(str(root), overrides, experiment_name(flow_run.name))
     if cfg.push if push is None else push:

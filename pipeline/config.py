@@ -2,8 +2,9 @@
 
 Every key is checked at load time: an unknown key, a missing required key or a value
 of the wrong type raises :class:`ConfigError` naming the dotted key (``split.ratios.val``),
-with a suggestion when the key looks like a typo. Each stage then receives only the
-sections it reads, the same ones dvc.yaml lists for it.
+with a suggestion when the key looks like a typo. Every key must be there: params.yaml is
+the one place defaults are written, and these classes only declare types and checks. Each
+stage then receives only the sections it reads; dvc.yaml lists the exact keys.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import difflib
 import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -28,27 +29,30 @@ PARAMS_FILE = Path("params.yaml")
 class Paths:
     """Every file and folder the stages share; dvc.yaml templates them as ``${paths.x}``."""
 
-    downloads: Path = Path("data/downloads")
-    raw: Path = Path("data/raw")
-    manifest: Path = Path("data/manifest.parquet")
-    splits: Path = Path("data/splits")
-    metrics: Path = Path("metrics")
-    quarantine: Path = Path("metrics/quarantine.csv")
-    validation_docs: Path = Path("reports/validation")
-    features: Path = Path("data/features")
-    feature_cache: Path = Path("data/cache/features")
-    head: Path = Path("models/head.pt")
-    model: Path = Path("models/model.pt")
-    checkpoints: Path = Path("models/checkpoints")
-    calibration: Path = Path("models/calibration.json")
-    plots: Path = Path("metrics/plots")
-    evaluation: Path = Path("reports/evaluate")
-    onnx: Path = Path("models/model.onnx")
-    onnx_int8: Path = Path("models/model.int8.onnx")
-    labels: Path = Path("models/labels.json")
-    model_card: Path = Path("models/MODEL_CARD.md")
-    report: Path = Path("reports/index.html")
-    run_log: Path = Path("logs/stages")
+    downloads: Path
+    raw: Path
+    manifest: Path
+    splits: Path
+    metrics: Path
+    quarantine: Path
+    validation_docs: Path
+    features: Path
+    feature_cache: Path
+    head: Path
+    model: Path
+    checkpoints: Path
+    calibration: Path
+    accepted_classes: Path
+    head_curves: Path
+    finetune_curves: Path
+    confusion: Path
+    evaluation: Path
+    onnx: Path
+    onnx_int8: Path
+    labels: Path
+    model_card: Path
+    report: Path
+    run_log: Path
 
     def under(self, root: Path) -> Paths:
         """These paths inside the workspace ``root`` (they are relative to it in params.yaml)."""
@@ -63,6 +67,20 @@ class Paths:
     def split_file(self, split: str) -> Path:
         return self.splits / f"{split}.csv"
 
+    def per_class_table(self, model: str) -> Path:
+        """evaluate's per-class accuracy table of ``model`` (head or finetuned)."""
+        return self.evaluation / f"per_class_{model}.csv"
+
+    def most_confused_table(self, model: str) -> Path:
+        return self.evaluation / f"most_confused_{model}.csv"
+
+    def confusion_image(self, model: str) -> Path:
+        return self.evaluation / f"confusion_{model}.png"
+
+    def predictions_table(self) -> Path:
+        """The fine-tuned model's prediction and confidence for every test image."""
+        return self.evaluation / "predictions_finetuned.csv"
+
     def run_log_file(self, stage: str) -> Path:
         """``logs/stages/<stage>.json``: when the stage last ran and how long it took."""
         return self.run_log / f"{stage}.json"
@@ -72,11 +90,11 @@ class Paths:
 class DataParams:
     """Where the labelled images come from."""
 
-    source: str = "builtin:digits-mini"
-    sha256: str | None = None
-    md5: str | None = None  # for publishers that give only an MD5 (Caltech's data repository)
-    member: str | None = None
-    exclude_classes: tuple[str, ...] = ("BACKGROUND_Google",)
+    source: str
+    sha256: str | None
+    md5: str | None  # for publishers that give only an MD5 (Caltech's data repository)
+    member: str | None
+    exclude_classes: tuple[str, ...]
 
     def __post_init__(self) -> None:
         if self.sha256 is not None and not _is_hex(self.sha256, 64):
@@ -89,10 +107,10 @@ class DataParams:
 class DownloadParams:
     """How hard to try when fetching, and how much an archive may unpack to."""
 
-    retries: int = 5
-    timeout_s: float = 60.0
-    max_extracted_bytes: int = 50_000_000_000
-    max_files: int = 2_000_000
+    retries: int
+    timeout_s: float
+    max_extracted_bytes: int
+    max_files: int
 
 
 @dataclass(frozen=True)
@@ -100,18 +118,18 @@ class ValidateParams:
     """Bounds that the Great Expectations suite enforces on the manifest, and whether the
     set of classes may differ from the one the previous successful run accepted."""
 
-    min_images_per_class: int = 5
-    min_side: int = 16
-    max_side: int = 20_000
-    max_pixels: int = 89_478_485
-    allow_class_change: bool = False
+    min_images_per_class: int
+    min_side: int
+    max_side: int
+    max_pixels: int
+    allow_class_change: bool
 
 
 @dataclass(frozen=True)
 class SplitRatios:
-    train: float = 0.7
-    val: float = 0.1
-    test: float = 0.2
+    train: float
+    val: float
+    test: float
 
     def __post_init__(self) -> None:
         for name in ("train", "val", "test"):
@@ -126,10 +144,10 @@ class SplitRatios:
 class SplitParams:
     """Stratified, stable train/val/test split."""
 
-    ratios: SplitRatios = field(default_factory=SplitRatios)
-    train_per_class: int | None = None
-    seed: int = 42
-    drop_small_classes: bool = False
+    ratios: SplitRatios
+    train_per_class: int | None
+    seed: int
+    drop_small_classes: bool
 
     def __post_init__(self) -> None:
         if self.train_per_class is not None and self.train_per_class < 1:
@@ -140,9 +158,9 @@ class SplitParams:
 class ModelParams:
     """Which pretrained backbone to start from (see ``backbones.BACKBONES``)."""
 
-    backbone: str = "efficientnet_lite0"
-    weights: Literal["imagenet", "none"] = "imagenet"
-    resize: Literal["squash", "center_crop"] = "squash"
+    backbone: str
+    weights: Literal["imagenet", "none"]
+    resize: Literal["squash", "center_crop"]
 
 
 Precision = Literal["auto", "fp32", "bf16"]
@@ -152,19 +170,19 @@ Precision = Literal["auto", "fp32", "bf16"]
 class AugmentParams:
     """Training augmentation: RandomResizedCrop(scale_min..1), horizontal flip, colour jitter."""
 
-    scale_min: float = 0.35
-    flip: bool = True
-    jitter: float = 0.2
+    scale_min: float
+    flip: bool
+    jitter: float
 
 
 @dataclass(frozen=True)
 class FeaturesParams:
-    batch_size: int = 32
-    precision: Precision = "auto"
-    engine: Literal["auto", "torch", "onnxruntime"] = "auto"
-    augmented_views: int = 0
-    augment: AugmentParams = field(default_factory=AugmentParams)
-    seed: int = 0
+    batch_size: int
+    precision: Precision
+    engine: Literal["auto", "torch", "onnxruntime"]
+    augmented_views: int
+    augment: AugmentParams
+    seed: int
 
     def __post_init__(self) -> None:
         if self.augmented_views < 0 or self.batch_size < 1:
@@ -175,48 +193,46 @@ class FeaturesParams:
 class HeadParams:
     """A head trained on cached features: ``mlp`` (the seed's) or ``linear``."""
 
-    type: Literal["mlp", "linear"] = "mlp"
-    hidden: int = 1024
-    dropout: float = 0.3
-    lr: float | Literal["auto"] = 1e-3
-    epochs: int = 100
-    batch_size: int = 256
-    weight_decay: float = 0.01
-    label_smoothing: float = 0.1
-    patience: int = 10
-    class_balanced: bool = True
-    seed: int = 0
+    type: Literal["mlp", "linear"]
+    hidden: int
+    dropout: float
+    lr: float | Literal["auto"]
+    epochs: int
+    batch_size: int
+    weight_decay: float
+    label_smoothing: float
+    patience: int
+    class_balanced: bool
+    seed: int
 
 
 @dataclass(frozen=True)
 class FinetuneParams:
     """Backbone + trained head, last blocks (or all) unfrozen, discriminative learning rates.
 
-    Defaults from Caltech-101 runs on the 2-core CPU, chosen on val (BENCHMARKS.md): all
-    blocks at 0.3x a head lr of 2e-4 for 3 epochs, no label smoothing, mild augmentation,
-    class-balanced loss: val 97.0% against the head's 96.8%. At lr 1e-3, or with smoothing
-    0.1 and crops down to half the image, fine-tuning never caught up with the head on val.
+    params.yaml's values come from Caltech-101 runs on the 2-core CPU, chosen on val
+    (BENCHMARKS.md, Accuracy checks behind the defaults).
     """
 
-    epochs: int = 3
-    unfreeze_blocks: int | Literal["all"] = "all"
-    lr: float = 2e-4
-    backbone_lr_mult: float = 0.3
-    warmup_fraction: float = 0.1
-    batch_size: int = 32
-    weight_decay: float = 0.01
-    label_smoothing: float = 0.0
-    class_balanced: bool = True
-    patience: int = 2
-    precision: Precision = "auto"
-    augment: AugmentParams = field(default_factory=lambda: AugmentParams(scale_min=0.9, jitter=0.0))
-    seed: int = 0
+    epochs: int
+    unfreeze_blocks: int | Literal["all"]
+    lr: float
+    backbone_lr_mult: float
+    warmup_fraction: float
+    batch_size: int
+    weight_decay: float
+    label_smoothing: float
+    class_balanced: bool
+    patience: int
+    precision: Precision
+    augment: AugmentParams
+    seed: int
     # A checkpoint inside an epoch every N batches (0: after each epoch only); a killed run
     # resumes at the last one exactly. Caltech on 2 CPU cores: 190 batches, ~5 min an epoch.
-    checkpoint_every_steps: int = 50
+    checkpoint_every_steps: int
     # Clip the gradients' total norm to this (null: no clipping). A non-finite norm stops
     # the stage either way, before the optimiser step.
-    max_grad_norm: float | None = None
+    max_grad_norm: float | None
 
     def __post_init__(self) -> None:
         if self.checkpoint_every_steps < 0:
@@ -227,19 +243,19 @@ class FinetuneParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    ece_bins: int = 15
-    batch_size: int = 32
-    precision: Precision = "auto"
+    ece_bins: int
+    batch_size: int
+    precision: Precision
 
 
 @dataclass(frozen=True)
 class ExportParams:
     """ONNX export; ``quantize`` adds a static int8 model calibrated on training images."""
 
-    opset: int = 18
-    quantize: bool = True
-    calibration_images: int = 256
-    calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax"
+    opset: int
+    quantize: bool
+    calibration_images: int
+    calibration_method: Literal["minmax", "percentile", "entropy"]
 
     def __post_init__(self) -> None:
         if self.opset < 17:
@@ -255,17 +271,17 @@ class OnnxCheckParams:
     """Parity bounds between the ONNX and the PyTorch model, and how CPU speed is measured.
 
     The bounds on predictions (agreement, top-1 gap, int8 drop) are on true rates, tested
-    one-sided at ``significance`` on the test split (pipeline/significance.py)."""
+    one-sided at ``significance`` on the test split (pipeline/reporting/significance.py)."""
 
-    threads: int = 2
-    batch_size: int = 32
-    latency_runs: int = 100
-    throughput_batches: int = 10
-    max_abs_diff: float = 1e-4
-    min_top1_agreement: float = 0.999
-    max_top1_gap: float = 0.002
-    max_int8_drop: float = 0.01
-    significance: float = 0.05
+    threads: int
+    batch_size: int
+    latency_runs: int
+    throughput_batches: int
+    max_abs_diff: float
+    min_top1_agreement: float
+    max_top1_gap: float
+    max_int8_drop: float
+    significance: float
 
     def __post_init__(self) -> None:
         if min(self.threads, self.batch_size, self.latency_runs, self.throughput_batches) < 1:
@@ -282,11 +298,11 @@ class OnnxCheckParams:
 class ReportParams:
     """How much of the data the run report (``paths.report``) shows as pictures."""
 
-    thumbnails_per_class: int = 4  # training images shown per class
-    thumbnail_px: int = 96  # longest side of a thumbnail
-    confused_pairs: int = 10  # most-confused class pairs shown with examples
-    examples_per_pair: int = 4  # misclassified test images shown per pair
-    max_listed_files: int = 200  # quarantined files / leaks listed; the rest are counted
+    thumbnails_per_class: int  # training images shown per class
+    thumbnail_px: int  # longest side of a thumbnail
+    confused_pairs: int  # most-confused class pairs shown with examples
+    examples_per_pair: int  # misclassified test images shown per pair
+    max_listed_files: int  # quarantined files / leaks listed; the rest are counted
 
     def __post_init__(self) -> None:
         if (
@@ -302,14 +318,14 @@ class ReportParams:
 class FlowsParams:
     """How the Prefect flow runs the DVC stages (read by ``flows/``, by no DVC stage)."""
 
-    cron: str = "0 2 * * *"
-    timezone: str = "UTC"
-    timeouts_s: dict[str, float] = field(default_factory=lambda: {"default": 21600.0})
-    download_retries: int = 3
-    retry_delay_s: float = 30.0
-    lock_timeout_s: float = 21600.0
-    push: bool = False
-    heartbeat_s: int = 60
+    cron: str
+    timezone: str
+    timeouts_s: dict[str, float]
+    download_retries: int
+    retry_delay_s: float
+    lock_timeout_s: float
+    push: bool
+    heartbeat_s: int
 
     @property
     def zombie_after_s(self) -> int:
@@ -334,21 +350,21 @@ class FlowsParams:
 
 @dataclass(frozen=True)
 class Params:
-    paths: Paths = field(default_factory=Paths)
-    data: DataParams = field(default_factory=DataParams)
-    download: DownloadParams = field(default_factory=DownloadParams)
-    validate: ValidateParams = field(default_factory=ValidateParams)
-    split: SplitParams = field(default_factory=SplitParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    features: FeaturesParams = field(default_factory=FeaturesParams)
-    head: HeadParams = field(default_factory=HeadParams)
-    finetune: FinetuneParams = field(default_factory=FinetuneParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    export: ExportParams = field(default_factory=ExportParams)
-    onnx_check: OnnxCheckParams = field(default_factory=OnnxCheckParams)
-    report: ReportParams = field(default_factory=ReportParams)
-    flows: FlowsParams = field(default_factory=FlowsParams)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    paths: Paths
+    data: DataParams
+    download: DownloadParams
+    validate: ValidateParams
+    split: SplitParams
+    model: ModelParams
+    features: FeaturesParams
+    head: HeadParams
+    finetune: FinetuneParams
+    evaluate: EvaluateParams
+    export: ExportParams
+    onnx_check: OnnxCheckParams
+    report: ReportParams
+    flows: FlowsParams
+    device: Literal["auto", "cpu", "cuda"]
 
 
 def _is_hex(value: str, digits: int) -> bool:
@@ -368,6 +384,18 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
         return parse_params(raw if raw is not None else {})
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def overlay(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` laid over it, mapping by mapping (a new dict): what a
+    caller changes on top of params.yaml (benchmarks, tests)."""
+    result = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = overlay(result[key], value)
+        else:
+            result[key] = value
+    return result
 
 
 def parse_params(raw: Any) -> Params:

@@ -1,41 +1,35 @@
-"""Shared fixtures: tiny generated image folders and a workspace to run stages in."""
+"""Fixtures: tiny generated image folders, a workspace to run stages in with params from
+params.yaml plus overrides, and tiny workspaces after the data stages (tests/support/world.py)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from pipeline.config import Params, parse_params
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CALTECH = REPO_ROOT.parent / "shared" / "datasets" / "101_ObjectCategories.tar.gz"
-CALTECH_SHA256 = "842897447c5f67bcf307ace446d36dbef01baa40309bd9885cf20b3b394cabd6"
+from pipeline.config import Params
+from tests.support.images import create_image_folder
+from tests.support.prefect import prefect_server
+from tests.support.project import params_with
+from tests.support.world import TinyWorld
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 
-def noise_image(seed: int, size: tuple[int, int] = (32, 24), mode: str = "RGB") -> Image.Image:
-    """A random image; different seeds give different perceptual hashes."""
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-    return Image.fromarray(arr, "RGB").convert(mode)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` skip, saying why, where torch sees no CUDA device."""
+    if not any(item.get_closest_marker("gpu") for item in items):
+        return
+    import torch
 
-
-def create_image_folder(
-    root: Path, classes: dict[str, int], seed: int = 0, suffix: str = ".png"
-) -> Path:
-    """``root/<class>/img_NN<suffix>`` with ``classes[name]`` distinct images each."""
-    for c, (name, count) in enumerate(classes.items()):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            noise_image(seed * 100_000 + c * 1000 + i).save(folder / f"img_{i:02d}{suffix}")
-    return root
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
 
 
 @pytest.fixture
@@ -46,20 +40,36 @@ def tiny_imagefolder(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Run stages inside ``tmp_path/ws`` (params use relative paths, like the repo)."""
+    """Run stages inside ``tmp_path/ws`` (params use relative paths, like the repo); returns
+    a function from section overrides to :class:`Params` (params.yaml plus the overrides)."""
     ws = tmp_path / "ws"
     ws.mkdir()
     monkeypatch.chdir(ws)
 
     def make_params(**sections) -> Params:
-        return parse_params(sections)
+        return params_with(**sections)
 
     return make_params
 
 
-def caltech_or_skip() -> Path:
-    if not CALTECH.exists():
-        pytest.skip(
-            f"Caltech-101 archive not found at {CALTECH} (see ../shared/datasets/README.md)"
-        )
-    return CALTECH
+@pytest.fixture
+def tiny_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TinyWorld:
+    """A workspace (the working directory) whose data stages have run on 3 classes x 10
+    noise images, with random weights; call it with overrides for the next stages' params."""
+    return TinyWorld.build(tmp_path, monkeypatch, images_per_class=10)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One ``prefect server start`` on a free loopback port for the session's flow tests;
+    yields the environment that reaches it."""
+    with prefect_server(tmp_path_factory.mktemp("prefect")) as env:
+        yield env
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> Path:
+    """Three classes of twelve noise images, for whole pipeline runs."""
+    return create_image_folder(
+        tmp_path_factory.mktemp("data") / "images", {"cat": 12, "dog": 12, "bird": 12}
+    )

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.archives import (
+from pipeline.errors import DataError
+from pipeline.sources.archives import (
     ArchiveLimitError,
     ExtractLimits,
     UnsafeArchiveError,
     archive_kind,
     extract_archive,
 )
-from pipeline.errors import DataError
 
 BIG = 1 << 40
 TAR_MODES = {".tar": "w", ".tar.gz": "w:gz", ".tgz": "w:gz", ".tar.bz2": "w:bz2", ".tar.xz": "w:xz"}

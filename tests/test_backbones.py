@@ -6,9 +6,9 @@ import pytest
 import sklearn
 import torch
 
-from pipeline.backbones import BACKBONES, build_backbone, lite0_imagenet_state_dict
+from pipeline.data.images import load_rgb
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.images import load_rgb
+from pipeline.modeling.backbones import BACKBONES, build_backbone, lite0_imagenet_state_dict
 
 SAMPLE_PHOTO = (
     Path(sklearn.__file__).parent / "datasets" / "images" / "china.jpg"

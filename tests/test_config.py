@@ -1,27 +1,16 @@
 from __future__ import annotations
 
+import ast
 import dataclasses
+import re
 
 import pytest
 import yaml
 
-from pipeline import __main__
-from pipeline.config import Params, load_params, parse_params
+from pipeline import config, stages
+from pipeline.config import load_params, overlay, parse_params
 from pipeline.errors import ConfigError
-from tests.conftest import REPO_ROOT
-
-STAGES = [
-    "download",
-    "validate",
-    "split",
-    "features",
-    "train_head",
-    "finetune",
-    "evaluate",
-    "export",
-    "onnx_check",
-    "report",
-]
+from tests.support.project import REPO_ROOT, STAGES, params_from, repo_params
 
 
 def test_repo_params_load_and_match_defaults():
@@ -40,11 +29,32 @@ def _dvc_yaml() -> dict:
     return yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
 
 
-def test_dvc_stages_are_named_by_the_contract():
-    assert list(_dvc_yaml()["stages"]) == STAGES
-    assert list(__main__.STAGES) == STAGES
+def test_the_stages_package_and_dvc_yaml_name_the_same_stages():
+    """One module per dvc.yaml stage, each run by ``bin/stage <name>`` (issue #17)."""
+    assert sorted(_dvc_yaml()["stages"]) == list(stages.names())
+    assert len(STAGES) == 10
     for name, stage in _dvc_yaml()["stages"].items():
         assert stage["cmd"] == f"bin/stage {name}"
+
+
+def test_params_yaml_is_the_only_place_defaults_are_written():
+    """No field of config.py's dataclasses has a default: every value comes from params.yaml,
+    and a key missing there is an error naming it (issue #17)."""
+    tree = ast.parse((REPO_ROOT / "pipeline" / "config.py").read_text())
+    defaults = [
+        f"{cls.name}.{field.target.id}"
+        for cls in ast.walk(tree)
+        if isinstance(cls, ast.ClassDef)
+        for field in cls.body
+        if isinstance(field, ast.AnnAssign) and field.value is not None
+    ]
+    assert defaults == []
+    raw = repo_params()
+    without = {**raw, "head": {k: v for k, v in raw["head"].items() if k != "lr"}}
+    with pytest.raises(ConfigError, match="missing key 'head.lr'"):
+        parse_params(without)
+    with pytest.raises(ConfigError, match="missing key 'onnx_check'"):
+        parse_params({k: v for k, v in raw.items() if k != "onnx_check"})
 
 
 def test_every_param_dvc_yaml_names_exists():
@@ -62,9 +72,7 @@ def test_every_param_dvc_yaml_names_exists():
 
 def test_every_path_dvc_yaml_templates_exists():
     text = (REPO_ROOT / "dvc.yaml").read_text()
-    names = {f.name for f in dataclasses.fields(Params().paths)}
-    import re
-
+    names = {f.name for f in dataclasses.fields(config.Paths)}
     for used in re.findall(r"\$\{paths\.(\w+)\}", text):
         assert used in names
 
@@ -92,24 +100,24 @@ def test_every_path_dvc_yaml_templates_exists():
 )
 def test_bad_params_fail_with_the_dotted_key(raw, message):
     with pytest.raises(ConfigError) as info:
-        parse_params(raw)
+        parse_params(overlay(repo_params(), raw))
     assert message in str(info.value)
 
 
 def test_values_are_typed():
-    params = parse_params(
+    params = params_from(
         {"head": {"lr": "1e-3"}, "download": {"timeout_s": 5}, "split": {"train_per_class": 30}}
     )
     assert params.head.lr == 0.001
     assert params.download.timeout_s == 5.0 and isinstance(params.download.timeout_s, float)
     assert params.split.train_per_class == 30
-    assert parse_params({"head": {"lr": "auto"}}).head.lr == "auto"
+    assert params_from({"head": {"lr": "auto"}}).head.lr == "auto"
     assert dataclasses.is_dataclass(params) and params.__dataclass_params__.frozen
 
 
 def test_load_params_names_the_file(tmp_path):
     bad = tmp_path / "params.yaml"
-    bad.write_text("split:\n  sede: 1\n")
+    bad.write_text(yaml.safe_dump(overlay(repo_params(), {"split": {"sede": 1}})))
     with pytest.raises(
         ConfigError, match=r"params.yaml: unknown key 'split.sede' \(did you mean 'split.seed'\?\)"
     ):

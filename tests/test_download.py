@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import download
 from pipeline.errors import ConfigError, DataError
-from pipeline.fetch import ChecksumError
-from tests.conftest import create_image_folder
-from tests.httpserver import Faults, ServedFiles
+from pipeline.sources.fetch import ChecksumError
+from pipeline.stages import download
+from tests.support.httpserver import Faults, ServedFiles
+from tests.support.images import create_image_folder
 
 
 def _tar_gz(folder: Path, dest: Path, top: str) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,70 +13,22 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.__main__ import STAGES
-from tests.browser import browser_available, open_page
-from tests.conftest import CALTECH_SHA256, REPO_ROOT, caltech_or_skip, create_image_folder
-from tests.httpserver import ServedFiles
-from tests.test_report import SECTIONS, section_headings
+from tests.support.browser import SECTIONS, browser_available, open_page, section_headings
+from tests.support.httpserver import ServedFiles
+from tests.support.images import create_image_folder
+from tests.support.project import (
+    CALTECH_SHA256,
+    REPO_ROOT,
+    STAGES,
+    caltech_or_skip,
+    copy_project,
+    dvc,
+    git,
+    set_params,
+    tool_env,
+)
 
 pytestmark = pytest.mark.slow
-PROJECT_FILES = [
-    "bin",
-    "pipeline",
-    "dvc.yaml",
-    "params.yaml",
-    ".dvc/config",
-    ".dvcignore",
-    ".gitignore",
-    "pyproject.toml",
-]
-
-
-def tool_env() -> dict[str, str]:
-    bindir = str(Path(sys.executable).parent)
-    return {
-        **os.environ,
-        "PATH": bindir + os.pathsep + os.environ["PATH"],
-        "DVC_NO_ANALYTICS": "1",
-        "GX_ANALYTICS_ENABLED": "false",
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
-
-
-def dvc(repo: Path, *args: str) -> str:
-    done = subprocess.run(
-        ["dvc", *args], cwd=repo, env=tool_env(), capture_output=True, text=True, timeout=1200
-    )
-    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
-def git(repo: Path, *args: str) -> str:
-    identity = ["-c", "user.name=test", "-c", "user.email=test@localhost"]
-    done = subprocess.run(["git", *identity, *args], cwd=repo, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
-def set_params(repo: Path, **sections) -> None:
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for section, values in sections.items():
-        params[section].update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def copy_project(root: Path, extra: tuple[str, ...] = ()) -> Path:
-    """This project's files (code, DVC and params files) copied into a new folder ``root``."""
-    root.mkdir()
-    for name in (*PROJECT_FILES, *extra):
-        src = REPO_ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, root / name)
-    return root
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tests for pipeline.expectations: real GX Core runs on tiny in-memory tables."""
+"""Tests for pipeline.data.expectations: real GX Core runs on tiny in-memory tables."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.expectations import Check, SuiteResult, format_failures, run_suite
+from pipeline.data.expectations import Check, SuiteResult, format_failures, run_suite
 
 
 def _manifest(**overrides: list) -> pd.DataFrame:

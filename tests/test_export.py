@@ -15,27 +15,23 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from PIL import Image
 
-from pipeline import (
-    __main__,
-    download,
+from pipeline.data.images import load_rgb
+from pipeline.modeling.model import load_checkpoint, load_classifier, save_checkpoint
+from pipeline.reporting import headline
+from pipeline.stages import (
     evaluate,
     export,
     features,
     finetune,
     onnx_check,
-    split,
     train_head,
 )
-from pipeline import validate as validate_stage
-from pipeline.config import parse_params
-from pipeline.images import load_rgb
-from pipeline.model import load_checkpoint, load_classifier, save_checkpoint
-from tests.conftest import REPO_ROOT
+from tests.support.images import colour_images
+from tests.support.project import REPO_ROOT, params_from
+from tests.support.world import TinyWorld
 
 pytestmark = pytest.mark.slow
-COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 
 # Runs a snippet with `import torch` (and this project's heavier dependencies) made to fail.
 WITHOUT_TORCH = """
@@ -51,46 +47,24 @@ else:
 """
 
 
-def colour_images(root: Path, per_class: int = 30) -> Path:
-    """Noisy images dominated by one colour per class: easy for ImageNet features."""
-    rng = np.random.default_rng(0)
-    for name, rgb in COLOURS.items():
-        folder = root / name
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            noise = rng.integers(-50, 50, size=(24, 32, 3))
-            arr = np.clip(np.asarray(rgb) + noise, 0, 255).astype(np.uint8)
-            Image.fromarray(arr, "RGB").save(folder / f"img_{i:02d}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A workspace where every stage up to onnx_check has run; yields (params, metrics)."""
+    """A workspace where every stage up to onnx_check has run on colour images with the
+    embedded ImageNet weights (the head only: finetune.epochs 0); yields (params, metrics)."""
     root = tmp_path_factory.mktemp("export")
-    images = colour_images(root / "images")
-    ws = root / "ws"
-    ws.mkdir()
-    old = Path.cwd()
-    os.chdir(ws)
-    try:
-        params = parse_params(
-            {
-                "data": {"source": str(images)},
-                "device": "cpu",
-                "head": {"epochs": 20, "patience": 20},
-                "finetune": {"epochs": 0},
-                "export": {"calibration_images": 30},
-                "onnx_check": {"latency_runs": 10, "throughput_batches": 2},
-            }
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        world = TinyWorld.build(
+            root,
+            monkeypatch,
+            images=colour_images(root / "images"),
+            model={"weights": "imagenet"},
+            head={"epochs": 20, "patience": 20},
+            finetune={"epochs": 0},
+            export={"calibration_images": 30},
+            onnx_check={"latency_runs": 10, "throughput_batches": 2},
         )
-        for stage in (download, validate_stage, split, features, train_head, finetune, evaluate):
-            stage.main(params)
-        export.main(params)
-        metrics = onnx_check.main(params)
-        yield params, metrics
-    finally:
-        os.chdir(old)
+        world.run(features, train_head, finetune, evaluate, export)
+        yield world(), world.run(onnx_check)
 
 
 def run_without_torch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -135,7 +109,7 @@ def test_onnx_file_is_self_describing(exported):
     assert re.fullmatch(r"[0-9a-f]{64}", meta["params_sha256"])
     assert meta["params_sha256"] == export.params_sha256(params)
     assert meta["params_sha256"] != export.params_sha256(
-        parse_params({"head": {"lr": 0.01}, "data": {"source": params.data.source}})
+        params_from({"head": {"lr": 0.01}, "data": {"source": params.data.source}})
     )
     evaluated = json.loads(paths.metrics_file("evaluate").read_text())["finetuned"]
     assert json.loads(meta["test_metrics"])["top1"] == evaluated["top1"]
@@ -183,7 +157,7 @@ EMULATED_LOGITS = """
 import json, sys
 import numpy as np
 import onnxruntime as ort
-from pipeline.cpu import cpu_info
+from pipeline.system.cpu import cpu_info
 model, images, out = sys.argv[1:]
 session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
 np.save(out, session.run(None, {"input": np.load(images)})[0])
@@ -363,10 +337,14 @@ def test_readme_service_snippet_runs_without_this_project(exported, tmp_path):
 
 def test_outputs_lists_paths_and_headline_figures(exported):
     params, metrics = exported
-    Path("params.yaml").write_text("{}\n")  # the workspace's stages ran with default paths
-    text = __main__.describe_outputs()
+    Path("params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    text = headline.describe_outputs()
     assert "  onnx             models/model.onnx" in text
-    assert f"onnx             top-1 {metrics['onnx_top1']:.4f}" in text
-    assert f"onnx int8        top-1 {metrics['int8']['top1']:.4f}" in text
+    assert re.search(rf"ONNX test top-1 +{metrics['onnx_top1']:.4f}", text)
+    drop = 100 * metrics["int8"]["top1_drop"]
+    assert re.search(
+        rf"int8 test top-1 +{metrics['int8']['top1']:.4f} \(drop {drop:.2f} pt\)", text
+    )
+    assert re.search(r"measured on +\S.*; int8 kernels \w", text)
     finetuned = json.loads(params.paths.metrics_file("evaluate").read_text())["finetuned"]
-    assert f"finetuned        test top-1 {finetuned['top1']:.4f}" in text
+    assert re.search(rf"test top-1, fine-tuned +{finetuned['top1']:.4f}", text)

@@ -30,16 +30,16 @@ import pytest
 import torch
 import yaml
 
-from pipeline import __main__ as cli
-from pipeline import features, finetune, train_head
+from pipeline import runner as cli
 from pipeline.errors import PipelineError
-from pipeline.fsutil import load_torch_weights, md5_file
-from pipeline.model import load_checkpoint, save_checkpoint
-from pipeline.verify import cache_folder, verify
-from tests.conftest import create_image_folder
-from tests.faults import FULL, record, trials
-from tests.test_dvc_pipeline import copy_project, git, set_params, tool_env
-from tests.test_model_stages import TINY, prepare_tiny_run
+from pipeline.modeling.model import load_checkpoint, save_checkpoint
+from pipeline.stages import features, finetune, train_head
+from pipeline.system.fsutil import load_torch_weights, md5_file
+from pipeline.system.verify import cache_folder, verify
+from tests.support.faults import FULL, record, trials
+from tests.support.images import create_image_folder
+from tests.support.project import STAGES, copy_project, git, set_params, tool_env
+from tests.support.world import TinyWorld
 
 pytestmark = pytest.mark.faults
 
@@ -60,7 +60,7 @@ STEPS, SAVES_PER_EPOCH = 3, 3
 @pytest.fixture
 def small_run(tmp_path, monkeypatch):
     """The data stages run on 3 classes x 6 images, as ``tiny_run`` does with 10."""
-    return prepare_tiny_run(tmp_path, monkeypatch, IMAGES_PER_CLASS)
+    return TinyWorld.build(tmp_path, monkeypatch, images_per_class=IMAGES_PER_CLASS)
 
 
 # The killed processes are forked from a server that has imported the pipeline once
@@ -134,15 +134,6 @@ def kill_group(proc: multiprocessing.Process) -> None:
     proc.join()
 
 
-def write_params_file(finetune_params: dict) -> None:
-    """params.yaml in the current workspace, for a stage run as ``python -m pipeline``:
-    what ``small_run(finetune=finetune_params)`` gives (finetune reads no data params)."""
-    settings = {**TINY["finetune"], **finetune_params}
-    Path("params.yaml").write_text(
-        yaml.safe_dump({**TINY, "data": {"source": "unused"}, "finetune": settings})
-    )
-
-
 def kill_after_save(n: int, log: Path) -> str:
     """Run the finetune stage in a new process, SIGKILL it right after its n-th
     checkpoint; return what it logged."""
@@ -158,14 +149,14 @@ def finetune_outputs(p) -> dict:
     for timing in ("seconds", "train_images_per_second"):
         metrics.pop(timing)
     return {
-        "history": pd.read_csv(p.paths.plots / "finetune.csv"),
+        "history": pd.read_csv(p.paths.finetune_curves),
         "metrics": metrics,
         "weights": load_torch_weights(p.paths.model)["state_dict"],
     }
 
 
 def clear_finetune_outputs(p) -> None:
-    for path in (p.paths.model, p.paths.metrics_file("finetune"), p.paths.plots / "finetune.csv"):
+    for path in (p.paths.model, p.paths.metrics_file("finetune"), p.paths.finetune_curves):
         path.unlink()
 
 
@@ -192,7 +183,7 @@ def test_resumed_finetune_matches_an_uninterrupted_run(small_run, tmp_path, capl
     p = small_run(finetune=RESUMABLE)
     features.main(p)
     train_head.main(p)
-    write_params_file(RESUMABLE)
+    small_run.write_params_file(finetune=RESUMABLE)
     finetune.main(p)
     reference = finetune_outputs(p)
     assert len(reference["history"]) == 3  # epoch 0 (the head alone) and 2 trained epochs
@@ -281,7 +272,11 @@ def test_kill_during_checkpoint_save_never_leaves_a_torn_checkpoint(tmp_path):
 def stage_outputs(p, stage: str) -> list[Path]:
     """The files a stage writes when it succeeds (its model, metrics and curve)."""
     model = {"train_head": p.paths.head, "finetune": p.paths.model}[stage]
-    return [model, p.paths.metrics_file(stage), p.paths.plots / f"{stage}.csv"]
+    return [
+        model,
+        p.paths.metrics_file(stage),
+        (p.paths.head_curves if stage == "train_head" else p.paths.finetune_curves),
+    ]
 
 
 def test_nan_loss_or_exploding_gradient_in_train_head_writes_nothing(small_run):
@@ -508,7 +503,7 @@ def test_kill_dvc_repro_anywhere_then_a_plain_rerun_recovers(dvc_workspace):
     repo = dvc_workspace
     # `make faults`: every stage, killed once while its command runs and once after it.
     # CI: download and validate, the cheapest.
-    stages = cli.STAGES if FULL else cli.STAGES[:2]
+    stages = STAGES if FULL else STAGES[:2]
     targets = [] if FULL else [stages[-1]]
     first = run_dvc(repo, "repro", *targets)
     assert first.returncode == 0, first.stdout + first.stderr

@@ -32,18 +32,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import download, features, split, validate
-from pipeline.config import parse_params
-from tests.conftest import REPO_ROOT, create_image_folder, noise_image
-from tests.faults import trials
-from tests.httpserver import ServedFiles, etag_of
-from tests.test_faults_network import run_trials
+from pipeline.data.featurestore import load_features
+from pipeline.stages import download, features
+from tests.support.faults import SEED, run_trials, trials
+from tests.support.httpserver import ServedFiles, etag_of
+from tests.support.images import noise_image
+from tests.support.project import REPO_ROOT, params_from
+from tests.support.project import write_params as write_params_file
+from tests.support.world import TinyWorld
 
 pytestmark = pytest.mark.faults
 
-SEED = int(os.environ.get("PIPELINE_FAULTS_SEED", "20250107"))
 PAGE = 4096  # tmpfs allocates whole pages
-TINY = {"model": {"weights": "none"}, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,8 @@ def same_images(raw: Path, source: Path) -> bool:
 
 
 @pytest.fixture
-def workspace(tmp_path, monkeypatch) -> Path:
+def disk_ws(tmp_path, monkeypatch) -> Path:
+    """An empty workspace (the working directory) for a stage to fill a disk in."""
     ws = tmp_path / "ws"
     ws.mkdir()
     monkeypatch.chdir(ws)
@@ -159,10 +160,11 @@ def workspace(tmp_path, monkeypatch) -> Path:
 
 
 def write_params(params: dict) -> None:
-    Path("params.yaml").write_text(json.dumps(params, indent=2))  # JSON is YAML
+    """A complete params.yaml in the workspace: the repository's with ``params`` over it."""
+    write_params_file(Path("params.yaml"), **params)
 
 
-def test_disk_full_during_download_keeps_a_resumable_part(tmpfs_works, workspace, tmp_path):
+def test_disk_full_during_download_keeps_a_resumable_part(tmpfs_works, disk_ws, tmp_path):
     previous = images(1, {"fish": 3}, tmp_path / "previous")
     new = images(2, {"cat": 12, "dog": 12, "bird": 12}, tmp_path / "new")
     payload = tar_gz(new, tmp_path / "new.tgz").read_bytes()
@@ -171,14 +173,14 @@ def test_disk_full_during_download_keeps_a_resumable_part(tmpfs_works, workspace
     runs = itertools.count()
     rng = random.Random(SEED)
     cases = [rng.randint(size_kib // 5, size_kib * 4 // 5) for _ in range(trials(5, 1))]
-    downloads = workspace / "data" / "downloads"
+    downloads = disk_ws / "data" / "downloads"
     name = f"{digest[:16]}-new.tgz"
 
     def trial(small_kib: int) -> str | None:
         i = next(runs)
         shutil.rmtree(downloads, ignore_errors=True)
         downloads.mkdir(parents=True)
-        download.main(parse_params({"data": {"source": str(previous)}}))
+        download.main(params_from({"data": {"source": str(previous)}}))
         before = {"raw": tree(Path("data/raw")), "metrics": tree(Path("metrics"))}
         with ServedFiles({"/new.tgz": payload}) as server:
             write_params({"data": {"source": server.url("/new.tgz"), "sha256": digest}})
@@ -219,12 +221,12 @@ def test_disk_full_during_download_keeps_a_resumable_part(tmpfs_works, workspace
     assert not failures, failures
 
 
-def test_disk_full_during_extraction_keeps_the_previous_raw(tmpfs_works, workspace, tmp_path):
+def test_disk_full_during_extraction_keeps_the_previous_raw(tmpfs_works, disk_ws, tmp_path):
     previous = images(3, {"fish": 3}, tmp_path / "previous")
     new = images(4, {"cat": 12, "dog": 12, "bird": 12}, tmp_path / "new")
     archive = tar_gz(new, tmp_path / "new.tgz")
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-    data = workspace / "data"
+    data = disk_ws / "data"
     # What the tmpfs must hold: the previous data/raw, then the new one (moved, not copied,
     # out of the folder the archive unpacks to).
     old_kib = kib_on_tmpfs([p.stat().st_size for p in previous.rglob("*.png")])
@@ -236,7 +238,7 @@ def test_disk_full_during_extraction_keeps_the_previous_raw(tmpfs_works, workspa
     def trial(small_kib: int) -> str | None:
         i = next(runs)
         shutil.rmtree(data, ignore_errors=True)
-        download.main(parse_params({"data": {"source": str(previous)}}))
+        download.main(params_from({"data": {"source": str(previous)}}))
         before = tree(data / "raw")
         write_params({"data": {"source": str(archive), "sha256": digest}})
         full, roomy = stage_on_growing_tmpfs(
@@ -264,21 +266,19 @@ def test_disk_full_during_extraction_keeps_the_previous_raw(tmpfs_works, workspa
 
 
 @pytest.fixture
-def split_images(workspace, tmp_path):
+def split_images(disk_ws, tmp_path, monkeypatch) -> dict:
     """A workspace whose download, validate and split stages have run on 3 x 10 small images,
-    with the reference features computed where there is room (data/features)."""
-    source = create_image_folder(tmp_path / "images", {"cat": 10, "dog": 10, "bird": 10})
-    params = {**TINY, "data": {"source": str(source)}}
-    p = parse_params(params)
-    for stage in (download, validate, split, features):
-        stage.main(p)
-    return params
+    with the reference features computed where there is room (data/features); returns the
+    params overrides it ran with."""
+    world = TinyWorld.build(tmp_path, monkeypatch, images_per_class=10)
+    world.run(features)
+    return world.overrides
 
 
 def test_disk_full_during_features_keeps_no_partial_output(
-    tmpfs_works, workspace, tmp_path, split_images
+    tmpfs_works, disk_ws, tmp_path, split_images
 ):
-    paths, reference, index, graph, fs = features_on_fs(split_images, workspace)
+    paths, reference, index, graph, fs = features_on_fs(split_images, disk_ws)
     # The onnxruntime engine's graph (~14 MB for Lite0) is exported once into the feature
     # cache; it is on the disk beforehand (test_disk_full_while_the_engine_graph_is_written
     # fills the disk with it). Then the stage writes a cache shard (~160 kB) and the features
@@ -337,8 +337,8 @@ def test_disk_full_during_features_keeps_no_partial_output(
 def features_on_fs(split_images: dict, workspace: Path):
     """The reference features run's paths, arrays, index and onnxruntime graph; then params
     that put ``paths.features`` and ``paths.feature_cache`` under the empty folder ``fs``."""
-    paths = parse_params(split_images).paths
-    reference, index = features.load_features(paths)
+    paths = params_from(split_images).paths
+    reference, index = load_features(paths)
     graphs = sorted((paths.feature_cache / "engines").glob("*.onnx"))
     assert len(graphs) == 1, graphs
     write_params(
@@ -349,12 +349,10 @@ def features_on_fs(split_images: dict, workspace: Path):
     return paths, reference, index, graphs[0], fs
 
 
-def test_disk_full_while_the_engine_graph_is_written(
-    tmpfs_works, workspace, tmp_path, split_images
-):
+def test_disk_full_while_the_engine_graph_is_written(tmpfs_works, disk_ws, tmp_path, split_images):
     """The backbone's graph fills the disk: no partial graph is kept, the error names the file
     and the setting, and the next run with room exports it again and computes the features."""
-    paths, reference, index, graph, fs = features_on_fs(split_images, workspace)
+    paths, reference, index, graph, fs = features_on_fs(split_images, disk_ws)
     graph_kib = kib_on_tmpfs([graph.stat().st_size])
     metrics_before = paths.metrics_file("features").read_text()
 

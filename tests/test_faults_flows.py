@@ -17,18 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
-from tests.faults import FULL, record
-from tests.test_flows import (  # noqa: F401 (fixtures)
+from tests.support.faults import FULL, record
+from tests.support.prefect import (
     flows_run,
-    images,
     make_repo,
     processes_in,
     run,
-    server,
     stage_statuses,
     start_flow_run,
 )
+from tests.support.project import REPO_ROOT
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -48,7 +46,7 @@ def test_a_child_started_through_pipeline_process_dies_with_its_parent():
             sys.executable,
             "-c",
             "import subprocess, sys\n"
-            "child = subprocess.Popen([sys.executable, '-m', 'pipeline.process', '--', 'sleep', '300'])\n"
+            "child = subprocess.Popen([sys.executable, '-m', 'pipeline.system.process', '--', 'sleep', '300'])\n"
             "print(child.pid, flush=True)\n"
             "child.wait()\n",
         ],

@@ -38,17 +38,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from PIL import Image
 
-from pipeline import download, validate
-from pipeline.archives import UnsafeArchiveError, extract_archive
-from pipeline.config import DataParams, DownloadParams, Paths, parse_params
+from pipeline.data.images import dhash, load_rgb
 from pipeline.errors import DataError
-from pipeline.images import dhash, load_rgb
-from tests.conftest import create_image_folder, noise_image
-from tests.faults import FULL, record, trials
-from tests.test_dvc_pipeline import copy_project, dvc, git, set_params, tool_env
+from pipeline.sources.archives import UnsafeArchiveError, extract_archive
+from pipeline.stages import download, validate
+from tests.support.faults import FULL, record, trials
+from tests.support.images import create_image_folder, noise_image
+from tests.support.project import (
+    copy_project,
+    dvc,
+    git,
+    params_from,
+    set_params,
+    tool_env,
+    write_params,
+)
 
 pytestmark = pytest.mark.faults
 
@@ -133,7 +139,7 @@ class Bench:
         self.peak_mb = 0.0
 
     def params(self, **sections) -> None:
-        (self.ws / "params.yaml").write_text(yaml.safe_dump(sections))
+        write_params(self.ws / "params.yaml", **sections)
 
     def stage(self, name: str) -> Ran:
         ran = run_stage(self.ws, name)
@@ -297,7 +303,8 @@ def previous_raw(bench: Bench) -> dict[str, bytes]:
     """A good download first (in this process: quicker), so each refusal can show that the
     previous output survives."""
     good = write_archive(bench.src / "good.zip", "zip", good_members())
-    download.run(Paths().under(bench.ws), DataParams(source=str(good)), DownloadParams())
+    params = params_from({"data": {"source": str(good)}})
+    download.run(params.paths.under(bench.ws), params.data, params.download)
     return bench.raw()
 
 
@@ -953,7 +960,7 @@ def test_class_change_fails_validate_until_allowed(tmp_path, monkeypatch):
     images = create_image_folder(tmp_path / "images", {"cat": 5, "dog": 5, "bird": 5})
 
     def run(allow: bool = False) -> dict:
-        params = parse_params(
+        params = params_from(
             {"data": {"source": str(images)}, "validate": {"allow_class_change": allow}}
         )
         download.main(params)

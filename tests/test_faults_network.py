@@ -14,7 +14,6 @@ other ones. Each test prints its offsets (``pytest -s``) and records them in its
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import random
@@ -26,17 +25,17 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import download, fetch
-from pipeline.config import parse_params
 from pipeline.errors import PipelineError
-from pipeline.fetch import ChecksumError, DownloadError, fetch_url
-from tests.conftest import REPO_ROOT, create_image_folder
-from tests.faults import FULL, record, trials
-from tests.httpserver import CHANGED, LAST_MODIFIED, Faults, ServedFiles, etag_of
+from pipeline.sources import fetch
+from pipeline.sources.fetch import ChecksumError, DownloadError, fetch_url
+from pipeline.stages import download
+from tests.support.faults import FULL, SEED, record, run_trials, trials
+from tests.support.httpserver import CHANGED, LAST_MODIFIED, Faults, ServedFiles, etag_of
+from tests.support.images import create_image_folder
+from tests.support.project import REPO_ROOT, params_from, write_params
 
 pytestmark = pytest.mark.faults
 
-SEED = int(os.environ.get("PIPELINE_FAULTS_SEED", "20250107"))
 SIZE = (4 if FULL else 1) << 20  # the payload: several MB under `make faults`
 # Backoff in milliseconds so retries cost nothing; the cap is what the tests check.
 FAST = {"backoff_s": 0.001, "max_backoff_s": 0.004, "timeout_s": 5.0, "progress": False}
@@ -52,25 +51,6 @@ DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
 
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
-
-
-def run_trials(fault: str, cases: list, trial: Callable[[object], str | None]) -> list[str]:
-    """Run ``trial(case)`` for each case; a trial passes when it raises nothing.
-
-    ``trial`` returns "data lost" when it kept a partial or wrong output (counted apart).
-    Records the tally, then returns the failures for the caller to assert on.
-    """
-    failures, lost = [], 0
-    for i, case in enumerate(cases):
-        try:
-            if trial(case) == "data lost":
-                lost += 1
-                failures.append(f"trial {i} ({case}): kept a partial or wrong output")
-        except (Exception, pytest.fail.Exception) as exc:  # counted, then reported
-            failures.append(f"trial {i} ({case}): {type(exc).__name__}: {exc}")
-    print(f"{fault}: seed {SEED}, cases {cases}")  # noqa: T201 (shown with -s, to replay)
-    record(fault, len(cases), len(cases) - len(failures), lost, seed=SEED, cases=repr(cases))
-    return failures
 
 
 def error_from(call: Callable[[], object], kind: type[Exception]) -> str | None:
@@ -125,7 +105,7 @@ def test_stall_longer_than_the_read_timeout_resumes(tmp_path, caplog):
         faults = Faults(drop_at=[offset], stall_s=3.0)  # 10x the client's read timeout
         with (
             ServedFiles({"/data.bin": PAYLOAD}, faults) as server,
-            caplog.at_level(logging.WARNING, logger="pipeline.fetch"),
+            caplog.at_level(logging.WARNING, logger="pipeline.sources.fetch"),
         ):
             fetch_url(server.url("/data.bin"), dest, sha256=DIGEST, **{**FAST, "timeout_s": 0.3})
         if kept_wrong_bytes(dest, PAYLOAD):
@@ -196,7 +176,7 @@ def test_500_then_503_then_200_succeeds_with_capped_backoff(tmp_path, caplog):
         faults = Faults(fail_with=list(statuses), retry_after=retry_after)
         with (
             ServedFiles({"/data.bin": PAYLOAD}, faults) as server,
-            caplog.at_level(logging.WARNING, logger="pipeline.fetch"),
+            caplog.at_level(logging.WARNING, logger="pipeline.sources.fetch"),
         ):
             fetch_url(server.url("/data.bin"), dest, sha256=DIGEST, retries=5, **FAST)
         if kept_wrong_bytes(dest, PAYLOAD):
@@ -252,7 +232,7 @@ def test_206_from_the_wrong_offset_is_never_spliced(tmp_path, caplog):
         faults = Faults(drop_at=[offset], range_shift=shift, range_lie=lie)
         with (
             ServedFiles({"/data.bin": PAYLOAD}, faults) as server,
-            caplog.at_level(logging.INFO, logger="pipeline.fetch"),
+            caplog.at_level(logging.INFO, logger="pipeline.sources.fetch"),
         ):
             fetch_url(server.url("/data.bin"), dest, sha256=DIGEST, **FAST)
         if kept_wrong_bytes(dest, PAYLOAD):
@@ -461,7 +441,7 @@ def stage(tmp_path, monkeypatch):
     ws.mkdir()
     monkeypatch.chdir(ws)
     previous = create_image_folder(tmp_path / "previous", {"fish": 5}, seed=3)
-    download.main(parse_params({"data": {"source": str(previous)}}))
+    download.main(params_from({"data": {"source": str(previous)}}))
     archive = tar_gz(
         create_image_folder(tmp_path / "new", {"cat": 5, "dog": 5}), tmp_path / "new.tgz"
     )
@@ -480,7 +460,7 @@ def stage(tmp_path, monkeypatch):
 
         @staticmethod
         def run(url: str, **download_params) -> None:
-            download.main(parse_params(Stage.params(url, **download_params)))
+            download.main(params_from(Stage.params(url, **download_params)))
 
         @staticmethod
         def unchanged() -> bool:
@@ -587,11 +567,11 @@ def test_file_replaced_upstream_between_runs_fails_the_stage_cleanly(stage):
 
 
 def test_command_line_reports_a_refused_download_and_exits_non_zero(stage):
-    Path("params.yaml").write_text(json.dumps(stage.params("URL")))  # JSON is YAML
+    write_params(Path("params.yaml"), **stage.params("URL"))
     faults = Faults(redirects={"/new.tgz": "file:///etc/passwd"})
     with ServedFiles({"/new.tgz": stage.payload}, faults) as server:
         url = server.url("/new.tgz")
-        Path("params.yaml").write_text(json.dumps(stage.params(url)))
+        write_params(Path("params.yaml"), **stage.params(url))
         done = subprocess.run(
             [sys.executable, "-m", "pipeline", "download"],
             capture_output=True,

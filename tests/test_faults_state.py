@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.fsutil import md5_file
-from pipeline.verify import cache_folder, lock_entries
-from tests.conftest import REPO_ROOT, create_image_folder
-from tests.faults import record, trials
-from tests.test_dvc_pipeline import copy_project, dvc, git, set_params, tool_env
+from pipeline.system.fsutil import md5_file
+from pipeline.system.verify import cache_folder, lock_entries
+from tests.support.faults import record, trials
+from tests.support.images import create_image_folder
+from tests.support.project import REPO_ROOT, copy_project, dvc, git, set_params, tool_env
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -222,8 +222,11 @@ def test_dvc_state_files_cut_short_by_a_kill_are_repaired(reproduced):
         cut = rng.randrange(1, len(lock_bytes) - 1)
         (repo / "dvc.lock").write_bytes(lock_bytes[:cut])
         rwlock = repo / ".dvc" / "tmp" / "rwlock"
+        # Trial 0 cuts it to nothing (DVC truncated it, then died): empty is torn too.
         rwlock.write_text(
-            '{"write": {"data/raw": {"pid": 1, "cmd": "dvc rep'[: rng.randrange(1, 40)]
+            '{"write": {"data/raw": {"pid": 1, "cmd": "dvc rep'[
+                : 0 if trial == 0 else rng.randrange(1, 40)
+            ]
         )
         # DVC's own verdict on the cut dvc.lock: a cut at a line boundary can leave a valid,
         # shorter lock file (DVC then just reruns what it lacks), most cuts do not.

@@ -21,11 +21,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.errors import DataError, PipelineError
-from pipeline.predict import OnnxClassifier
-from pipeline.preprocessing import Preprocessing
-from tests.conftest import REPO_ROOT, create_image_folder
-from tests.faults import record
+from pipeline.serving.predict import OnnxClassifier
+from tests.support.faults import record
+from tests.support.images import create_image_folder
+from tests.support.project import REPO_ROOT
 
 pytestmark = pytest.mark.faults
 
@@ -52,8 +53,8 @@ def hostile_torch_file(path: Path, sentinel: Path, wrap=lambda payload: payload)
 
 def test_hostile_checkpoints_never_run_their_payload(tmp_path, workspace, monkeypatch):
     """Each place a torch file is read: stage checkpoints and the torch hub cache."""
-    from pipeline.backbones import build_backbone
-    from pipeline.model import load_checkpoint
+    from pipeline.modeling.backbones import build_backbone
+    from pipeline.modeling.model import load_checkpoint
 
     sentinel = tmp_path / "PWNED"
     cases = 0
@@ -144,7 +145,7 @@ def test_no_code_path_unpickles():
 
 def test_feature_cache_shard_with_pickled_objects_is_not_unpickled(tmp_path):
     """A cache shard holding an object array is refused by numpy (allow_pickle=False)."""
-    from pipeline.features import FeatureCache
+    from pipeline.data.featurestore import FeatureCache
 
     sentinel = tmp_path / "PWNED"
     cache = FeatureCache(tmp_path / "cache", "key")
@@ -323,7 +324,7 @@ def _resolve_without_gpu(device: str) -> subprocess.CompletedProcess:
     (CUDA_VISIBLE_DEVICES="" also hides a real GPU from torch)."""
     code = (
         "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
-        "from pipeline.runtime import resolve\n"
+        "from pipeline.modeling.runtime import resolve\n"
         "from pipeline.errors import PipelineError\n"
         f"try:\n    print(resolve({device!r}, 'auto').device)\n"
         "except PipelineError as exc:\n    print('ERROR', exc); sys.exit(3)\n"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import fetch
-from pipeline.fetch import ChecksumError, DownloadError, fetch_url
-from tests.httpserver import Faults, ServedFiles
+from pipeline.sources import fetch
+from pipeline.sources.fetch import ChecksumError, DownloadError, fetch_url
+from tests.support.httpserver import Faults, ServedFiles
 
 PAYLOAD = bytes(range(256)) * 1024  # 256 KiB, every offset distinguishable
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
@@ -20,7 +20,7 @@ FAST = {"backoff_s": 0.01, "max_backoff_s": 0.05, "timeout_s": 5.0, "progress": 
 
 
 @pytest.fixture
-def server() -> Iterator[ServedFiles]:
+def http_server() -> Iterator[ServedFiles]:
     with ServedFiles({"/data.bin": PAYLOAD, "/other.bin": b"other"}) as srv:
         yield srv
 
@@ -29,36 +29,38 @@ def leftovers(dest: Path) -> list[str]:
     return sorted(p.name for p in dest.parent.iterdir())
 
 
-def test_download_verifies_and_skips_when_present(server: ServedFiles, tmp_path: Path) -> None:
+def test_download_verifies_and_skips_when_present(http_server: ServedFiles, tmp_path: Path) -> None:
     dest = tmp_path / "raw" / "data.bin"
-    url = server.url("/data.bin")
+    url = http_server.url("/data.bin")
     assert fetch_url(url, dest, sha256=DIGEST.upper(), **{**FAST, "progress": True}) == dest
     assert dest.read_bytes() == PAYLOAD
     assert leftovers(dest) == ["data.bin"]
 
-    fetch_url(server.url("/data.bin"), dest, sha256=DIGEST, **FAST)
-    assert len(server.seen) == 1  # the second call made no request
+    fetch_url(http_server.url("/data.bin"), dest, sha256=DIGEST, **FAST)
+    assert len(http_server.seen) == 1  # the second call made no request
 
 
-def test_resumes_after_dropped_connection(server: ServedFiles, tmp_path: Path) -> None:
-    server.faults = Faults(drop_after=100_000)
+def test_resumes_after_dropped_connection(http_server: ServedFiles, tmp_path: Path) -> None:
+    http_server.faults = Faults(drop_after=100_000)
     dest = tmp_path / "data.bin"
-    fetch_url(server.url("/data.bin"), dest, sha256=DIGEST, **FAST)
+    fetch_url(http_server.url("/data.bin"), dest, sha256=DIGEST, **FAST)
     assert dest.read_bytes() == PAYLOAD
-    first, second = server.seen
+    first, second = http_server.seen
     assert "Range" not in first.headers
     assert second.headers["Range"] == "bytes=100000-"
     assert second.headers["If-Range"].startswith('"')  # the strong ETag from the first answer
     assert leftovers(dest) == ["data.bin"]
 
 
-def test_resumes_after_a_stall(server: ServedFiles, tmp_path: Path) -> None:
-    # Reads are 64 KiB: the bytes of the chunk in flight when the server went silent are lost.
-    server.faults = Faults(drop_after=150_000, stall_s=2.0)
+def test_resumes_after_a_stall(http_server: ServedFiles, tmp_path: Path) -> None:
+    # Reads are 64 KiB: the bytes of the chunk in flight when the http_server went silent are lost.
+    http_server.faults = Faults(drop_after=150_000, stall_s=2.0)
     dest = tmp_path / "data.bin"
-    fetch_url(server.url("/data.bin"), dest, sha256=DIGEST, **{**FAST, "timeout_s": 0.2})
+    fetch_url(http_server.url("/data.bin"), dest, sha256=DIGEST, **{**FAST, "timeout_s": 0.2})
     assert dest.read_bytes() == PAYLOAD
-    assert server.seen[1].headers["Range"] == f"bytes={150_000 // fetch._CHUNK * fetch._CHUNK}-"
+    assert (
+        http_server.seen[1].headers["Range"] == f"bytes={150_000 // fetch._CHUNK * fetch._CHUNK}-"
+    )
 
 
 def test_unreachable_server_gives_up(tmp_path: Path) -> None:
@@ -68,115 +70,122 @@ def test_unreachable_server_gives_up(tmp_path: Path) -> None:
         fetch_url(url, tmp_path / "data.bin", sha256=None, retries=1, **FAST)
 
 
-def test_resumes_a_part_left_by_an_earlier_process(server: ServedFiles, tmp_path: Path) -> None:
-    server.faults = Faults(drop_after=50_000)
+def test_resumes_a_part_left_by_an_earlier_process(
+    http_server: ServedFiles, tmp_path: Path
+) -> None:
+    http_server.faults = Faults(drop_after=50_000)
     dest = tmp_path / "data.bin"
     with pytest.raises(DownloadError, match="after 1 failed attempt; "):
-        fetch_url(server.url("/data.bin"), dest, sha256=DIGEST, retries=0, **FAST)
+        fetch_url(http_server.url("/data.bin"), dest, sha256=DIGEST, retries=0, **FAST)
     assert (tmp_path / "data.bin.part").stat().st_size == 50_000
     sidecar = json.loads((tmp_path / "data.bin.part.json").read_text())
-    assert sidecar["url"] == server.url("/data.bin") and sidecar["size"] == len(PAYLOAD)
+    assert sidecar["url"] == http_server.url("/data.bin") and sidecar["size"] == len(PAYLOAD)
 
-    fetch_url(server.url("/data.bin"), dest, sha256=DIGEST, **FAST)
+    fetch_url(http_server.url("/data.bin"), dest, sha256=DIGEST, **FAST)
     assert dest.read_bytes() == PAYLOAD
-    assert server.seen[-1].headers["Range"] == "bytes=50000-"
+    assert http_server.seen[-1].headers["Range"] == "bytes=50000-"
     assert leftovers(dest) == ["data.bin"]
 
 
 def test_complete_part_is_verified_without_downloading_again(
-    server: ServedFiles, tmp_path: Path
+    http_server: ServedFiles, tmp_path: Path
 ) -> None:
-    # A process that crashed between the last byte and the rename: the server answers 416.
+    # A process that crashed between the last byte and the rename: the http_server answers 416.
     dest = tmp_path / "data.bin"
     (tmp_path / "data.bin.part").write_bytes(PAYLOAD)
     sidecar = {
-        "url": server.url("/data.bin"),
+        "url": http_server.url("/data.bin"),
         "etag": None,
         "last_modified": "Wed, 01 Jan 2025 00:00:00 GMT",
         "size": len(PAYLOAD),
     }
     (tmp_path / "data.bin.part.json").write_text(json.dumps(sidecar))
-    fetch_url(server.url("/data.bin"), dest, sha256=DIGEST, **FAST)
+    fetch_url(http_server.url("/data.bin"), dest, sha256=DIGEST, **FAST)
     assert dest.read_bytes() == PAYLOAD
-    assert [s.headers["Range"] for s in server.seen] == [f"bytes={len(PAYLOAD)}-"]
+    assert [s.headers["Range"] for s in http_server.seen] == [f"bytes={len(PAYLOAD)}-"]
 
 
-def test_part_of_a_changed_file_is_replaced(server: ServedFiles, tmp_path: Path) -> None:
-    # The ETag recorded with the part no longer matches: If-Range makes the server send it all.
+def test_part_of_a_changed_file_is_replaced(http_server: ServedFiles, tmp_path: Path) -> None:
+    # The ETag recorded with the part no longer matches: If-Range makes the http_server send it all.
     dest = tmp_path / "data.bin"
     (tmp_path / "data.bin.part").write_bytes(b"stale bytes of an older version")
-    sidecar = {"url": server.url("/data.bin"), "etag": '"old"', "last_modified": None, "size": None}
+    sidecar = {
+        "url": http_server.url("/data.bin"),
+        "etag": '"old"',
+        "last_modified": None,
+        "size": None,
+    }
     (tmp_path / "data.bin.part.json").write_text(json.dumps(sidecar))
-    fetch_url(server.url("/data.bin"), dest, sha256=DIGEST, **FAST)
+    fetch_url(http_server.url("/data.bin"), dest, sha256=DIGEST, **FAST)
     assert dest.read_bytes() == PAYLOAD
-    assert server.seen[0].headers["If-Range"] == '"old"'
+    assert http_server.seen[0].headers["If-Range"] == '"old"'
 
 
-def test_checksum_mismatch_keeps_nothing(server: ServedFiles, tmp_path: Path) -> None:
+def test_checksum_mismatch_keeps_nothing(http_server: ServedFiles, tmp_path: Path) -> None:
     dest = tmp_path / "data.bin"
     wrong = "0" * 64
     with pytest.raises(ChecksumError) as info:
-        fetch_url(server.url("/data.bin"), dest, sha256=wrong, **FAST)
+        fetch_url(http_server.url("/data.bin"), dest, sha256=wrong, **FAST)
     message = str(info.value)
-    assert wrong in message and DIGEST in message and server.url("/data.bin") in message
+    assert wrong in message and DIGEST in message and http_server.url("/data.bin") in message
     assert leftovers(dest) == []
 
 
-def test_404_fails_at_once(server: ServedFiles, tmp_path: Path) -> None:
-    url = server.url("/missing.bin")
+def test_404_fails_at_once(http_server: ServedFiles, tmp_path: Path) -> None:
+    url = http_server.url("/missing.bin")
     with pytest.raises(DownloadError, match="HTTP 404") as info:
         fetch_url(url, tmp_path / "missing.bin", sha256=None, **FAST)
     assert url in str(info.value)
-    assert len(server.seen) == 1
+    assert len(http_server.seen) == 1
 
 
 def test_503_is_retried(
-    server: ServedFiles, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    http_server: ServedFiles, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server.faults = Faults(fail_with=[503, 500], retry_after="0")
+    http_server.faults = Faults(fail_with=[503, 500], retry_after="0")
     dest = tmp_path / "data.bin"
-    with caplog.at_level(logging.WARNING, logger="pipeline.fetch"):
-        fetch_url(server.url("/data.bin"), dest, sha256=DIGEST, **FAST)
+    with caplog.at_level(logging.WARNING, logger="pipeline.sources.fetch"):
+        fetch_url(http_server.url("/data.bin"), dest, sha256=DIGEST, **FAST)
     assert dest.read_bytes() == PAYLOAD
-    assert len(server.seen) == 3
+    assert len(http_server.seen) == 3
     assert "HTTP 503" in caplog.text and "retry 2/5" in caplog.text
 
 
-def test_gives_up_after_retries(server: ServedFiles, tmp_path: Path) -> None:
-    server.faults = Faults(fail_with=[503] * 10)
-    url = server.url("/data.bin")
+def test_gives_up_after_retries(http_server: ServedFiles, tmp_path: Path) -> None:
+    http_server.faults = Faults(fail_with=[503] * 10)
+    url = http_server.url("/data.bin")
     with pytest.raises(DownloadError, match="after 3 failed attempts; last error: HTTP 503"):
         fetch_url(url, tmp_path / "data.bin", sha256=DIGEST, retries=2, **FAST)
-    assert len(server.seen) == 3
+    assert len(http_server.seen) == 3
 
 
-def test_server_ignoring_range_restarts_from_zero(server: ServedFiles, tmp_path: Path) -> None:
-    server.faults = Faults(drop_after=100_000, ignore_range=True)
+def test_server_ignoring_range_restarts_from_zero(http_server: ServedFiles, tmp_path: Path) -> None:
+    http_server.faults = Faults(drop_after=100_000, ignore_range=True)
     dest = tmp_path / "data.bin"
-    fetch_url(server.url("/data.bin"), dest, sha256=DIGEST, **FAST)
+    fetch_url(http_server.url("/data.bin"), dest, sha256=DIGEST, **FAST)
     assert dest.read_bytes() == PAYLOAD
-    assert server.seen[1].headers["Range"] == "bytes=100000-"  # asked, got the whole file
+    assert http_server.seen[1].headers["Range"] == "bytes=100000-"  # asked, got the whole file
 
 
-def test_follows_redirect_on_the_same_server(server: ServedFiles, tmp_path: Path) -> None:
-    server.faults = Faults(redirects={"/latest": "/data.bin"})
+def test_follows_redirect_on_the_same_server(http_server: ServedFiles, tmp_path: Path) -> None:
+    http_server.faults = Faults(redirects={"/latest": "/data.bin"})
     dest = tmp_path / "data.bin"
-    fetch_url(server.url("/latest"), dest, sha256=DIGEST, **FAST)
+    fetch_url(http_server.url("/latest"), dest, sha256=DIGEST, **FAST)
     assert dest.read_bytes() == PAYLOAD
-    assert [s.path for s in server.seen] == ["/latest", "/data.bin"]
+    assert [s.path for s in http_server.seen] == ["/latest", "/data.bin"]
 
 
-def test_refuses_redirect_to_file_scheme(server: ServedFiles, tmp_path: Path) -> None:
-    server.faults = Faults(redirects={"/evil": "file:///etc/passwd"})
+def test_refuses_redirect_to_file_scheme(http_server: ServedFiles, tmp_path: Path) -> None:
+    http_server.faults = Faults(redirects={"/evil": "file:///etc/passwd"})
     with pytest.raises(DownloadError, match="only http and https"):
-        fetch_url(server.url("/evil"), tmp_path / "x", sha256=None, **FAST)
+        fetch_url(http_server.url("/evil"), tmp_path / "x", sha256=None, **FAST)
     assert leftovers(tmp_path / "x") == []
 
 
-def test_refuses_endless_redirects(server: ServedFiles, tmp_path: Path) -> None:
-    server.faults = Faults(redirects={"/loop": "/loop"})
+def test_refuses_endless_redirects(http_server: ServedFiles, tmp_path: Path) -> None:
+    http_server.faults = Faults(redirects={"/loop": "/loop"})
     with pytest.raises(DownloadError, match="more than 10 redirects"):
-        fetch_url(server.url("/loop"), tmp_path / "x", sha256=None, **FAST)
+        fetch_url(http_server.url("/loop"), tmp_path / "x", sha256=None, **FAST)
 
 
 def test_refuses_redirect_from_public_to_internal(monkeypatch: pytest.MonkeyPatch) -> None:

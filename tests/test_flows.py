@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,133 +22,21 @@ from flows.training import (
     workspace_lock,
 )
 from pipeline.errors import ConfigError
-from tests.conftest import REPO_ROOT, create_image_folder
-from tests.test_config import STAGES
-from tests.test_dvc_pipeline import copy_project, git, set_params, tool_env
+from tests.support.prefect import (
+    flows_run,
+    make_repo,
+    processes_in,
+    run,
+    stage_statuses,
+    start_flow_run,
+)
+from tests.support.project import REPO_ROOT, STAGES, dvc_yaml, git
 
 pytestmark = pytest.mark.slow
-TINY = {
-    "model": {"weights": "none"},
-    "head": {"epochs": 5},
-    "finetune": {"epochs": 1, "batch_size": 8},
-    # random weights on noise images: int8 may flip a near-chance prediction or two
-    "onnx_check": {"max_int8_drop": 1.0, "latency_runs": 5, "throughput_batches": 1},
-    "flows": {"download_retries": 0},
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def base_env(tmp: Path) -> dict[str, str]:
-    return {
-        **tool_env(),  # this interpreter's tools first on PATH, analytics off
-        "PREFECT_HOME": str(tmp / "prefect-home"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        "PYTHONPATH": str(REPO_ROOT),
-    }
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``prefect server start`` on a free loopback port; yields the environment to reach it."""
-    tmp = tmp_path_factory.mktemp("prefect")
-    port = free_port()
-    env = base_env(tmp)
-    log = open(tmp / "server.log", "w")  # noqa: SIM115 (closed at teardown)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    api = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=5) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(
-                f"prefect server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}"
-            )
-        time.sleep(1)
-    yield {**env, "PREFECT_API_URL": api}
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-
-
-def make_repo(root: Path, images: Path, **sections) -> Path:
-    """A git + DVC repository of this project on tiny data, committed."""
-    copy_project(root, extra=("flows", "prefect.yaml"))
-    merged = {k: dict(v) for k, v in TINY.items()}
-    for section, values in sections.items():
-        merged.setdefault(section, {}).update(values)
-    set_params(root, data={"source": str(images)}, **merged)
-    git(root, "init", "-q")
-    git(root, "add", "-A")
-    git(root, "commit", "-qm", "project")
-    return root
-
-
-def run(args: list[str], cwd: Path, env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def flows_run(repo: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "flows", "run", *extra], repo, env)
-
-
-def start_flow_run(repo: Path, env: dict) -> subprocess.Popen:
-    """``python -m flows run`` in the background, in its own session, output captured."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "flows", "run"],
-        cwd=repo,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def stage_statuses(output: str) -> dict[str, str]:
-    """Each task's own report, ``<stage>: ran in 1.2 s`` or ``<stage>: up to date in ...``."""
-    return dict(re.findall(r"Task run '\w+-\w+' - (\w+): (ran|up to date) in", output))
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    return create_image_folder(
-        tmp_path_factory.mktemp("data") / "images", {"cat": 12, "dog": 12, "bird": 12}
-    )
 
 
 def test_stage_order_comes_from_dvc():
-    assert stage_order(REPO_ROOT) == STAGES
+    assert stage_order(REPO_ROOT) == list(STAGES)
 
 
 def test_stage_error_keeps_the_stages_own_message():
@@ -251,9 +136,7 @@ def test_served_deployment_runs_then_finds_everything_up_to_date(server, images,
         (latest,) = json.loads(artifact.stdout)
         summary = latest["data"]
         for stage in STAGES:
-            placement = (
-                "gpu" if stage in {"features", "train_head", "finetune", "evaluate"} else "cpu"
-            )
+            placement = dvc_yaml()["stages"][stage]["meta"]["placement"]
             assert f"| {stage} | {placement} | up to date |" in summary, summary
         assert "| ONNX top-1 agreement | 1.0000 |" in summary
         assert re.search(r"\| ONNX max abs logit difference \| \d\.\de[-+]\d\d \|", summary)
@@ -261,7 +144,16 @@ def test_served_deployment_runs_then_finds_everything_up_to_date(server, images,
         report = (repo / "reports/index.html").resolve()
         assert f"Run report: `{report}`" in summary
         link = run(
-            ["prefect", "artifact", "inspect", "training-pipeline-report", "--limit", "1", "-o", "json"],
+            [
+                "prefect",
+                "artifact",
+                "inspect",
+                "training-pipeline-report",
+                "--limit",
+                "1",
+                "-o",
+                "json",
+            ],
             repo,
             server,
             120,
@@ -351,27 +243,35 @@ def test_dvc_remote_round_trip(server, images, tmp_path):
     assert repro.returncode == 0 and "Running stage" not in repro.stdout, repro.stdout
 
 
-def test_prefect_yaml_mirrors_the_served_deployment():
-    spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["flows"]
-    (deployment,) = [d for d in spec["deployments"] if d["name"] == "scheduled"]
-    assert deployment["entrypoint"] == "flows/training.py:training_pipeline"
+def test_prefect_deploy_takes_the_schedule_from_params_yaml(server, images, tmp_path):
+    """``prefect deploy`` from prefect.yaml, as a user runs it, against the real server: the
+    deployment's schedule and heartbeat are params.yaml's (written once, issue #17)."""
+    repo = make_repo(
+        tmp_path / "repo", images, flows={"cron": "15 3 * * 1", "timezone": "Europe/Paris"}
+    )
+    pool = run(
+        ["prefect", "work-pool", "create", "gpu-pool", "--type", "process"], repo, server, 120
+    )
+    assert pool.returncode == 0 or "already exists" in pool.stdout + pool.stderr, pool.stderr
+    env = {**server, "TRANSFER_PIPELINE_DIR": str(repo)}
+    deployed = run(["prefect", "--no-prompt", "deploy", "--name", "scheduled"], repo, env, 300)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    shown = run(
+        ["prefect", "deployment", "inspect", "training-pipeline/scheduled", "--output", "json"],
+        repo,
+        server,
+        120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    deployment = json.loads(shown.stdout)
     (schedule,) = deployment["schedules"]
-    assert (schedule["cron"], schedule["timezone"]) == (params["cron"], params["timezone"])
-    heartbeat = deployment["work_pool"]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]
-    assert heartbeat == str(params["heartbeat_s"])
-
-
-def processes_in(folder: Path) -> list[str]:
-    """Command lines of the processes whose working directory is ``folder``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == folder:
-                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except OSError:
-            continue
-    return found
+    assert (schedule["schedule"]["cron"], schedule["schedule"]["timezone"]) == (
+        "15 3 * * 1",
+        "Europe/Paris",
+    )
+    env_vars = deployment["job_variables"]["env"]
+    heartbeat = yaml.safe_load((repo / "params.yaml").read_text())["flows"]["heartbeat_s"]
+    assert env_vars["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(heartbeat)
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the stage's process")

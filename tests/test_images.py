@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import dhash, load_rgb, probe_image
-from tests.conftest import noise_image
+from pipeline.data.images import dhash, load_rgb, probe_image
+from tests.support.images import noise_image
 
 MAX_PIXELS = 89_478_485
 

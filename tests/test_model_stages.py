@@ -14,56 +14,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
-from pipeline import download, evaluate, features, finetune, split, train_head, validate
-from pipeline.config import parse_params
+from pipeline.data.featurestore import load_features
+from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
-from pipeline.model import load_classifier
-from tests.conftest import REPO_ROOT, create_image_folder
-
-TINY = {
-    "model": {"weights": "none"},
-    "device": "cpu",
-    "head": {"epochs": 30, "patience": 30},
-    "finetune": {"epochs": 1, "batch_size": 8},
-}
-
-
-@pytest.fixture
-def tiny_run(tmp_path, monkeypatch):
-    """A workspace whose data stages have run on 3 classes x 10 images; returns its params."""
-    return prepare_tiny_run(tmp_path, monkeypatch, images_per_class=10)
-
-
-def prepare_tiny_run(tmp_path, monkeypatch, images_per_class: int):
-    """Run download, validate and split on generated images in ``tmp_path/ws`` (the new
-    working directory); return a function from params overrides to :class:`Params`."""
-    counts = dict.fromkeys(("cat", "dog", "bird"), images_per_class)
-    images = create_image_folder(tmp_path / "images", counts)
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    monkeypatch.chdir(ws)
-    raw = {**TINY, "data": {"source": str(images)}}
-
-    def params(**overrides):
-        merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-        for section, values in overrides.items():
-            merged.setdefault(section, {}).update(values)
-        return parse_params(merged)
-
-    p = params()
-    download.main(p)
-    validate.main(p)
-    split.main(p)
-    return params
+from pipeline.modeling import training
+from pipeline.modeling.model import load_classifier
+from pipeline.stages import evaluate, features, finetune, train_head
+from tests.support.images import create_image_folder
+from tests.support.project import REPO_ROOT, params_with
 
 
 def test_features_are_cached_by_content(tiny_run):
     p = tiny_run()
     first = features.main(p)
     assert (first["computed"], first["reused"]) == (30, 0)
-    arrays, index = features.load_features(p.paths)
+    arrays, index = load_features(p.paths)
     assert arrays["train"].shape == (21, 1280) and index["classes"] == ["bird", "cat", "dog"]
     assert np.isfinite(arrays["test"]).all()
 
@@ -78,14 +44,14 @@ def test_features_are_cached_by_content(tiny_run):
     pd.concat([rows, pd.DataFrame(new)]).to_csv(train_csv, index=False)
     second = features.main(p)
     assert (second["computed"], second["reused"]) == (2, 30)
-    again, _ = features.load_features(p.paths)
+    again, _ = load_features(p.paths)
     assert np.array_equal(again["test"], arrays["test"])
 
 
 def test_augmented_views_are_cached_for_training(tiny_run):
     p = tiny_run(features={"augmented_views": 2})
     features.main(p)
-    arrays, _ = features.load_features(p.paths)
+    arrays, _ = load_features(p.paths)
     assert arrays["train_aug"].shape == (21, 2, 1280)
     assert not np.allclose(arrays["train_aug"][:, 0], arrays["train_aug"][:, 1])
     assert features.main(p)["computed"] == 0  # same views, same seeds: all cached
@@ -96,7 +62,7 @@ def test_head_learns_separable_features(tiny_run):
     features.main(p)
     metrics = train_head.main(p)
     assert 1e-6 <= metrics["lr"] <= 1.0
-    history = pd.read_csv(p.paths.plots / "train_head.csv")
+    history = pd.read_csv(p.paths.head_curves)
     assert list(history.columns) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
 
@@ -115,10 +81,10 @@ def test_nan_loss_stops_training_and_saves_nothing(tiny_run):
 
 def test_class_balanced_loss_weighs_classes_by_inverse_frequency():
     y = np.array([0, 0, 0, 1])  # class 2 has no training images
-    balanced = train_head.training_criterion(y, 3, True, 0.1)
+    balanced = training.training_criterion(y, 3, True, 0.1)
     assert torch.allclose(balanced.weight, torch.tensor([0.5, 1.5, 0.0]))
     assert balanced.label_smoothing == 0.1
-    assert train_head.training_criterion(y, 3, False, 0.0).weight is None
+    assert training.training_criterion(y, 3, False, 0.0).weight is None
 
 
 def test_finetune_and_evaluate(tiny_run):
@@ -137,7 +103,7 @@ def test_finetune_and_evaluate(tiny_run):
         assert 0 <= result[name]["top1"] <= 1
     assert json.loads(p.paths.calibration.read_text())["temperature"]["finetuned"] > 0
     assert (p.paths.evaluation / "confusion_finetuned.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(pd.read_csv(p.paths.plots / "confusion.csv")) == 6
+    assert len(pd.read_csv(p.paths.confusion)) == 6
 
 
 def test_zero_epochs_gives_backbone_plus_head(tiny_run, caplog):
@@ -146,9 +112,9 @@ def test_zero_epochs_gives_backbone_plus_head(tiny_run, caplog):
     train_head.main(p)
     assert finetune.main(p)["epochs_run"] == 0
     model, card, _ = load_classifier(p.paths.model)
-    arrays, _ = features.load_features(p.paths)
-    from pipeline.data import ImageDataset
-    from pipeline.features import read_split
+    arrays, _ = load_features(p.paths)
+    from pipeline.data.splits import read_split
+    from pipeline.modeling.datasets import ImageDataset
 
     rows = read_split(p.paths, "test")
     x = torch.stack(
@@ -163,7 +129,7 @@ def test_zero_epochs_gives_backbone_plus_head(tiny_run, caplog):
     assert torch.allclose(full, direct, atol=1e-4)  # onnxruntime fp32 features = PyTorch fp32
 
     # So evaluate scores the joined model on the cached features, and says so.
-    caplog.set_level("INFO", logger="pipeline.evaluate")
+    caplog.set_level("INFO", logger="pipeline.stages.evaluate")
     result = evaluate.main(p)
     assert result["finetuned"] == result["head"]
     assert "scoring backbone + head on the cached features" in caplog.text
@@ -180,11 +146,11 @@ def test_zero_epochs_gives_backbone_plus_head(tiny_run, caplog):
 def test_feature_engines_agree_with_the_reference_preprocessing(tiny_run):
     """onnxruntime and PyTorch fp32 embed uint8 batches (normalised inside the model) as the
     backbone embeds ``Preprocessing``'s float arrays; the exported graph is reused."""
-    from pipeline import engines
-    from pipeline.backbones import build_backbone
-    from pipeline.data import eval_geometry
-    from pipeline.images import load_rgb
-    from pipeline.runtime import resolve
+    from pipeline.data.images import load_rgb
+    from pipeline.modeling import engines
+    from pipeline.modeling.backbones import build_backbone
+    from pipeline.modeling.datasets import eval_geometry
+    from pipeline.modeling.runtime import resolve
 
     p = tiny_run(features={"engine": "onnxruntime"})
     first = features.main(p)
@@ -192,13 +158,13 @@ def test_feature_engines_agree_with_the_reference_preprocessing(tiny_run):
     graphs = sorted((p.paths.feature_cache / "engines").glob("*.onnx"))
     assert len(graphs) == 1
     stamp = graphs[0].stat().st_mtime_ns
-    by_onnx, _ = features.load_features(p.paths)
+    by_onnx, _ = load_features(p.paths)
 
     torch_params = tiny_run(features={"engine": "torch", "precision": "fp32"})
     assert features.main(torch_params)["engine"] == "torch-fp32"
-    by_torch, _ = features.load_features(p.paths)
+    by_torch, _ = load_features(p.paths)
     backbone = build_backbone("efficientnet_lite0", "none", p.model.resize)
-    rows = features.read_split(p.paths, "test")
+    rows = read_split(p.paths, "test")
     images = [load_rgb(path) for path in rows["path"]]
     reference = np.stack([backbone.preprocessing(img) for img in images])
     with torch.no_grad():
@@ -235,9 +201,9 @@ def test_feature_engines_agree_with_the_reference_preprocessing(tiny_run):
 
 
 def test_feature_engine_choice():
-    from pipeline import engines
     from pipeline.errors import ConfigError
-    from pipeline.runtime import Runtime
+    from pipeline.modeling import engines
+    from pipeline.modeling.runtime import Runtime
 
     cpu = Runtime(torch.device("cpu"), bf16=True, workers=1)
     assert engines.choose("auto", "auto", cpu) == "onnxruntime"
@@ -249,7 +215,7 @@ def test_feature_engine_choice():
     with pytest.raises(ConfigError, match="features.engine must be one of"):
         engines.choose("tensorrt", "auto", cpu)
     with pytest.raises(Exception, match="features.engine"):
-        parse_params({"features": {"engine": "tensorrt"}})
+        params_with(features={"engine": "tensorrt"})
 
 
 @pytest.mark.slow
@@ -257,16 +223,7 @@ def test_killed_finetune_resumes_from_its_checkpoint(tiny_run):
     p = tiny_run()
     features.main(p)
     train_head.main(p)
-    params_file = Path("params.yaml")
-    params_file.write_text(
-        yaml.safe_dump(
-            {
-                **TINY,
-                "data": {"source": "unused"},
-                "finetune": {"epochs": 4, "batch_size": 4, "patience": 10},
-            }
-        )
-    )
+    tiny_run.write_params_file(finetune={"epochs": 4, "batch_size": 4, "patience": 10})
     cmd = [sys.executable, "-m", "pipeline", "finetune"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.Popen(
@@ -303,3 +260,18 @@ def test_finetune_keeps_the_epoch_with_the_best_val_accuracy():
     better.loc[4, "val_loss"] = 0.4  # equals epoch 3: the first is kept
     assert finetune.kept_epoch(better)["epoch"] == 3
     assert finetune.beats(0.9, 1.0, 0.8, 0.1) and not finetune.beats(0.8, 0.2, 0.8, 0.1)
+
+
+@pytest.mark.gpu
+def test_model_stages_train_on_cuda(tiny_run):
+    """``device: auto`` on a GPU machine: features in PyTorch on CUDA (bf16 where native),
+    the head and fine-tuning on CUDA, and a checkpoint that loads on the CPU."""
+    p = tiny_run(device="auto")
+    assert features.main(p)["engine"].startswith("torch")
+    train_head.main(p)
+    metrics = finetune.main(p)
+    assert metrics["device"].startswith("cuda") and metrics["epochs_run"] == 1
+    model, _, _ = load_classifier(p.paths.model)
+    assert next(model.parameters()).device.type == "cpu"
+    result = evaluate.main(p)
+    assert 0 <= result["finetuned"]["top1"] <= 1

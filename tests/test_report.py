@@ -11,11 +11,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import report, scoring
-from pipeline.config import parse_params
-from pipeline.fsutil import sha256_file
-from tests.browser import open_page
-from tests.conftest import noise_image
+from pipeline.reporting import scoring
+from pipeline.reporting.headline import headline_markdown
+from pipeline.stages import report
+from pipeline.system.fsutil import sha256_file
+from tests.support.browser import SECTIONS, open_page, section_headings
+from tests.support.images import noise_image
+from tests.support.project import params_from
 
 SCRIPT_CLASS = "<script>alert(1)</script>"
 # Names from the data that would run script if they reached the page unescaped.
@@ -213,19 +215,12 @@ def test_report_of_a_partial_run_says_what_has_not_run(workspace):
 
 def test_headline_table_is_the_flow_artifact(finished_run):
     params, evaluation = finished_run
-    table = report.headline_markdown(params.paths)
+    table = headline_markdown(params.paths)
     assert table.startswith("| figure | value |\n|---|---|\n")
     assert f"| test top-1, fine-tuned | {evaluation['finetuned']['top1']:.4f} |" in table
     assert "| ONNX parity check | FAILED |" in table
     assert "| ONNX max abs logit difference | 3.2e-06 |" in table
     assert "| CPU latency, batch 1, 2 threads | 4.0 ms (int8 2.6 ms) |" in table
-
-
-SECTIONS = ["Data", "Split", "Training", "Results", "Export", "Provenance"]
-
-
-def section_headings(page) -> list[str]:
-    return page.locator("main > section > h2").all_inner_texts()
 
 
 def test_report_in_chromium(finished_run, tmp_path):
@@ -266,11 +261,11 @@ def test_report_in_chromium(finished_run, tmp_path):
 
 def test_report_params_are_checked():
     with pytest.raises(Exception, match="report.thumbnail_px"):
-        parse_params({"report": {"thumbnail_px": 0}})
+        params_from({"report": {"thumbnail_px": 0}})
 
 
 def test_stage_runs_are_logged_for_the_report(tmp_path):
-    from pipeline.__main__ import logged_run
+    from pipeline.runner import logged_run
 
     log_file = tmp_path / "logs/stages/split.json"
     with logged_run(log_file):
@@ -286,6 +281,6 @@ def test_stage_runs_are_logged_for_the_report(tmp_path):
 
 
 def test_paths_under_a_workspace():
-    paths = parse_params({}).paths.under(Path("/runs/a"))
+    paths = params_from({}).paths.under(Path("/runs/a"))
     assert paths.report == Path("/runs/a/reports/index.html")
     assert paths.metrics_file("evaluate") == Path("/runs/a/metrics/evaluate.json")

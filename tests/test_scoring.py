@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from sklearn import metrics
 
-from pipeline import scoring
+from pipeline.reporting import scoring
 
 CLASSES = ["cat", "dog", "fox"]
 # Seven samples worked through by hand:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pipeline.significance import (
+from pipeline.reporting.significance import (
     PairedOutcome,
     binomial_sf,
     normal_sf,

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import download, validate
 from pipeline.errors import DataError
-from tests.conftest import noise_image
+from pipeline.stages import download, validate
+from tests.support.images import noise_image
 
 
 def _prepare(make_params, source: Path, **validate_params):

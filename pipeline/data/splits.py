@@ -1,0 +1,18 @@
+"""The train/val/test split files (``paths.splits``/<split>.csv): their names and one reader."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from pipeline.config import Paths
+from pipeline.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+def read_split(paths: Paths, split: str) -> pd.DataFrame:
+    """One split's rows (path, label, sha256), in file order."""
+    file = paths.split_file(split)
+    if not file.exists():
+        raise DataError(f"{file} does not exist: run the split stage first")
+    return pd.read_csv(file, dtype=str, keep_default_na=False)

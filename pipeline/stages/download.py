@@ -1,0 +1,338 @@
+"""Stage ``download``: any source of labelled images → ``data/raw/<class>/<file>``.
+
+``data.source`` may be an http(s) URL, a ``file://`` URL, a local archive, a local
+folder, or ``builtin:NAME``. Archives (zip, tar, tar.gz/tgz, tar.bz2, tar.xz) are
+extracted safely, one nested archive deep (Caltech's ``caltech-101.zip`` holds
+``101_ObjectCategories.tar.gz``). The result is written to a temporary folder and
+renamed onto ``data/raw`` only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlparse
+
+from pipeline.config import DataParams, DownloadParams, Params, Paths
+from pipeline.errors import ConfigError, DataError
+from pipeline.sources import builtin
+from pipeline.sources.archives import ExtractLimits, archive_kind, extract_archive
+from pipeline.sources.fetch import ChecksumError, fetch_url
+from pipeline.system.diskfull import disk_full_is_an_error
+from pipeline.system.fsutil import (
+    atomic_path,
+    fresh_tempdir,
+    is_os_litter,
+    md5_file,
+    remove,
+    sha256_file,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".png",
+        ".bmp",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".jfif",
+    }
+)
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """A normalised image folder: class name → its files (relative paths inside the class)."""
+
+    root: Path
+    classes: dict[str, list[tuple[PurePosixPath, Path]]]
+    loose_files: int
+
+
+def resolve_local(source: str) -> Path | None:
+    """The local path a source names (a plain path or a ``file://`` URL), else None."""
+    parsed = urlparse(source)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ConfigError(
+                f"data.source: file:// URL with a remote host is not supported: {source}"
+            )
+        return Path(unquote(parsed.path))
+    if parsed.scheme in ("http", "https") or source.startswith(builtin.PREFIX):
+        return None
+    if parsed.scheme and len(parsed.scheme) > 1:  # C:\ is a drive, not a scheme
+        raise ConfigError(
+            f"data.source: unsupported scheme {parsed.scheme!r} in {source!r}; use an http(s):// "
+            "or file:// URL, a local path, or "
+            + ", ".join(builtin.PREFIX + b for b in builtin.BUILTINS)
+        )
+    return Path(source).expanduser()
+
+
+def materialise(
+    data: DataParams, download: DownloadParams, downloads_dir: Path, workdir: Path
+) -> Path:
+    """Make the source available locally: a file (archive) or a folder of class folders."""
+    source = data.source
+    if source.startswith(builtin.PREFIX):
+        if data.sha256 or data.md5:
+            raise ConfigError("data.sha256 and data.md5 must be null for a builtin source")
+        target = workdir / "builtin"
+        builtin.render_builtin(source, target)
+        return target
+    local = resolve_local(source)
+    if local is None:
+        if not (data.sha256 or data.md5):
+            raise ConfigError(
+                f"data.sha256 is required for a remote source ({source}): set it to the file's "
+                "published sha256 (or data.md5 where the publisher gives only an MD5) so a "
+                "corrupted or replaced download is caught"
+            )
+        name = Path(unquote(urlparse(source).path)).name or "download"
+        key = (data.sha256 or data.md5 or "").lower()[:16]
+        dest = downloads_dir / f"{key}-{name}"
+        if not data.sha256 and dest.exists() and md5_file(dest) == (data.md5 or "").lower():
+            return dest  # fetch_url reuses a finished download only when it can check a sha256
+        with disk_full_is_an_error(downloads_dir, "paths.downloads"):
+            path = fetch_url(
+                source,
+                dest,
+                sha256=data.sha256,
+                retries=download.retries,
+                timeout_s=download.timeout_s,
+            )
+        verify_md5(path, data.md5, source, discard=True)
+        return path
+    if not local.exists():
+        raise DataError(f"data.source: {local} does not exist")
+    if local.is_dir():
+        if data.sha256 or data.md5:
+            raise ConfigError(
+                f"data.sha256/md5 apply to a file, but data.source {local} is a folder"
+            )
+        return local
+    if data.sha256:
+        actual = sha256_file(local)
+        if actual != data.sha256.lower():
+            raise ChecksumError(
+                f"{local}: sha256 mismatch: expected {data.sha256.lower()}, got {actual}"
+            )
+    verify_md5(local, data.md5, source, discard=False)
+    return local
+
+
+def verify_md5(path: Path, expected: str | None, source: str, discard: bool) -> None:
+    """Check ``data.md5`` when given; a bad download is deleted so the next run refetches."""
+    if expected is None:
+        return
+    actual = md5_file(path)
+    if actual != expected.lower():
+        if discard:
+            remove(path)
+        raise ChecksumError(f"{source}: md5 mismatch: expected {expected.lower()}, got {actual}")
+
+
+def _entries(folder: Path) -> list[Path]:
+    return [e for e in folder.iterdir() if not is_os_litter(e.name)]
+
+
+def unwrap(root: Path) -> Path:
+    """Descend through an archive's top folders: a lone folder that holds only folders.
+
+    A lone folder holding files is a class (a one-class dataset), so it stays.
+    """
+    while True:
+        entries = _entries(root)
+        if (
+            len(entries) == 1
+            and entries[0].is_dir()
+            and all(e.is_dir() for e in _entries(entries[0]))
+        ):
+            root = entries[0]
+        else:
+            return root
+
+
+def descend(root: Path) -> Path:
+    """Descend through every lone folder, e.g. to ``caltech-101/`` holding nested archives."""
+    while len(entries := _entries(root)) == 1 and entries[0].is_dir():
+        root = entries[0]
+    return root
+
+
+def has_image_folders(root: Path) -> bool:
+    """True when some sub-folder of ``root`` holds a file with an image suffix."""
+    for entry in root.iterdir():
+        if entry.is_dir() and not is_os_litter(entry.name):
+            for _dirpath, _dirs, files in os.walk(entry):
+                if any(Path(f).suffix.lower() in IMAGE_SUFFIXES for f in files):
+                    return True
+    return False
+
+
+def unpack(source: Path, data: DataParams, download: DownloadParams, workdir: Path) -> Path:
+    """Return the folder whose sub-folders are the classes, extracting archives as needed."""
+    if source.is_dir():
+        return unwrap(source)
+    if archive_kind(source) is None:
+        raise DataError(
+            f"{source}: not a folder nor a supported archive (.zip, .tar, .tar.gz/.tgz, .tar.bz2, .tar.xz)"
+        )
+    # One budget for the whole download: nested archives draw on the outer one's limits.
+    limits = ExtractLimits(download.max_extracted_bytes, download.max_files)
+    outer = workdir / "extract"
+    extract_archive(source, outer, limits=limits)
+    if data.member:
+        chosen = _member(outer, data.member, source)
+        if chosen.is_dir():
+            return unwrap(chosen)
+        extract_archive(chosen, workdir / "member", limits=limits)
+        return unwrap(workdir / "member")
+    root = unwrap(outer)
+    if has_image_folders(root):
+        return root
+    return _nested_image_folder(source, descend(outer), workdir, limits)
+
+
+def _nested_image_folder(source: Path, folder: Path, workdir: Path, limits: ExtractLimits) -> Path:
+    """Extract the archives in ``folder``; exactly one of them must hold class folders."""
+    nested = sorted(p for p in folder.iterdir() if p.is_file() and archive_kind(p) is not None)
+    if not nested:
+        raise DataError(f"{source}: no class folders with images and no nested archive inside")
+    found = []
+    for i, archive in enumerate(nested):
+        inner = workdir / f"nested-{i}"
+        extract_archive(archive, inner, limits=limits)
+        if has_image_folders(unwrap(inner)):
+            found.append((archive, unwrap(inner)))
+        else:
+            remove(inner)
+    if len(found) != 1:
+        names = ", ".join(a.name for a in ([a for a, _ in found] or nested))
+        what = "several nested archives hold images" if found else "no nested archive holds images"
+        raise DataError(f"{source}: {what} ({names}); set data.member to the one to use")
+    log.info("using nested archive %s", found[0][0].name)
+    return found[0][1]
+
+
+def _member(outer: Path, member: str, source: Path) -> Path:
+    """``data.member`` names a folder or nested archive, inside the archive or its top folder."""
+    for base in (outer, descend(outer)):
+        candidate = (base / member).resolve()
+        if candidate.is_relative_to(outer.resolve()) and candidate.exists():
+            return candidate
+    raise DataError(f"{source}: data.member {member!r} is not in the archive")
+
+
+def collect(root: Path, exclude: tuple[str, ...]) -> ImageFolder:
+    """Map NFC class names to their files, skipping OS litter and excluded classes."""
+    excluded = {unicodedata.normalize("NFC", name) for name in exclude}
+    classes: dict[str, list[tuple[PurePosixPath, Path]]] = {}
+    seen: dict[str, str] = {}
+    loose = 0
+    for entry in sorted(root.iterdir()):
+        if is_os_litter(entry.name):
+            continue
+        if not entry.is_dir():
+            loose += 1
+            log.warning("ignoring %s: files must sit in a class folder", entry.name)
+            continue
+        name = unicodedata.normalize("NFC", entry.name)
+        if name in seen:
+            raise DataError(
+                f"class folders {seen[name]!r} and {entry.name!r} have the same name after "
+                "Unicode NFC normalisation; rename one of them"
+            )
+        seen[name] = entry.name
+        if name in excluded:
+            log.info("excluding class %r (data.exclude_classes)", name)
+            continue
+        files = _class_files(entry)
+        if not files:
+            log.warning("class folder %r holds no files; skipping it", entry.name)
+            continue
+        classes[name] = files
+    if not classes:
+        raise DataError(
+            f"{root}: no class folders with files found (expected <class>/<image> layout)"
+        )
+    return ImageFolder(root, classes, loose)
+
+
+def _class_files(folder: Path) -> list[tuple[PurePosixPath, Path]]:
+    files: dict[PurePosixPath, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not is_os_litter(d))
+        for filename in sorted(filenames):
+            path = Path(dirpath) / filename
+            rel = PurePosixPath(unicodedata.normalize("NFC", path.relative_to(folder).as_posix()))
+            if is_os_litter(rel) or not path.is_file() or path.is_symlink():
+                continue
+            if rel in files:
+                raise DataError(
+                    f"{files[rel]} and {path} have the same name after Unicode NFC normalisation"
+                )
+            files[rel] = path
+    return sorted(files.items())
+
+
+def write_raw(folder: ImageFolder, target: Path, move: bool) -> None:
+    """Lay the classes out as ``target/<class>/<file>`` (moving files out of a temp extract)."""
+    for name, files in folder.classes.items():
+        for rel, path in files:
+            dest = target / name / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if move:
+                os.replace(path, dest)
+            else:
+                shutil.copyfile(path, dest)
+
+
+def run(paths: Paths, data: DataParams, download: DownloadParams) -> dict:
+    """Fetch, verify, extract and normalise ``data.source`` into ``paths.raw``."""
+    # Outside the clean-up below, so a full disk is reported with the room a rerun has.
+    with disk_full_is_an_error(
+        paths.raw, "paths.raw", "; archives are first unpacked in a temporary folder beside it"
+    ):
+        workdir = fresh_tempdir(paths.raw.parent, "download")
+        try:
+            source = materialise(data, download, paths.downloads, workdir)
+            root = unpack(source, data, download, workdir)
+            folder = collect(root, data.exclude_classes)
+            inside_workdir = root.resolve().is_relative_to(workdir.resolve())
+            with atomic_path(paths.raw) as tmp:
+                write_raw(folder, tmp, move=inside_workdir)
+        finally:
+            remove(workdir)
+    counts = {name: len(files) for name, files in folder.classes.items()}
+    summary = {
+        "source": data.source,
+        "sha256": data.sha256,
+        "classes": len(counts),
+        "files": sum(counts.values()),
+        "excluded_classes": sorted(data.exclude_classes),
+        "ignored_loose_files": folder.loose_files,
+        "class_counts": counts,
+    }
+    write_json_atomic(paths.metrics_file("download"), summary)
+    log.info(
+        "download: %d files in %d classes → %s", summary["files"], summary["classes"], paths.raw
+    )
+    return summary
+
+
+def main(params: Params) -> dict:
+    return run(params.paths, params.data, params.download)

@@ -1,0 +1,323 @@
+"""Stage ``onnx_check``: prove the ONNX file computes what the PyTorch model computed, on CPU.
+
+Both models see the same preprocessed tensors of the whole test split; onnxruntime runs
+on CPUExecutionProvider only (what downstream services use), even where a GPU exists.
+The fp32 logits must agree within ``max_abs_diff``, at batch 1 as at batch ``batch_size``.
+The bounds on predictions (top-1 agreement, top-1 gap, the int8 drop) are bounds on true
+rates, checked with one-sided tests at ``onnx_check.significance`` (``significance.py``):
+a flipped image or two on a small test split is noise, a real regression still fails.
+Any bound not met fails the stage after writing ``metrics/onnx_check.json`` with
+``passed: false`` and the reasons, so the numbers are there to look at; a failure of the
+int8 model alone says so (the fp32 file is still sound). The CPU, the SIMD features
+onnxruntime's kernels use on it, and latency (batch 1) and throughput (batch
+``batch_size``) with ``onnx_check.threads`` threads are recorded for both files.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline.config import OnnxCheckParams, Params
+from pipeline.data.splits import read_split
+from pipeline.errors import PipelineError
+from pipeline.modeling.datasets import ImageDataset, make_loader
+from pipeline.modeling.model import ModelCard, load_classifier
+from pipeline.modeling.runtime import resolve
+from pipeline.reporting.significance import (
+    PairedOutcome,
+    paired_outcome,
+    rate_exceeds,
+    rate_p_value,
+)
+from pipeline.serving.predict import OnnxClassifier
+from pipeline.system.cpu import cpu_info
+from pipeline.system.fsutil import read_json_or_empty, write_json_atomic
+
+log = logging.getLogger(__name__)
+BATCH1_IMAGES = 16  # images also run one at a time, to prove the batch axis is dynamic
+
+
+class ParityError(PipelineError):
+    """The ONNX model does not compute what the PyTorch model computed."""
+
+
+def check_contract(onnx_model: OnnxClassifier, card: ModelCard, source: str) -> list[str]:
+    """The metadata must round-trip the checkpoint's classes and preprocessing exactly."""
+    problems = []
+    contract = onnx_model.contract
+    if contract.classes != card.classes:
+        problems.append(f"{source}: metadata classes differ from the checkpoint's")
+    if contract.preprocessing != card.preprocessing:
+        problems.append(
+            f"{source}: metadata preprocessing {contract.preprocessing} differs from the "
+            f"checkpoint's {card.preprocessing}"
+        )
+    return problems
+
+
+@dataclass
+class Outputs:
+    """Logits of every model on the test split, gathered batch by batch."""
+
+    labels: list[np.ndarray] = field(default_factory=list)
+    logits: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def add(self, name: str, values: np.ndarray) -> None:
+        self.logits.setdefault(name, []).append(values)
+
+    def stacked(self, name: str) -> np.ndarray:
+        return np.concatenate(self.logits[name])
+
+
+def speed(model: OnnxClassifier, batch: np.ndarray, cfg: OnnxCheckParams) -> dict[str, float]:
+    """Latency percentiles one image at a time, and images/s at ``cfg.batch_size``."""
+    singles = [batch[i : i + 1] for i in range(len(batch))]
+    for x in singles[:5]:
+        model.logits(x)  # warm-up: first runs allocate and pick kernels
+    timings = []
+    for i in range(cfg.latency_runs):
+        start = time.perf_counter()
+        model.logits(singles[i % len(singles)])
+        timings.append((time.perf_counter() - start) * 1000)
+    model.logits(batch)
+    start = time.perf_counter()
+    for _ in range(cfg.throughput_batches):
+        model.logits(batch)
+    elapsed = time.perf_counter() - start
+    return {
+        "cpu_latency_ms_p50": round(float(np.percentile(timings, 50)), 3),
+        "cpu_latency_ms_p95": round(float(np.percentile(timings, 95)), 3),
+        "cpu_throughput_ips": round(len(batch) * cfg.throughput_batches / elapsed, 1),
+    }
+
+
+def open_sessions(params: Params) -> dict[str, OnnxClassifier]:
+    """onnxruntime CPU sessions: ``onnx`` (fp32) and, when exported, ``int8``."""
+    paths, threads = params.paths, params.onnx_check.threads
+    sessions = {"onnx": OnnxClassifier(paths.onnx, threads)}
+    if params.export.quantize:
+        sessions["int8"] = OnnxClassifier(paths.onnx_int8, threads)
+    return sessions
+
+
+def collect_outputs(
+    model: torch.nn.Module,
+    sessions: dict[str, OnnxClassifier],
+    card: ModelCard,
+    rows,
+    batch_size: int,
+) -> tuple[Outputs, np.ndarray, np.ndarray]:
+    """Every model's logits on the test split, batch by batch on the same tensors.
+
+    Returns the outputs, the first test images (to run one at a time) and a timing batch
+    (real test images, repeated up to ``batch_size``).
+    """
+    runtime = resolve("cpu", "fp32")  # the reference: the exact fp32 model, on the CPU
+    model = model.to(memory_format=torch.channels_last)
+    lookup = {c: i for i, c in enumerate(card.classes)}
+    dataset = ImageDataset(rows["path"], rows["label"].map(lookup), card.preprocessing)
+    outputs, first_images, timing_batch = Outputs(), None, None
+    with torch.inference_mode():
+        for images, labels, _index in make_loader(dataset, runtime, batch_size):
+            x = images.numpy()
+            if first_images is None:
+                first_images = x[:BATCH1_IMAGES].copy()
+                timing_batch = np.resize(x, (batch_size, *x.shape[1:]))
+            outputs.labels.append(labels.numpy())
+            outputs.add(
+                "torch", model(images.contiguous(memory_format=torch.channels_last)).numpy()
+            )
+            for name, session in sessions.items():
+                outputs.add(name, session.logits(x))
+    return outputs, first_images, timing_batch
+
+
+def parity_metrics(
+    outputs: Outputs, onnx: OnnxClassifier, first_images: np.ndarray, cfg: OnnxCheckParams
+) -> dict:
+    """fp32 ONNX against PyTorch: logit differences (batched and batch 1) and predictions."""
+    y = np.concatenate(outputs.labels)
+    reference, onnx_logits = outputs.stacked("torch"), outputs.stacked("onnx")
+    singles = np.concatenate([onnx.logits(image[None]) for image in first_images])
+    torch_right, onnx_right = reference.argmax(1) == y, onnx_logits.argmax(1) == y
+    disagreements = int((onnx_logits.argmax(1) != reference.argmax(1)).sum())
+    paired = paired_outcome(torch_right, onnx_right)
+    max_disagreement = 1 - cfg.min_top1_agreement
+    return {
+        "images": int(len(y)),
+        "max_abs_diff": float(np.abs(onnx_logits - reference).max()),
+        "batch1_max_abs_diff": float(np.abs(singles - reference[: len(singles)]).max()),
+        "top1_agreement": float(1 - disagreements / len(y)),
+        "disagreements": disagreements,
+        "top1_agreement_p_value": round(rate_p_value(disagreements, len(y), max_disagreement), 6),
+        "onnx_top1": float(onnx_right.mean()),
+        "torch_top1": float(torch_right.mean()),
+        "top1_gap_p_value": round(
+            min(
+                paired.p_value(cfg.max_top1_gap),
+                PairedOutcome(paired.images, paired.gained, paired.lost).p_value(cfg.max_top1_gap),
+            ),
+            6,
+        ),
+        "significance": cfg.significance,
+    }
+
+
+def fp32_failures(metrics: dict, cfg: OnnxCheckParams) -> list[str]:
+    """The bounds the fp32 ONNX model misses: exact on logits, tested on predictions."""
+    failures = []
+    if metrics["max_abs_diff"] > cfg.max_abs_diff:
+        failures.append(
+            f"max |logit difference| {metrics['max_abs_diff']:.3g} > onnx_check.max_abs_diff "
+            f"{cfg.max_abs_diff:g}"
+        )
+    if metrics["batch1_max_abs_diff"] > cfg.max_abs_diff:
+        failures.append(
+            f"batch-1 logits differ from the PyTorch ones by {metrics['batch1_max_abs_diff']:.3g}"
+            f" > {cfg.max_abs_diff:g}: the dynamic batch axis is broken"
+        )
+    n, alpha = metrics["images"], cfg.significance
+    if rate_exceeds(metrics["disagreements"], n, 1 - cfg.min_top1_agreement, alpha):
+        failures.append(
+            f"top-1 agreement {metrics['top1_agreement']:.4f} ({metrics['disagreements']} of {n} "
+            f"test images disagree): a true agreement of onnx_check.min_top1_agreement "
+            f"{cfg.min_top1_agreement:g} is rejected (p = {metrics['top1_agreement_p_value']:.2g} "
+            f"< onnx_check.significance {alpha:g})"
+        )
+    gap = metrics["onnx_top1"] - metrics["torch_top1"]
+    if abs(gap) > cfg.max_top1_gap and metrics["top1_gap_p_value"] < alpha:
+        failures.append(
+            f"ONNX top-1 {metrics['onnx_top1']:.4f} vs PyTorch {metrics['torch_top1']:.4f}: a true "
+            f"gap of at most onnx_check.max_top1_gap {cfg.max_top1_gap:g} is rejected (p = "
+            f"{metrics['top1_gap_p_value']:.2g} < onnx_check.significance {alpha:g})"
+        )
+    return failures
+
+
+def int8_metrics(outputs: Outputs, int8_file, cfg: OnnxCheckParams) -> dict:
+    """int8 against the PyTorch fp32 reference: top-1, the images lost and gained, the test."""
+    y = np.concatenate(outputs.labels)
+    reference, int8_logits = outputs.stacked("torch"), outputs.stacked("int8")
+    paired = paired_outcome(reference.argmax(1) == y, int8_logits.argmax(1) == y)
+    top1 = float((int8_logits.argmax(1) == y).mean())
+    return {
+        "top1": top1,
+        "top1_drop": round(paired.drop, 6),
+        "lost": paired.lost,
+        "gained": paired.gained,
+        "drop_p_value": round(paired.p_value(cfg.max_int8_drop), 6),
+        "passed": not paired.exceeds(cfg.max_int8_drop, cfg.significance),
+        "top1_agreement": float((int8_logits.argmax(1) == reference.argmax(1)).mean()),
+        "size_mb": round(int8_file.stat().st_size / 1e6, 2),
+    }
+
+
+def int8_failure(metrics: dict, cfg: OnnxCheckParams, int8_file, kernel: str) -> str:
+    q = metrics["int8"]
+    return (
+        f"int8 top-1 {q['top1']:.4f} is {q['top1_drop']:.4f} below fp32 "
+        f"{metrics['torch_top1']:.4f} ({q['lost']} of {metrics['images']} test images lost, "
+        f"{q['gained']} gained): a true drop of at most onnx_check.max_int8_drop "
+        f"{cfg.max_int8_drop:g} is rejected (p = {q['drop_p_value']:.2g} < "
+        f"onnx_check.significance {cfg.significance:g}); int8 kernels here: {kernel}. "
+        f"Only the optional int8 file {int8_file} is at fault"
+    )
+
+
+def run(params: Params) -> dict:
+    """Sessions → outputs on the test split → parity metrics → the bounds a config sets."""
+    paths, cfg = params.paths, params.onnx_check
+    model, card, _ = load_classifier(paths.model)
+    sessions = open_sessions(params)
+    failures = [p for name, s in sessions.items() for p in check_contract(s, card, name)]
+    rows = read_split(paths, "test")
+    if rows.empty:
+        raise PipelineError(f"{paths.split_file('test')} has no images to check against")
+    outputs, first_images, timing_batch = collect_outputs(
+        model, sessions, card, rows, cfg.batch_size
+    )
+    cpu = cpu_info()
+    metrics = {
+        **parity_metrics(outputs, sessions["onnx"], first_images, cfg),
+        "batch_sizes": [1, cfg.batch_size],
+        "threads": cfg.threads,
+        "cpu": {**cpu.to_dict(), "onnxruntime": onnxruntime_version()},
+        "size_mb": round(paths.onnx.stat().st_size / 1e6, 2),
+        **speed(sessions["onnx"], timing_batch, cfg),
+    }
+    evaluated = read_json_or_empty(paths.metrics_file("evaluate")).get("finetuned", {})
+    if "top1" in evaluated:
+        metrics["evaluate_top1"] = evaluated["top1"]  # evaluate's figure (bf16 where it ran bf16)
+    failures += fp32_failures(metrics, cfg)
+    int8_failed = False
+    if "int8" in sessions:
+        metrics["int8"] = {
+            **int8_metrics(outputs, paths.onnx_int8, cfg),
+            **speed(sessions["int8"], timing_batch, cfg),
+        }
+        int8_failed = not metrics["int8"]["passed"]
+    if int8_failed:
+        failures.append(int8_failure(metrics, cfg, paths.onnx_int8, cpu.int8_kernel))
+    metrics["passed"] = not failures
+    metrics["failures"] = failures
+    write_json_atomic(paths.metrics_file("onnx_check"), metrics)
+    log_summary(metrics, cfg)
+    if failures:
+        raise ParityError(
+            failure_message(failures, int8_only=int8_failed and len(failures) == 1, paths=paths)
+        )
+    return metrics
+
+
+def failure_message(failures: list[str], int8_only: bool, paths) -> str:
+    if int8_only:
+        return (
+            f"the int8 model failed its accuracy gate; {paths.onnx} passed every check and "
+            f"is sound:\n  - {failures[0]}.\n  Set export.quantize: false (and remove "
+            f"{paths.onnx_int8} from export's outs in dvc.yaml) to export without int8."
+        )
+    return "the ONNX model does not match the PyTorch model:\n  - " + "\n  - ".join(failures)
+
+
+def log_summary(metrics: dict, cfg: OnnxCheckParams) -> None:
+    log.info(
+        "onnx_check on %s (%s): max |diff| %.2e, agreement %.4f, top-1 onnx %.4f / torch %.4f; "
+        "batch 1 p50 %.1f ms, batch %d %.0f img/s",
+        metrics["cpu"]["model"],
+        metrics["cpu"]["onnxruntime_int8_kernel"],
+        metrics["max_abs_diff"],
+        metrics["top1_agreement"],
+        metrics["onnx_top1"],
+        metrics["torch_top1"],
+        metrics["cpu_latency_ms_p50"],
+        cfg.batch_size,
+        metrics["cpu_throughput_ips"],
+    )
+    if "int8" in metrics:
+        q = metrics["int8"]
+        log.info(
+            "onnx_check int8: top-1 %.4f (drop %.4f: %d lost, %d gained, p = %.2g), "
+            "batch 1 p50 %.1f ms, %.0f img/s",
+            q["top1"],
+            q["top1_drop"],
+            q["lost"],
+            q["gained"],
+            q["drop_p_value"],
+            q["cpu_latency_ms_p50"],
+            q["cpu_throughput_ips"],
+        )
+
+
+def onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def main(params: Params) -> dict:
+    return run(params)

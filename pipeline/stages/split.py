@@ -1,0 +1,210 @@
+"""Stage ``split``: a stratified, deterministic and stable train/val/test split.
+
+Within each class, images are ordered by a hash of (seed, group key) and cut at the
+target counts, so adding or removing a few images only moves images at the cut points.
+A group is a set of images that must stay together: identical bytes (same sha256) or
+the same perceptual hash (near-duplicates); a group spanning classes takes the split of
+its first member in every class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import pandas as pd
+
+from pipeline.config import Params, Paths, SplitParams
+from pipeline.data.expectations import Check, format_failures, run_suite
+from pipeline.data.images import DEGENERATE_DHASHES
+from pipeline.data.splits import SPLITS
+from pipeline.errors import DataError
+from pipeline.system.fsutil import atomic_path, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def group_keys(images: pd.DataFrame) -> pd.Series:
+    """Group key per row: connected components of 'same sha256' or 'same perceptual hash'."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(a: str, b: str) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    for sha, phash in zip(images["sha256"], images["phash"], strict=True):
+        find(sha)
+        if isinstance(phash, str) and phash not in DEGENERATE_DHASHES:
+            union(sha, "phash:" + phash)
+    # The representative is the smallest sha256 in the component (phash nodes sort last).
+    return images["sha256"].map(find)
+
+
+def _rank(seed: int, key: str) -> str:
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def target_counts(n: int, cfg: SplitParams) -> dict[str, int]:
+    """Images per split for a class of ``n``: largest-remainder rounding, at least one each."""
+    if cfg.train_per_class is not None:
+        rest = n - cfg.train_per_class
+        val_share = cfg.ratios.val / (cfg.ratios.val + cfg.ratios.test)
+        val = max(1, round(rest * val_share)) if rest >= 2 else 0
+        return {"train": cfg.train_per_class, "val": val, "test": rest - val}
+    exact = {s: n * getattr(cfg.ratios, s) for s in SPLITS}
+    counts = {s: int(exact[s]) for s in SPLITS}
+    for s in sorted(SPLITS, key=lambda s: exact[s] - counts[s], reverse=True)[
+        : n - sum(counts.values())
+    ]:
+        counts[s] += 1
+    for s in SPLITS:
+        if counts[s] == 0:
+            donor = max(SPLITS, key=lambda d: counts[d])
+            counts[donor] -= 1
+            counts[s] += 1
+    return counts
+
+
+def min_class_size(cfg: SplitParams) -> int:
+    return 3 if cfg.train_per_class is None else cfg.train_per_class + 2
+
+
+def assign(images: pd.DataFrame, cfg: SplitParams) -> tuple[pd.DataFrame, list[str]]:
+    """Add ``split`` and ``group`` columns to the usable images (path, label, sha256, phash).
+
+    Returns the assigned rows and the classes dropped as too small.
+    """
+    images = images.copy()
+    images["group"] = group_keys(images)
+    images["rank"] = images["group"].map(lambda g: _rank(cfg.seed, g))
+    sizes = images.groupby("label").size()
+    small = sizes[sizes < min_class_size(cfg)]
+    if len(small):
+        listing = ", ".join(f"{label!r} ({n})" for label, n in small.items())
+        if not cfg.drop_small_classes:
+            raise DataError(
+                f"classes too small to give every split an image (need {min_class_size(cfg)}): "
+                f"{listing}; add images, or set split.drop_small_classes: true"
+            )
+        log.warning("dropping small classes (split.drop_small_classes): %s", listing)
+        images = images[~images["label"].isin(small.index)]
+
+    group_split: dict[str, str] = {}
+    split_of = pd.Series(index=images.index, dtype="object")
+    for label in sorted(images["label"].unique()):
+        rows = images[images["label"] == label].sort_values(["rank", "sha256", "path"])
+        remaining = target_counts(len(rows), cfg)
+        pending = []
+        for group, members in rows.groupby("group", sort=False):
+            if group in group_split:  # already placed by an earlier class
+                split_of[members.index] = group_split[group]
+                remaining[group_split[group]] -= len(members)
+            else:
+                pending.append((group, members.index))
+        # Cut the rank order at the remaining quotas; a group goes where its first member falls.
+        bounds, total = [], 0
+        for s in SPLITS:
+            total += max(remaining[s], 0)
+            bounds.append((total, s))
+        position = 0
+        for group, index in pending:
+            split = next((s for bound, s in bounds if position < bound), SPLITS[-1])
+            split_of[index] = split
+            group_split[group] = split
+            position += len(index)
+    images["split"] = split_of
+    return images.drop(columns=["rank"]), sorted(small.index.tolist())
+
+
+def split_checks(cfg: SplitParams) -> dict[str, list[Check]]:
+    return {
+        "sha256_splits": [
+            Check(
+                "ExpectColumnValuesToBeBetween",
+                {"column": "splits", "max_value": 1},
+                describe="no sha256 sits in two splits",
+            ),
+        ],
+        "proportions": [
+            Check(
+                "ExpectColumnValuesToBeBetween",
+                {"column": "excess", "max_value": 0},
+                describe="each class's count per split is within 2 images of its target "
+                "(plus the size of a near-duplicate group that had to stay together)",
+            ),
+        ],
+    }
+
+
+def check_tables(assigned: pd.DataFrame, cfg: SplitParams) -> dict[str, pd.DataFrame]:
+    sha_splits = assigned.groupby("sha256")["split"].nunique().rename("splits").to_frame()
+    rows = []
+    for label, members in assigned.groupby("label"):
+        targets = target_counts(len(members), cfg)
+        largest_group = int(members.groupby("group").size().max())
+        for s in SPLITS:
+            count = int((members["split"] == s).sum())
+            tolerance = 2 + largest_group - 1
+            rows.append(
+                {
+                    "label": label,
+                    "split": s,
+                    "count": count,
+                    "target": targets[s],
+                    "excess": abs(count - targets[s]) - tolerance,
+                }
+            )
+    return {
+        "sha256_splits": sha_splits,
+        "proportions": pd.DataFrame(rows).set_index(["label", "split"]),
+    }
+
+
+def run(paths: Paths, cfg: SplitParams) -> dict:
+    """Split the usable images of the manifest; write one CSV per split and split.json."""
+    if not paths.manifest.exists():
+        raise DataError(f"{paths.manifest} does not exist: run the validate stage first")
+    manifest = pd.read_parquet(paths.manifest)
+    usable = manifest.loc[manifest["decodable"], ["path", "label", "sha256", "phash"]]
+    assigned, dropped = assign(usable, cfg)
+    tables = check_tables(assigned, cfg)
+    suite = run_suite("split", tables, split_checks(cfg))
+    if not suite.success:
+        raise DataError(f"split check failed:\n{format_failures(suite)}")
+
+    for s in SPLITS:
+        part = assigned.loc[assigned["split"] == s, ["path", "label", "sha256"]].sort_values("path")
+        with atomic_path(paths.split_file(s)) as tmp:
+            part.to_csv(tmp, index=False)
+    metrics = {**summarise(assigned), "dropped_classes": dropped}
+    write_json_atomic(paths.metrics_file("split"), metrics)
+    log.info("split: %s", ", ".join(f"{s} {metrics['counts'][s]}" for s in SPLITS))
+    return metrics
+
+
+def summarise(assigned: pd.DataFrame) -> dict:
+    groups = assigned.groupby("group")
+    near_dup = groups.filter(lambda g: g["sha256"].nunique() > 1)
+    per_class = assigned.groupby(["label", "split"]).size().unstack(fill_value=0)
+    return {
+        "counts": {s: int((assigned["split"] == s).sum()) for s in SPLITS},
+        "classes": int(assigned["label"].nunique()),
+        "per_class": {
+            str(label): {s: int(row.get(s, 0)) for s in SPLITS}
+            for label, row in per_class.iterrows()
+        },
+        "duplicate_groups": int((groups.size() > 1).sum()),
+        "near_duplicate_groups": int(near_dup["group"].nunique()),
+        "near_duplicates": near_dup.groupby("group")["path"].apply(sorted).head(50).tolist(),
+    }
+
+
+def main(params: Params) -> dict:
+    return run(params.paths, params.split)

@@ -1,0 +1,142 @@
+"""A real Prefect server on 127.0.0.1 and the project's flow run against it, on tiny data."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.project import REPO_ROOT, copy_project, git, set_params, tool_env
+
+# Tiny-data settings for a whole flow run: random weights, few epochs, quick timings.
+FLOW_TINY = {
+    "model": {"weights": "none"},
+    "head": {"epochs": 5},
+    "finetune": {"epochs": 1, "batch_size": 8},
+    # random weights on noise images: int8 may flip a near-chance prediction or two
+    "onnx_check": {"max_int8_drop": 1.0, "latency_runs": 5, "throughput_batches": 1},
+    "flows": {"download_retries": 0},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(tmp: Path) -> dict[str, str]:
+    return {
+        **tool_env(),  # this interpreter's tools first on PATH, analytics off
+        "PREFECT_HOME": str(tmp / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+
+
+def make_repo(root: Path, images: Path, **sections) -> Path:
+    """A git + DVC repository of this project on tiny data, committed."""
+    copy_project(root, extra=("flows", "prefect.yaml"))
+    merged = {k: dict(v) for k, v in FLOW_TINY.items()}
+    for section, values in sections.items():
+        merged.setdefault(section, {}).update(values)
+    set_params(root, data={"source": str(images)}, **merged)
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "project")
+    return root
+
+
+def run(args: list[str], cwd: Path, env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def flows_run(repo: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "flows", "run", *extra], repo, env)
+
+
+def start_flow_run(repo: Path, env: dict) -> subprocess.Popen:
+    """``python -m flows run`` in the background, in its own session, output captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows", "run"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def stage_statuses(output: str) -> dict[str, str]:
+    """Each task's own report, ``<stage>: ran in 1.2 s`` or ``<stage>: up to date in ...``."""
+    return dict(re.findall(r"Task run '\w+-\w+' - (\w+): (ran|up to date) in", output))
+
+
+@contextlib.contextmanager
+def prefect_server(tmp: Path) -> Iterator[dict[str, str]]:
+    """``prefect server start`` on a free loopback port; yields the environment to reach it."""
+    port = free_port()
+    env = base_env(tmp)
+    log = open(tmp / "server.log", "w")  # noqa: SIM115 (closed at teardown)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=5) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(
+                f"prefect server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}"
+            )
+        time.sleep(1)
+    yield {**env, "PREFECT_API_URL": api}
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def processes_in(folder: Path) -> list[str]:
+    """Command lines of the processes whose working directory is ``folder``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == folder:
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    return found

@@ -1,0 +1,129 @@
+"""The project as the tests see it: its files, its stages in dvc.yaml's order, params from
+params.yaml plus overrides, and copies of it to run DVC and git in."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.config import Params, overlay, parse_params
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CALTECH = REPO_ROOT.parent / "shared" / "datasets" / "101_ObjectCategories.tar.gz"
+CALTECH_SHA256 = "842897447c5f67bcf307ace446d36dbef01baa40309bd9885cf20b3b394cabd6"
+# What a copy of the project needs to run its stages under DVC.
+PROJECT_FILES = (
+    "bin",
+    "pipeline",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvc/config",
+    ".dvcignore",
+    ".gitignore",
+    "pyproject.toml",
+)
+
+
+@cache
+def dvc_yaml() -> dict:
+    return yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text(encoding="utf-8"))
+
+
+@cache
+def repo_params() -> dict:
+    """params.yaml as written: the one place defaults live."""
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
+
+
+STAGES = tuple(dvc_yaml()["stages"])  # in dvc.yaml's order, which is the DAG's
+
+
+def merged(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` laid over it, mapping by mapping (a deep copy)."""
+    return copy.deepcopy(overlay(base, overrides))
+
+
+def params_dict(**sections: Any) -> dict:
+    """params.yaml with ``sections`` laid over it, e.g. ``head={"epochs": 5}``."""
+    return merged(repo_params(), sections)
+
+
+def params_with(**sections: Any) -> Params:
+    """:class:`Params` from params.yaml with ``sections`` laid over it."""
+    return parse_params(params_dict(**sections))
+
+
+def params_from(overrides: dict) -> Params:
+    """:class:`Params` from params.yaml with the mapping ``overrides`` laid over it."""
+    return parse_params(merged(repo_params(), overrides))
+
+
+def write_params(path: Path, **sections: Any) -> Path:
+    """A complete params file: params.yaml with ``sections`` laid over it."""
+    path.write_text(yaml.safe_dump(params_dict(**sections), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def caltech_or_skip() -> Path:
+    if not CALTECH.exists():
+        pytest.skip(
+            f"Caltech-101 archive not found at {CALTECH} (see ../shared/datasets/README.md)"
+        )
+    return CALTECH
+
+
+def tool_env() -> dict[str, str]:
+    """The environment for dvc and the stages: this interpreter's tools first."""
+    bindir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "PATH": bindir + os.pathsep + os.environ["PATH"],
+        "DVC_NO_ANALYTICS": "1",
+        "GX_ANALYTICS_ENABLED": "false",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+
+
+def dvc(repo: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["dvc", *args], cwd=repo, env=tool_env(), capture_output=True, text=True, timeout=1200
+    )
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def git(repo: Path, *args: str) -> str:
+    identity = ["-c", "user.name=test", "-c", "user.email=test@localhost"]
+    done = subprocess.run(["git", *identity, *args], cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def set_params(repo: Path, **sections) -> None:
+    """Change keys in ``repo``'s params.yaml (mapping by mapping)."""
+    path = repo / "params.yaml"
+    path.write_text(
+        yaml.safe_dump(merged(yaml.safe_load(path.read_text()), sections), sort_keys=False)
+    )
+
+
+def copy_project(root: Path, extra: tuple[str, ...] = ()) -> Path:
+    """This project's files (code, DVC and params files) copied into a new folder ``root``."""
+    root.mkdir()
+    for name in (*PROJECT_FILES, *extra):
+        src = REPO_ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, root / name)
+    return root

@@ -1,0 +1,147 @@
+"""The tree is the pipeline (issue #17): stages in one package that nothing imports, each
+stage's code deps in dvc.yaml exactly its import closure, and facts written once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.stages.export import model_params
+from tests.support.images import create_image_folder
+from tests.support.imports import direct_imports, stage_closure
+from tests.support.project import (
+    REPO_ROOT,
+    STAGES,
+    copy_project,
+    dvc,
+    dvc_yaml,
+    git,
+    params_with,
+    set_params,
+)
+
+PIPELINE = REPO_ROOT / "pipeline"
+STAGE_FILES = {PIPELINE / "stages" / f"{stage}.py" for stage in STAGES}
+
+
+def code_deps(stage: str) -> set[str]:
+    return {d for d in dvc_yaml()["stages"][stage]["deps"] if d.endswith(".py")}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_dvc_yaml_lists_each_stages_import_closure(stage):
+    """DVC reruns a stage when a file it lists changes, so a stage must list every project
+    file it runs (a support function edited elsewhere) and no other (an edit to code it
+    never runs would rerun it for nothing)."""
+    closure, listed = stage_closure(stage), code_deps(stage)
+    assert not closure - listed, f"dvc.yaml's {stage} deps miss {sorted(closure - listed)}"
+    assert not listed - closure, f"dvc.yaml's {stage} deps list {sorted(listed - closure)}"
+
+
+def test_the_closure_follows_lazy_and_nested_imports():
+    closure = stage_closure("train_head")
+    assert "pipeline/modeling/training.py" in closure  # train_head's loss and guards
+    assert "pipeline/data/featurestore.py" in closure
+    assert "pipeline/runner.py" in closure and "pipeline/__main__.py" in closure
+    assert "pipeline/serving/predict.py" not in closure  # only on `predict`'s path
+    assert "pipeline/stages/features.py" not in closure
+    # onnx_check imports onnxruntime's classifier lazily, inside functions: still followed.
+    assert "pipeline/serving/predict.py" in stage_closure("onnx_check")
+
+
+def test_no_module_imports_a_stage():
+    """What two stages share lives in a support package; only the CLI runs a stage (by
+    name), and tests and bench import them."""
+    offenders = []
+    for file in sorted(PIPELINE.rglob("*.py")):
+        imported = {f for f in direct_imports(file) if f in STAGE_FILES}
+        if imported:
+            offenders.append(f"{file.relative_to(REPO_ROOT)} imports {sorted(map(str, imported))}")
+    assert offenders == []
+
+
+def test_support_packages_import_without_torch():
+    """The torch-free paths (the predictor, data checks, reporting figures) stay torch-free."""
+    blocked = "import sys\nfor m in ('torch', 'torchvision', 'timm'): sys.modules[m] = None\n"
+    modules = [
+        "pipeline.serving.predict",
+        "pipeline.data.images",
+        "pipeline.data.preprocessing",
+        "pipeline.data.expectations",
+        "pipeline.data.splits",
+        "pipeline.data.featurestore",
+        "pipeline.reporting.significance",
+        "pipeline.reporting.headline",
+        "pipeline.system.cpu",
+    ]
+    code = blocked + "".join(f"import {m}\n" for m in modules)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_export_lists_every_param_its_metadata_hashes():
+    """The ONNX file's params_sha256 hashes the settings that made the model; dvc.yaml must
+    list exactly those for export, or a changed one leaves a stale hash in the file."""
+    listed = dvc_yaml()["stages"]["export"]["params"]
+    assert sorted(listed) == sorted(model_params(params_with()))
+
+
+def test_placement_lives_in_dvc_yaml():
+    """The stages that run the network want the GPU pool; everything else the CPU one."""
+    placement = {name: s["meta"]["placement"] for name, s in dvc_yaml()["stages"].items()}
+    gpu = {"features", "train_head", "finetune", "evaluate"}
+    assert placement == {name: "gpu" if name in gpu else "cpu" for name in STAGES}
+
+
+def test_effort_only_keys_rerun_nothing():
+    """Keys that only say how hard to try are read but not DVC params."""
+    stages = dvc_yaml()["stages"]
+    listed = {key for stage in stages.values() for key in stage.get("params", [])}
+    for key in (
+        "download.retries",
+        "download.timeout_s",
+        "validate.allow_class_change",
+        "finetune.checkpoint_every_steps",
+    ):
+        assert key not in listed
+    assert all(not key.startswith("flows") for key in listed)  # no stage reads it
+    for stage in stages.values():  # no whole sections: every key by name
+        assert all("." in key for key in stage.get("params", [])), stage["params"]
+
+
+@pytest.mark.slow
+def test_editing_a_support_function_reruns_the_stages_that_run_it(tmp_path):
+    """A change to the training loss in pipeline/modeling/training.py (used by train_head
+    and finetune) makes DVC call train_head and what follows changed, and leaves the data
+    stages and features up to date."""
+    repo = copy_project(tmp_path / "repo")
+    git(repo, "init", "-q")
+    images = create_image_folder(tmp_path / "images", {"cat": 6, "dog": 6})
+    set_params(
+        repo,
+        data={"source": str(images)},
+        model={"weights": "none"},
+        head={"epochs": 2},
+        device="cpu",
+    )
+    dvc(repo, "repro", "train_head")
+    assert json.loads(dvc(repo, "status", "--json", "train_head")) == {}
+    # Code train_head never runs (onnx_check's predictor): nothing it depends on changed.
+    unrelated = repo / "pipeline" / "serving" / "predict.py"
+    unrelated.write_text(unrelated.read_text() + "\n# edited\n")
+    assert json.loads(dvc(repo, "status", "--json", "train_head")) == {}
+    support = repo / "pipeline" / "modeling" / "training.py"
+    support.write_text(
+        support.read_text().replace(
+            "    weight = class_weights(y, n_classes) if class_balanced else None",
+            "    weight = class_weights(y, n_classes) if class_balanced else None  # edited",
+        )
+    )
+    changed = set(json.loads(dvc(repo, "status", "--json")))
+    assert {"train_head", "finetune"} <= changed
+    assert not changed & {"download", "validate", "split", "features"}

@@ -33,9 +33,12 @@ run: install
 	@echo "Outputs (paths from params.yaml):"
 	@$(BIN)/python -m pipeline outputs
 
-## test: install with dev extras and run the test suite
+## test: install with dev extras and run the test suite, TEST_WORKERS modules at a time
+# (much of the suite waits on servers, DVC and process start-up, so two workers gain on
+# two cores; each module stays on one worker, with its module-scoped fixtures)
+TEST_WORKERS ?= 2
 test: install-dev
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 ## faults: the whole fault-injection suite at the trial counts RELIABILITY.md reports
 faults: install-dev

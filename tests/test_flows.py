@@ -23,6 +23,7 @@ from flows.training import (
 )
 from pipeline.errors import ConfigError
 from tests.support.prefect import (
+    copy_workspace,
     flows_run,
     make_repo,
     processes_in,
@@ -30,7 +31,7 @@ from tests.support.prefect import (
     stage_statuses,
     start_flow_run,
 )
-from tests.support.project import REPO_ROOT, STAGES, dvc_yaml, git
+from tests.support.project import REPO_ROOT, STAGES, dvc_yaml, git, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -75,8 +76,29 @@ def test_a_second_run_waits_for_the_workspace_or_is_refused(tmp_path):
         pass
 
 
-def test_served_deployment_runs_then_finds_everything_up_to_date(server, images, tmp_path):
-    repo = make_repo(tmp_path / "repo", images)
+@pytest.fixture(scope="module")
+def ran(server, images, tmp_path_factory) -> Path:
+    """A workspace the flow has run once, every stage through DVC (``python -m flows run``);
+    the tests below that need a finished run start from a copy of it."""
+    repo = make_repo(tmp_path_factory.mktemp("ran") / "repo", images)
+    done = flows_run(repo, server)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    (repo.parent / "flow-run.log").write_text(output)
+    return repo
+
+
+def test_a_flow_run_reproduces_every_stage_through_dvc(ran, server):
+    output = (ran.parent / "flow-run.log").read_text()
+    assert stage_statuses(output) == dict.fromkeys(STAGES, "ran"), output[-3000:]
+    assert re.search(r"Flow run '[\w-]+' - Finished in state Completed", output), output[-3000:]
+    assert (ran / "models/model.onnx").is_file() and (ran / "reports/index.html").is_file()
+    status = run([sys.executable, "-m", "dvc", "status"], ran, server)
+    assert "up to date" in status.stdout, status.stdout
+
+
+def test_served_deployment_runs_and_finds_a_finished_run_up_to_date(ran, server, tmp_path):
+    repo = copy_workspace(ran, tmp_path / "repo")
     serve = subprocess.Popen(
         [sys.executable, "-m", "flows", "serve"],
         cwd=repo,
@@ -101,22 +123,12 @@ def test_served_deployment_runs_then_finds_everything_up_to_date(server, images,
             time.sleep(2)
         assert "'cron': '0 2 * * *'" in inspected.stdout and "'timezone': 'UTC'" in inspected.stdout
 
-        first = run(
+        done = run(
             ["prefect", "deployment", "run", "training-pipeline/scheduled", "--watch"], repo, server
         )
-        assert first.returncode == 0 and "Completed" in first.stdout, first.stdout + first.stderr
-        assert (repo / "models/model.onnx").is_file()
+        assert done.returncode == 0 and "Completed" in done.stdout, done.stdout + done.stderr
         log = (tmp_path / "serve.log").read_text()
-        assert stage_statuses(log) == dict.fromkeys(STAGES, "ran"), log[-3000:]
-
-        second = run(
-            ["prefect", "deployment", "run", "training-pipeline/scheduled", "--watch"], repo, server
-        )
-        assert second.returncode == 0 and "Completed" in second.stdout, (
-            second.stdout + second.stderr
-        )
-        later = (tmp_path / "serve.log").read_text()[len(log) :]
-        assert stage_statuses(later) == dict.fromkeys(STAGES, "up to date"), later[-3000:]
+        assert stage_statuses(log) == dict.fromkeys(STAGES, "up to date"), log[-3000:]
 
         artifact = run(
             [
@@ -181,12 +193,26 @@ def test_a_failing_stage_fails_its_task_and_the_flow(server, tmp_path):
     assert "Task run 'validate" not in output  # nothing ran after the failed stage
 
 
-def test_overrides_become_an_experiment_and_overlapping_runs_take_turns(server, images, tmp_path):
-    repo = make_repo(tmp_path / "repo", images)
+def test_overrides_become_an_experiment_and_overlapping_runs_take_turns(ran, server, tmp_path):
+    """Run a, with an override, becomes a DVC experiment and restores params.yaml; run b,
+    started in the same workspace while a holds it, waits, then finds params.yaml's outputs
+    (DVC's run cache) and leaves a workspace DVC finds consistent."""
+    repo = copy_workspace(ran, tmp_path / "repo")
     params_before = (repo / "params.yaml").read_text()
-    first = flows_run(repo, server, "--set", "head.lr=0.0005")
-    assert first.returncode == 0, first.stdout + first.stderr
+    a = start_flow_run(repo, server, "--set", "head.lr=0.0005")
+    lock = repo / ".dvc/tmp/flow.lock"
+    deadline = time.monotonic() + 300
+    while not (lock.exists() and lock.read_text().startswith("pid")):
+        assert a.poll() is None and time.monotonic() < deadline, a.stdout.read() if a.stdout else ""
+        time.sleep(0.5)
+    b = flows_run(repo, server)
+    out_a, _ = a.communicate(timeout=900)
+    assert a.returncode == 0 and b.returncode == 0, out_a + b.stdout + b.stderr
+    ran_a, ran_b = stage_statuses(out_a), stage_statuses(b.stdout + b.stderr)
+    assert ran_a["features"] == "up to date" and ran_a["train_head"] == "ran", out_a[-3000:]
+    assert set(ran_b.values()) == {"up to date"}  # b started after a had finished
     assert (repo / "params.yaml").read_text() == params_before  # restored after the run
+
     shown = json.loads(
         run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, server).stdout
     )
@@ -204,27 +230,12 @@ def test_overrides_become_an_experiment_and_overlapping_runs_take_turns(server, 
         == 0.0005
     ]
     assert experiments, json.dumps(shown)[:3000]
-
-    # Two runs at once in one workspace: the second waits for the first, and both finish
-    # with outputs that DVC finds consistent.
-    a = start_flow_run(repo, server)
-    lock = repo / ".dvc/tmp/flow.lock"
-    deadline = time.monotonic() + 300
-    while not (lock.exists() and lock.read_text().startswith("pid")):
-        assert a.poll() is None and time.monotonic() < deadline, a.stdout.read() if a.stdout else ""
-        time.sleep(0.5)
-    b = flows_run(repo, server)
-    out_a, _ = a.communicate(timeout=900)
-    assert a.returncode == 0 and b.returncode == 0, out_a + b.stdout + b.stderr
-    ran_a, ran_b = stage_statuses(out_a), stage_statuses(b.stdout + b.stderr)
-    assert ran_a["train_head"] == "ran"  # params back at head.lr 0.001: the head retrains
-    assert set(ran_b.values()) == {"up to date"}  # b started after a had finished
     status = run([sys.executable, "-m", "dvc", "status"], repo, server)
     assert "up to date" in status.stdout, status.stdout
 
 
-def test_dvc_remote_round_trip(server, images, tmp_path):
-    repo = make_repo(tmp_path / "repo", images)
+def test_dvc_remote_round_trip(ran, server, tmp_path):
+    repo = copy_workspace(ran, tmp_path / "repo")
     remote = tmp_path / "remote"
     dvc = [sys.executable, "-m", "dvc"]
     assert run([*dvc, "remote", "add", "-d", "shared", str(remote)], repo, server).returncode == 0
@@ -275,8 +286,9 @@ def test_prefect_deploy_takes_the_schedule_from_params_yaml(server, images, tmp_
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the stage's process")
-def test_a_cancelled_run_kills_its_stage_and_the_next_run_finishes(server, images, tmp_path):
-    repo = make_repo(tmp_path / "repo", images, finetune={"epochs": 3})
+def test_a_cancelled_run_kills_its_stage_and_the_next_run_finishes(ran, server, tmp_path):
+    repo = copy_workspace(ran, tmp_path / "repo")
+    set_params(repo, finetune={"epochs": 3})  # finetune and what follows it rerun
     flow = start_flow_run(repo, server)
     deadline = time.monotonic() + 600
     while not any("pipeline finetune" in cmd for cmd in processes_in(repo)):

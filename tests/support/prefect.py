@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -57,6 +58,14 @@ def make_repo(root: Path, images: Path, **sections) -> Path:
     return root
 
 
+def copy_workspace(src: Path, dst: Path) -> Path:
+    """A copy of a run workspace (git, DVC cache, outputs): a test that needs a finished run
+    starts from one instead of running every stage again. DVC keys its state by path, so the
+    copy's outputs are hashed once, not trusted."""
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
 def run(args: list[str], cwd: Path, env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -65,10 +74,10 @@ def flows_run(repo: Path, env: dict, *extra: str) -> subprocess.CompletedProcess
     return run([sys.executable, "-m", "flows", "run", *extra], repo, env)
 
 
-def start_flow_run(repo: Path, env: dict) -> subprocess.Popen:
+def start_flow_run(repo: Path, env: dict, *extra: str) -> subprocess.Popen:
     """``python -m flows run`` in the background, in its own session, output captured."""
     return subprocess.Popen(
-        [sys.executable, "-m", "flows", "run"],
+        [sys.executable, "-m", "flows", "run", *extra],
         cwd=repo,
         env=env,
         stdout=subprocess.PIPE,

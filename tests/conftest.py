@@ -3,6 +3,7 @@ params.yaml plus overrides, and tiny workspaces after the data stages (tests/sup
 
 from __future__ import annotations
 
+import collections
 import os
 from pathlib import Path
 
@@ -19,7 +20,23 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked ``gpu`` skip, saying why, where torch sees no CUDA device."""
+    """Longest work first, for ``make test``'s workers (``--dist loadgroup`` hands out work
+    in this order): the modules that share one expensive fixture (``xdist_group``), then
+    the other slow tests, then the rest; each module's order is kept. Tests marked ``gpu``
+    skip, saying why, where torch sees no CUDA device."""
+
+    def group(item) -> str | None:
+        marker = item.get_closest_marker("xdist_group")
+        return marker.args[0] if marker else None
+
+    sizes = collections.Counter(group(item) for item in items)
+
+    def rank(item) -> tuple[int, int]:
+        if group(item):
+            return 0, -sizes[group(item)]  # the largest group first
+        return (1 if item.get_closest_marker("slow") else 2), 0
+
+    items.sort(key=rank)
     if not any(item.get_closest_marker("gpu") for item in items):
         return
     import torch

@@ -10,10 +10,10 @@ import yaml
 from pipeline import config, stages
 from pipeline.config import load_params, overlay, parse_params
 from pipeline.errors import ConfigError
-from tests.support.project import REPO_ROOT, STAGES, params_from, repo_params
+from tests.support.project import REPO_ROOT, STAGES, dvc_yaml, params_from, repo_params
 
 
-def test_repo_params_load_and_match_defaults():
+def test_repo_params_load_into_typed_values():
     params = load_params(REPO_ROOT / "params.yaml")
     assert params.data.source == "builtin:digits-mini"
     assert params.data.exclude_classes == ("BACKGROUND_Google",)
@@ -25,15 +25,11 @@ def test_repo_params_load_and_match_defaults():
     assert params.model.backbone == "efficientnet_lite0"
 
 
-def _dvc_yaml() -> dict:
-    return yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
-
-
 def test_the_stages_package_and_dvc_yaml_name_the_same_stages():
     """One module per dvc.yaml stage, each run by ``bin/stage <name>`` (issue #17)."""
-    assert sorted(_dvc_yaml()["stages"]) == list(stages.names())
+    assert sorted(dvc_yaml()["stages"]) == list(stages.names())
     assert len(STAGES) == 10
-    for name, stage in _dvc_yaml()["stages"].items():
+    for name, stage in dvc_yaml()["stages"].items():
         assert stage["cmd"] == f"bin/stage {name}"
 
 
@@ -59,7 +55,7 @@ def test_params_yaml_is_the_only_place_defaults_are_written():
 
 def test_every_param_dvc_yaml_names_exists():
     params = load_params(REPO_ROOT / "params.yaml")
-    for name, stage in _dvc_yaml()["stages"].items():
+    for name, stage in dvc_yaml()["stages"].items():
         for dotted in stage.get("params", []):
             node = params
             for part in dotted.split("."):

@@ -31,7 +31,8 @@ from tests.support.images import colour_images
 from tests.support.project import REPO_ROOT, params_from
 from tests.support.world import TinyWorld
 
-pytestmark = pytest.mark.slow
+# one worker runs the module, so its module-scoped fixture is built once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("export")]
 
 # Runs a snippet with `import torch` (and this project's heavier dependencies) made to fail.
 WITHOUT_TORCH = """

@@ -36,10 +36,10 @@ run: install
 ## test: install with dev extras and run the test suite on TEST_WORKERS workers
 # (much of the suite waits on servers, DVC and process start-up, so two workers gain on
 # two cores). Tests go out one by one, longest first (tests/conftest.py); a module whose
-# tests share an expensive fixture is marked xdist_group and stays on one worker.
+# tests share an expensive fixture is marked one_worker and goes whole to one worker.
 TEST_WORKERS ?= 2
 test: install-dev
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --no-loadscope-reorder
 
 ## faults: the whole fault-injection suite at the trial counts RELIABILITY.md reports
 faults: install-dev

@@ -20,20 +20,19 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Longest work first, for ``make test``'s workers (``--dist loadgroup`` hands out work
-    in this order): the modules that share one expensive fixture (``xdist_group``), then
-    the other slow tests, then the rest; each module's order is kept. Tests marked ``gpu``
-    skip, saying why, where torch sees no CUDA device."""
+    """Longest work first, for ``make test``'s workers, which take work in this order: the
+    modules marked ``one_worker`` (largest first), then the other slow tests, then the rest;
+    each module's order is kept. Tests marked ``gpu`` skip, saying why, where torch sees no
+    CUDA device."""
 
-    def group(item) -> str | None:
-        marker = item.get_closest_marker("xdist_group")
-        return marker.args[0] if marker else None
+    def module(item) -> str:
+        return item.nodeid.split("::", 1)[0]
 
-    sizes = collections.Counter(group(item) for item in items)
+    sizes = collections.Counter(module(item) for item in items)
 
     def rank(item) -> tuple[int, int]:
-        if group(item):
-            return 0, -sizes[group(item)]  # the largest group first
+        if item.get_closest_marker("one_worker"):
+            return 0, -sizes[module(item)]
         return (1 if item.get_closest_marker("slow") else 2), 0
 
     items.sort(key=rank)
@@ -47,6 +46,29 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (``make test``), tests go to workers one at a time, except that a
+    module marked ``one_worker`` goes whole to one worker, so its module-scoped fixture is
+    built once. (pytest 9.2's node ids defeat xdist's own ``xdist_group``.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    root = Path(config.rootpath)
+    whole: dict[str, bool] = {}
+
+    def marked(module: str) -> bool:
+        if module not in whole:
+            path = root / module
+            whole[module] = path.is_file() and "pytest.mark.one_worker" in path.read_text()
+        return whole[module]
+
+    class OneWorkerModules(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if marked(module) else nodeid
+
+    return OneWorkerModules(config, log)
 
 
 @pytest.fixture

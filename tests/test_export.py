@@ -31,8 +31,8 @@ from tests.support.images import colour_images
 from tests.support.project import REPO_ROOT, params_from
 from tests.support.world import TinyWorld
 
-# one worker runs the module, so its module-scoped fixture is built once
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("export")]
+# make test: one worker runs the whole module, so its module-scoped fixture is built once
+pytestmark = [pytest.mark.slow, pytest.mark.one_worker]
 
 # Runs a snippet with `import torch` (and this project's heavier dependencies) made to fail.
 WITHOUT_TORCH = """

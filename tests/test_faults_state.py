@@ -23,7 +23,7 @@ from tests.support.faults import record, trials
 from tests.support.images import create_image_folder
 from tests.support.project import REPO_ROOT, copy_project, dvc, git, set_params, tool_env
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.xdist_group("faults_state")]
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.one_worker]
 
 
 @pytest.fixture(scope="module")

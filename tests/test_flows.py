@@ -33,8 +33,8 @@ from tests.support.prefect import (
 )
 from tests.support.project import REPO_ROOT, STAGES, dvc_yaml, git, set_params
 
-# one worker runs the module, so its module-scoped fixture is built once
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("flows")]
+# make test: one worker runs the whole module, so its module-scoped fixture is built once
+pytestmark = [pytest.mark.slow, pytest.mark.one_worker]
 
 
 def test_stage_order_comes_from_dvc():

@@ -473,25 +473,13 @@ def keep_best(
     state.epoch = epoch
 
 
-def fine_tune(
-    model: Classifier,
-    blocks: list[nn.Module],
-    card: ModelCard,
-    train_rows,
-    val_rows,
-    cfg: FinetuneParams,
-    runtime: Runtime,
-    checkpoint: Path,
-    key: str,
-) -> tuple[TrainState, float, int]:
-    """Unfreeze, fit at discriminative rates, keep the best val-accuracy weights.
+def fine_tune(trainer: Trainer) -> tuple[TrainState, float, int]:
+    """Fit at discriminative rates, keep the best val-accuracy weights.
 
     Epoch 0 is the head alone, so fine-tuning that never beats it keeps it. Returns the
     final state, the seconds spent training and the images trained on.
     """
-    trainer = build_trainer(
-        model, blocks, card, train_rows, val_rows, cfg, runtime, checkpoint, key
-    )
+    model, cfg, runtime = trainer.model, trainer.cfg, trainer.runtime
     state, progress, rng = resume_or_baseline(trainer)
     images, seconds = 0, 0.0
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
@@ -534,7 +522,7 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FinetuneParams, device: str) 
     checkpoint = paths.checkpoints / "finetune.pt"
     state, seconds, images = TrainState(), 0.0, 0
     if cfg.epochs > 0:
-        state, seconds, images = fine_tune(
+        trainer = build_trainer(
             model,
             backbone.blocks,
             card,
@@ -545,6 +533,7 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FinetuneParams, device: str) 
             checkpoint,
             fingerprint(paths, model_cfg, cfg, runtime.bf16),
         )
+        state, seconds, images = fine_tune(trainer)
     save_checkpoint(
         paths.model,
         card,

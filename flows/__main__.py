@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         help="dvc push after the run (default: flows.push)",
     )
     run.add_argument("--workspace", default=".", help="the repository to run in")
+    run.add_argument(
+        "--distributed",
+        action="store_true",
+        help="run each stage on the work pool flows.pools names for its placement "
+        "(deployments pipeline-stages/gpu and /cpu; data through the default DVC remote)",
+    )
     commands.add_parser("serve", help=f"serve the deployment training-pipeline/{DEPLOYMENT}")
     commands.add_parser(
         "crash-detection", help="create the automation that marks silent runs Crashed"
@@ -79,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides=parse_overrides(args.set),
             push=args.push,
             workspace=args.workspace,
+            distributed=args.distributed,
             return_state=True,
         )
         sys.stdout.write(f"training-pipeline: {state.name} {state.message or ''}".rstrip() + "\n")
@@ -105,7 +112,7 @@ def ensure_crash_detection(silent_s: int) -> None:
     from prefect.events.schemas.automations import EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
 
-    from flows.training import FLOW_NAME
+    from flows.training import FLOW_NAME, STAGES_FLOW
 
     try:
         Automation.read(name=ZOMBIE_AUTOMATION).delete()
@@ -113,13 +120,15 @@ def ensure_crash_detection(silent_s: int) -> None:
         pass
     Automation(
         name=ZOMBIE_AUTOMATION,
-        description=f"Marks a {FLOW_NAME} run Crashed after {silent_s} s without heartbeats.",
+        description=f"Marks a {FLOW_NAME} or {STAGES_FLOW} run Crashed after {silent_s} s "
+        "without heartbeats.",
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
             expect={"prefect.flow-run.*"},
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            # the run, and a distributed run's flow runs on the pools' workers
             match_related=ResourceSpecification(
-                {"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAME}
+                {"prefect.resource.role": "flow", "prefect.resource.name": [FLOW_NAME, STAGES_FLOW]}
             ),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,

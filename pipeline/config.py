@@ -326,6 +326,7 @@ class FlowsParams:
     lock_timeout_s: float
     push: bool
     heartbeat_s: int
+    pools: dict[str, str]  # work pool per placement (dvc.yaml meta.placement), distributed runs
 
     @property
     def zombie_after_s(self) -> int:
@@ -339,6 +340,11 @@ class FlowsParams:
             raise ConfigError("flows.timeouts_s values must be > 0 and lock_timeout_s >= 0")
         if len(self.cron.split()) != 5:
             raise ConfigError(f"flows.cron must have five fields, got {self.cron!r}")
+        if not self.pools or not all(isinstance(v, str) and v for v in self.pools.values()):
+            raise ConfigError(
+                "flows.pools maps each placement to a work pool name, e.g. "
+                "{gpu: gpu-pool, cpu: cpu-pool}"
+            )
         if self.heartbeat_s < 30:
             raise ConfigError(
                 f"flows.heartbeat_s must be at least 30 (Prefect's minimum), got {self.heartbeat_s}"

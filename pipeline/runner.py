@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import importlib
 import logging
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -61,6 +62,7 @@ def logged_run(log_file: Path) -> Iterator[None]:
                     timespec="seconds"
                 ),
                 "seconds": round(time.perf_counter() - clock, 2),
+                "host": socket.gethostname(),
                 **peak_rss_mb(),
                 "status": status,
             },

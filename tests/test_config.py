@@ -120,3 +120,21 @@ def test_load_params_names_the_file(tmp_path):
         load_params(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "missing.yaml")
+
+
+def test_prefect_yaml_targets_the_pools_params_yaml_names():
+    """prefect.yaml must spell the pool names out (prefect deploy checks a pool exists
+    before it fills in templates); they stay flows.pools, the one setting."""
+    deployments = {
+        d["name"]: d["work_pool"]["name"]
+        for d in yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
+    }
+    pools = repo_params()["flows"]["pools"]
+    assert deployments == {
+        "scheduled": pools["gpu"],
+        "distributed": pools["cpu"],
+        "gpu": pools["gpu"],
+        "cpu": pools["cpu"],
+    }
+    placements = {stage["meta"]["placement"] for stage in dvc_yaml()["stages"].values()}
+    assert placements <= set(pools) and placements <= set(deployments)

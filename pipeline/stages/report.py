@@ -315,6 +315,13 @@ def provenance_section(paths: Paths) -> dict:
                 "peak_rss_mb": timing.get("peak_rss_mb"),
                 "peak_rss_children_mb": timing.get("peak_rss_children_mb"),
                 "status": timing.get("status"),
+                # where it ran: the host, and for a distributed run its pool and worker
+                # and the bytes it fetched from and sent to the DVC remote
+                "host": timing.get("host"),
+                "pool": timing.get("pool"),
+                "worker": timing.get("worker"),
+                "pulled_bytes": timing.get("pulled_bytes"),
+                "pushed_bytes": timing.get("pushed_bytes"),
             }
         )
     return {

@@ -1,0 +1,201 @@
+"""Running DVC from a flow: killable child processes, the stage's own error, one run per
+workspace, and what ``dvc repro`` said it did. Shared by the orchestrating flow
+(``flows.training``) and the flow a work pool's worker runs (``flows.stages``)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+ERROR_LINE = re.compile(r"(^ERROR[: ].*|\bERROR\b \S+: .*)")
+
+
+class StageFailed(PipelineError):
+    """A stage's process failed; the message is the stage's own error."""
+
+
+class WorkspaceBusy(PipelineError):
+    """Another flow run holds the workspace."""
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """How one stage of a run went, and where: ``pool`` is the work pool of a distributed
+    run's stage ("" when the whole run is one process here), with its worker and host and
+    the bytes it fetched from and sent to the DVC remote (None when nothing moved)."""
+
+    stage: str
+    status: str  # "ran" or "up to date"
+    seconds: float
+    placement: str = "cpu"  # dvc.yaml's meta.placement for the stage
+    pool: str = ""
+    worker: str = ""
+    host: str = ""
+    pulled_bytes: int | None = None
+    pushed_bytes: int | None = None
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The stage's environment: this interpreter's tools first and the stages run by it
+    (``bin/stage`` reads ``PIPELINE_PYTHON``), analytics off, a git identity.
+
+    ``dvc exp save`` commits; where git has no identity configured, it falls back to one
+    naming the flow rather than failing after the whole pipeline has run.
+    """
+    env = {
+        **os.environ,
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        "PIPELINE_PYTHON": sys.executable,
+        "DVC_NO_ANALYTICS": "1",
+        "GX_ANALYTICS_ENABLED": "false",
+        **(extra or {}),
+    }
+    for role in ("AUTHOR", "COMMITTER"):
+        env.setdefault(f"GIT_{role}_NAME", "transfer-pipeline flow")
+        env.setdefault(f"GIT_{role}_EMAIL", "flow@localhost")
+    return env
+
+
+def run_killable(
+    args: list[str], cwd: Path, timeout_s: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``args`` in its own process group; on timeout or interruption kill the whole group.
+
+    Prefect's own timeouts cannot stop blocking code in a worker thread
+    (PrefectHQ/prefect#15760), so the stage runs as a process this function can kill,
+    together with the stage command DVC started under it. If this process is killed
+    outright, the kernel kills the child (``pipeline.system.process``), and the stage follows.
+    """
+    proc = subprocess.Popen(
+        # Through pipeline.system.process: killed by the kernel if this process dies (even SIGKILL).
+        [sys.executable, "-m", "pipeline.system.process", "--", *args],
+        cwd=cwd,
+        env=child_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except BaseException:  # timeout, cancellation, Ctrl-C: never leave the stage running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(args, proc.returncode, output, "")
+
+
+def stage_error(output: str) -> str:
+    """The stage's own error lines (the pipeline's ``ERROR`` log and DVC's ``ERROR:``)."""
+    lines = [m.group(1).strip() for line in output.splitlines() if (m := ERROR_LINE.search(line))]
+    return "\n".join(lines) if lines else "\n".join(output.strip().splitlines()[-15:])
+
+
+def run_dvc(
+    args: list[str],
+    workspace: Path,
+    timeout_s: float,
+    what: str,
+    env: dict[str, str] | None = None,
+    log=None,
+) -> str:
+    """``dvc <args>`` in ``workspace``, killable; its output, or StageFailed naming ``what``."""
+    done = run_killable([sys.executable, "-m", "dvc", *args], workspace, timeout_s, env)
+    if log is not None:
+        for line in done.stdout.splitlines():
+            log.debug("%s | %s", what, line)
+    if done.returncode != 0:
+        raise StageFailed(f"{what} failed (exit {done.returncode}): {stage_error(done.stdout)}")
+    return done.stdout
+
+
+def repro_status(stage: str, output: str) -> str:
+    """``ran`` when DVC ran the stage's command, else ``up to date`` (unchanged, or its
+    outputs checked out from the cache, the run cache or the remote)."""
+    return "ran" if f"Running stage '{stage}'" in output else "up to date"
+
+
+def up_to_date(workspace: Path, stage: str) -> bool:
+    """DVC's own verdict (``dvc status <stage>``, in this process: no DVC start-up to pay):
+    deps, params, command and outputs all as dvc.lock records them."""
+    from dvc.repo import Repo
+
+    with Repo(str(workspace)) as repo:
+        return not repo.status(targets=[stage])
+
+
+def reproduce_stage(
+    stage: str,
+    workspace: Path,
+    timeout_s: float,
+    pull: bool = False,
+    env: dict[str, str] | None = None,
+    log=None,
+) -> tuple[str, float]:
+    """``dvc repro --single-item <stage>`` (``--pull``: missing inputs, outputs and run-cache
+    entries come from the default remote): DVC decides whether anything runs.
+    Returns the status and the seconds it took."""
+    started = time.perf_counter()
+    args = ["repro", "--single-item", *(["--pull"] if pull else []), stage]
+    try:
+        output = run_dvc(args, workspace, timeout_s, f"stage {stage}", env, log)
+    except subprocess.TimeoutExpired:
+        raise StageFailed(
+            f"stage {stage} ran past flows.timeouts_s ({timeout_s:g} s) and was killed"
+        ) from None
+    return repro_status(stage, output), round(time.perf_counter() - started, 2)
+
+
+@contextlib.contextmanager
+def workspace_lock(workspace: Path, timeout_s: float, name: str = "flow.lock") -> Iterator[None]:
+    """One flow run per workspace: a second waits up to ``timeout_s``, then is refused.
+
+    An OS file lock, so a crashed run releases it with its process; DVC's own lock
+    only guards one ``dvc`` command, and two runs interleaving stages would mix outputs.
+    ``name``: the orchestrating run holds ``flow.lock``, a pool worker's stages
+    ``stages.lock``, so an orchestrator may share a folder with a worker.
+    """
+    path = workspace / ".dvc" / "tmp" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as fh:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    fh.seek(0)
+                    holder = fh.read().strip() or "unknown"
+                    raise WorkspaceBusy(
+                        f"{workspace.resolve()} is in use by another flow run ({holder}); "
+                        f"waited {timeout_s:g} s (flows.lock_timeout_s)"
+                    ) from None
+                time.sleep(1.0)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -1,0 +1,202 @@
+"""The flow a work pool's worker runs: ``pipeline-stages``, some consecutive DVC stages of
+one distributed run, in the worker's own clone, with the data coming from and going to
+the default DVC remote.
+
+prefect.yaml deploys it once per placement (``pipeline-stages/gpu`` on the GPU pool,
+``pipeline-stages/cpu`` on the CPU pool); the orchestrating flow (``flows.training``)
+starts it with the run's commit and state. For each stage: check out its inputs at the
+run's dvc.lock (pulling what the local cache lacks), ``dvc repro --single-item --pull``
+(DVC decides whether it runs), push its outputs and then its run-cache entry. The run's
+new state and a record of where each stage ran go back as artifacts of this flow run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import Artifact, create_table_artifact
+
+from flows.databus import (
+    RunState,
+    added_bytes,
+    cache_objects,
+    check_out_inputs,
+    check_out_run_commit,
+    push_outputs,
+)
+from flows.dvcrun import StageResult, reproduce_stage, up_to_date, workspace_lock
+from pipeline.system.fsutil import read_json_or_empty, write_json_atomic
+
+FLOW_NAME = "pipeline-stages"
+STATE_ARTIFACT = "run-state"  # the artifact type the orchestrating flow reads back
+PLACEMENT_ARTIFACT = "placement"  # where this flow run works, left before any stage
+
+
+def this_pool() -> str:
+    """The work pool this flow run was submitted to, as the Prefect server records it."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run.id).work_pool_name or "none"
+
+
+def worker_name() -> str:
+    return os.environ.get("PREFECT__WORKER_NAME", "unknown")  # set by the worker
+
+
+@task
+def stage_here(
+    stage: str,
+    placement: str,
+    workspace: str,
+    cache_dir: str,
+    timeout_s: float,
+    pool: str,
+    pulled: int,
+) -> StageResult:
+    """One stage on this worker: DVC's decision (``repro --pull``), and when it ran, its
+    outputs and run-cache entry straight to the remote (a later crash keeps them).
+    ``pulled``: the bytes its inputs took to arrive."""
+    logger = get_run_logger()
+    root = Path(workspace)
+    started = time.perf_counter()
+    if up_to_date(root, stage):  # DVC's verdict without starting DVC again
+        status, seconds = "up to date", round(time.perf_counter() - started, 2)
+        return StageResult(
+            stage,
+            status,
+            seconds,
+            placement,
+            pool,
+            worker_name(),
+            socket.gethostname(),
+            pulled,
+            None,
+        )
+    before = cache_objects(Path(cache_dir))
+    status, seconds = reproduce_stage(stage, root, timeout_s, pull=True, log=logger)
+    pushed = None
+    if status == "ran":
+        pushed = push_outputs(root, [stage], run_cache=True)[stage]
+    else:  # what arrived in the cache came from the remote, not from the stage
+        pulled += added_bytes(before, cache_objects(Path(cache_dir)))
+    return StageResult(
+        stage,
+        status,
+        seconds,
+        placement,
+        pool,
+        worker_name(),
+        socket.gethostname(),
+        pulled,
+        pushed,
+    )
+
+
+def note_placement(root: Path, run_log: str, record: StageResult) -> None:
+    """Add where the stage ran and what it moved to its run log (the report shows it)."""
+    path = root / run_log
+    entry = read_json_or_empty(path)
+    if entry:
+        entry.update(
+            pool=record.pool,
+            worker=record.worker,
+            host=record.host,
+            pulled_bytes=record.pulled_bytes,
+            pushed_bytes=record.pushed_bytes,
+        )
+        write_json_atomic(path, entry)
+
+
+@flow(name=FLOW_NAME, log_prints=True)
+def pipeline_stages(
+    stages: dict[str, str],
+    repository: str,
+    commit: str,
+    state: dict,
+    run_logs: dict[str, str],
+    timeouts_s: dict[str, float],
+    lock_timeout_s: float,
+    download_retries: int = 0,
+    retry_delay_s: float = 30,
+) -> None:
+    """Run ``stages`` (name → placement, in order) of a distributed run in this worker's
+    workspace, a clone of ``repository`` moved to ``commit``.
+
+    ``state``: the run's RunState so far; ``run_logs``: each stage's run-log path.
+    The workspace is the working directory prefect.yaml's pull step sets
+    (``TRANSFER_PIPELINE_DIR``).
+    """
+    logger = get_run_logger()
+    root = Path.cwd()
+    pool = this_pool()
+    # First: a run whose machine is lost can still be traced to its worker and host.
+    Artifact(
+        type=PLACEMENT_ARTIFACT,
+        data={
+            "pool": pool,
+            "worker": worker_name(),
+            "host": socket.gethostname(),
+            "workspace": str(root),
+        },
+        description=f"Stages {', '.join(stages)} on pool {pool}, worker {worker_name()}",
+    ).create()
+    incoming = RunState.from_dict(state)
+    records = []
+    with workspace_lock(root, lock_timeout_s, name="stages.lock"):
+        check_out_run_commit(root, repository, commit, incoming.paths())
+        incoming.write(root)
+        logger.info("workspace %s at %s: %s", root, commit[:12], ", ".join(stages))
+        cache_dir, pulled = check_out_inputs(root, list(stages))
+        for stage, placement in stages.items():
+            network = stage == "download"  # the one nondeterministic input: retried
+            run = stage_here.with_options(
+                name=stage,
+                tags=[placement, pool],
+                retries=download_retries if network else 0,
+                retry_delay_seconds=[retry_delay_s * 2**i for i in range(download_retries)]
+                if network
+                else None,
+            )
+            timeout = timeouts_s.get(stage, timeouts_s["default"])
+            records.append(
+                run(stage, placement, str(root), str(cache_dir), timeout, pool, pulled[stage])
+            )
+        # Up-to-date stages too: their outputs may never have left this machine.
+        quiet = [r.stage for r in records if r.pushed_bytes is None]
+        sent = push_outputs(root, quiet, run_cache=False) if quiet else {}
+        records = [
+            dataclasses.replace(r, pushed_bytes=sent[r.stage]) if r.stage in sent else r
+            for r in records
+        ]
+        for record in records:
+            logger.info(
+                "%s: %s in %.1f s on pool %s (worker %s, host %s); pulled %d B, pushed %d B",
+                record.stage,
+                record.status,
+                record.seconds,
+                pool,
+                record.worker,
+                record.host,
+                record.pulled_bytes,
+                record.pushed_bytes,
+            )
+            if record.status == "ran":
+                note_placement(root, run_logs[record.stage], record)
+        outgoing = RunState.read(root, list(incoming.files))
+    create_table_artifact(
+        [asdict(r) for r in records],
+        description=f"Stages run on pool {pool} ({records[0].worker}, {records[0].host})",
+    )
+    Artifact(
+        type=STATE_ARTIFACT,
+        data={"state": outgoing.to_dict(), "records": [asdict(r) for r in records]},
+        description="The run's state after these stages (read by the orchestrating flow)",
+    ).create()

@@ -71,20 +71,43 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def redacted(url: str) -> str:
+    """``url`` without any user or password (tokens) in it, for logs and messages."""
+    parts = urllib.parse.urlsplit(url)
+    if not (parts.username or parts.password):
+        return url
+    return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
+
+
 def git(workspace: Path, *args: str, check: bool = True) -> str:
+    """``git <args>`` in ``workspace``; never prompts (a worker has no terminal)."""
     done = subprocess.run(
-        ["git", *args], cwd=workspace, capture_output=True, text=True, timeout=600
+        ["git", *args],
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
     )
     if check and done.returncode != 0:
-        raise ConfigError(f"git {' '.join(args)} in {workspace}: {done.stderr.strip()}")
-    return done.stdout.strip()
+        shown = " ".join(redacted(a) for a in args)
+        raise ConfigError(f"git {shown} in {workspace}: {done.stderr.strip()}")
+    return done.stdout
 
 
 def changed_code(workspace: Path, state: set[str]) -> list[str]:
     """Tracked files that differ from HEAD, other than the run's state and DVC's .gitignores."""
     changed = []
-    for line in git(workspace, "status", "--porcelain", "--untracked-files=no").splitlines():
-        name = line[3:].split(" -> ")[-1].strip('"')
+    entries = git(workspace, "status", "--porcelain", "-z", "--untracked-files=no").split("\0")
+    renamed = False
+    for entry in entries:
+        if renamed:  # the source path of a rename: already counted by its new name
+            renamed = False
+            continue
+        if not entry:
+            continue
+        status, name = entry[:2], entry[3:]
+        renamed = "R" in status or "C" in status
         if name not in state and not name.endswith(DVC_MANAGED):
             changed.append(name)
     return changed
@@ -100,8 +123,8 @@ def run_commit(workspace: Path, state: set[str]) -> tuple[str, str]:
             f"to {', '.join(changed[:5])}{' …' if len(changed) > 5 else ''}: commit them "
             "(and push, if workers clone from a remote) or stash them"
         )
-    commit = git(workspace, "rev-parse", "HEAD")
-    url = git(workspace, "remote", "get-url", "origin", check=False) or str(workspace)
+    commit = git(workspace, "rev-parse", "HEAD").strip()
+    url = git(workspace, "remote", "get-url", "origin", check=False).strip() or str(workspace)
     return url, commit
 
 
@@ -109,7 +132,7 @@ def check_out_run_commit(workspace: Path, url: str, commit: str, state: set[str]
     """Move this worker's clone to the run's commit, or refuse: a clone with local code
     changes would run other code than the run's."""
     changed = changed_code(workspace, state)
-    head = git(workspace, "rev-parse", "HEAD", check=False)
+    head = git(workspace, "rev-parse", "HEAD", check=False).strip()
     if changed:
         raise StageFailed(
             f"worker workspace {workspace} has local changes to {', '.join(changed[:5])}: "
@@ -118,14 +141,16 @@ def check_out_run_commit(workspace: Path, url: str, commit: str, state: set[str]
         )
     if head == commit:
         return
-    if not git(workspace, "cat-file", "-t", commit, check=False):
-        fetched = subprocess.run(
-            ["git", "fetch", "-q", url, commit], cwd=workspace, capture_output=True, text=True
-        )
-        if fetched.returncode != 0:
-            git(workspace, "fetch", "-q", url, "+refs/heads/*:refs/remotes/transfer-pipeline/*")
-        if not git(workspace, "cat-file", "-t", commit, check=False):
-            raise StageFailed(f"commit {commit[:12]} is not in {url}: push it first")
+    if not git(workspace, "cat-file", "-t", commit, check=False).strip():
+        try:
+            git(workspace, "fetch", "-q", url, commit)
+        except ConfigError:  # a server that refuses fetching by hash: its branches, then
+            try:
+                git(workspace, "fetch", "-q", url, "+refs/heads/*:refs/remotes/transfer-pipeline/*")
+            except ConfigError as exc:
+                raise StageFailed(f"worker workspace {workspace}: {exc}") from exc
+        if not git(workspace, "cat-file", "-t", commit, check=False).strip():
+            raise StageFailed(f"commit {commit[:12]} is not in {redacted(url)}: push it first")
     git(workspace, "checkout", "-q", "--force", "--detach", commit)
 
 
@@ -158,9 +183,10 @@ def default_remote(repo) -> Remote:
 
 
 def cache_objects(cache_dir: Path) -> dict[str, int]:
-    """Every object in the local DVC cache with its size (cheap: one scandir per folder)."""
+    """Every file under ``cache_dir`` (the local DVC cache's objects, ``repo.cache.local``,
+    or its run cache) with its size: one scandir per folder."""
     found: dict[str, int] = {}
-    for root, _, names in os.walk(cache_dir / "files"):
+    for root, _, names in os.walk(cache_dir):
         for name in names:
             try:
                 found[os.path.join(root, name)] = os.stat(os.path.join(root, name)).st_size
@@ -200,13 +226,14 @@ def check_remote(repo) -> Remote:
     return remote
 
 
-def check_out_inputs(workspace: Path, stages: list[str]) -> tuple[Path, dict[str, int]]:
+def check_out_inputs(workspace: Path, stages: list[str]) -> tuple[Path, Path, dict[str, int]]:
     """Put the inputs these stages take from other stages (not from each other) into the
     workspace at the run's dvc.lock: checked out from the local cache, or pulled from the
     default remote where the cache lacks them. A worker's copy may be another run's, so
     every such input is compared with the lock; only those that differ are touched.
 
-    Returns the local DVC cache folder and the bytes fetched per stage."""
+    Returns the local DVC cache's object and run-cache folders, and the bytes fetched per
+    stage."""
     from dvc.exceptions import CheckoutError
     from dvc.repo import Repo
 
@@ -214,6 +241,7 @@ def check_out_inputs(workspace: Path, stages: list[str]) -> tuple[Path, dict[str
     with Repo(str(workspace)) as repo:
         remote = check_remote(repo)
         cache_dir = Path(repo.cache.local.path)
+        runs_dir = Path(repo.stage_cache.cache_dir)
         by_name = {stage.addressing: stage for stage in repo.index.stages}
         producer = {
             out.fs_path: (stage.addressing, out)
@@ -237,6 +265,8 @@ def check_out_inputs(workspace: Path, stages: list[str]) -> tuple[Path, dict[str
                 continue
             except CheckoutError:  # not in this machine's cache: from the remote
                 pass
+            except Exception as exc:
+                raise StageFailed(f"stage {name}: checking out its inputs failed: {exc}") from exc
             before = cache_objects(cache_dir)
             try:
                 repo.pull(targets=targets, force=True)
@@ -245,16 +275,22 @@ def check_out_inputs(workspace: Path, stages: list[str]) -> tuple[Path, dict[str
                     f"stage {name}: pulling its inputs from {remote} failed: {exc}"
                 ) from exc
             fetched[name] = added_bytes(before, cache_objects(cache_dir))
-    return cache_dir, fetched
+    return cache_dir, runs_dir, fetched
 
 
-def push_outputs(workspace: Path, stages: list[str], run_cache: bool) -> dict[str, int]:
-    """Send the stages' outputs the default remote lacks, then (``run_cache``: the stages
-    ran here) DVC's run cache; the bytes of the files sent, per stage.
+def push_outputs(
+    workspace: Path, stages: list[str], run_cache_entries: list[Path] = ()
+) -> dict[str, int]:
+    """Send the stages' outputs the default remote lacks, then ``run_cache_entries`` (the
+    run-cache files the stages that ran here just wrote); the bytes of the files sent, per
+    stage.
 
-    Data goes first: a run-cache entry reaches the remote only after its outputs, so a
-    push that fails half-way leaves nothing a later run would trust."""
+    Outputs go first and an entry only after them, so a push that fails half-way leaves
+    no run-cache entry on the remote whose outputs are missing there. (``dvc push
+    --run-cache`` would send every entry of the local run cache first, and only log a
+    failed copy.)"""
     from dvc.repo import Repo
+    from dvc_objects.fs.generic import copy
 
     with Repo(str(workspace)) as repo:
         remote = default_remote(repo)
@@ -276,8 +312,14 @@ def push_outputs(workspace: Path, stages: list[str], run_cache: bool) -> dict[st
                     sent[owner] += (workspace / path).stat().st_size
             if missing:
                 repo.push(targets=stages)
-            if run_cache:
-                repo.push(targets=stages, run_cache=True)
+            if run_cache_entries:
+                odb = repo.cloud.get_remote_odb(
+                    remote.name, "push --run-cache", hash_name="md5-dos2unix"
+                )
+                local = repo.cache.legacy
+                for entry in run_cache_entries:
+                    rel = Path(entry).relative_to(local.path).parts
+                    copy(local.fs, str(entry), odb.fs, odb.fs.join(odb.path, *rel))
         except Exception as exc:
             raise StageFailed(
                 f"stages {', '.join(stages)}: pushing outputs to {remote} failed: {exc}"

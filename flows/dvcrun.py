@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from prefect import get_run_logger, task
+
 from pipeline.errors import PipelineError
 
 ERROR_LINE = re.compile(r"(^ERROR[: ].*|\bERROR\b \S+: .*)")
@@ -161,6 +163,31 @@ def reproduce_stage(
             f"stage {stage} ran past flows.timeouts_s ({timeout_s:g} s) and was killed"
         ) from None
     return repro_status(stage, output), round(time.perf_counter() - started, 2)
+
+
+def verify_and_repair(workspace: Path, timeout_s: float, log) -> list[str]:
+    """``python -m pipeline verify --repair`` before DVC trusts anything: damaged bytes in
+    outputs or cache (which DVC's mtime-based state misses) are restored or recomputed.
+    Returns the repairs made."""
+    from pipeline.system.verify import REPAIRED
+
+    done = run_killable(
+        [sys.executable, "-m", "pipeline", "verify", "--repair"], workspace, timeout_s
+    )
+    lines = [line.removeprefix("verify: ") for line in done.stdout.splitlines()]
+    if done.returncode != 0:
+        raise StageFailed(f"verify failed (exit {done.returncode}): {stage_error(done.stdout)}")
+    repairs = [line.removeprefix(REPAIRED) for line in lines if line.startswith(REPAIRED)]
+    for line in repairs:
+        log.warning("verify: %s", line)
+    log.info("verify: %s", lines[-1] if lines else "no output")
+    return repairs
+
+
+@task(name="verify")
+def verify_outputs(workspace: str, timeout_s: float) -> list[str]:
+    """Every run, on every machine, starts here (``verify_and_repair``)."""
+    return verify_and_repair(Path(workspace), timeout_s, get_run_logger())
 
 
 @contextlib.contextmanager

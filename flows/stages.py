@@ -30,7 +30,12 @@ from flows.databus import (
     check_out_run_commit,
     push_outputs,
 )
-from flows.dvcrun import StageResult, reproduce_stage, up_to_date, workspace_lock
+from flows.dvcrun import (
+    StageResult,
+    reproduce_stage,
+    up_to_date,
+    workspace_lock,
+)
 from pipeline.system.fsutil import read_json_or_empty, write_json_atomic
 
 FLOW_NAME = "pipeline-stages"
@@ -57,6 +62,8 @@ def stage_here(
     placement: str,
     workspace: str,
     cache_dir: str,
+    runs_dir: str,
+    run_log: str,
     timeout_s: float,
     pool: str,
     pulled: int,
@@ -81,13 +88,16 @@ def stage_here(
             None,
         )
     before = cache_objects(Path(cache_dir))
+    entries_before = cache_objects(Path(runs_dir))
     status, seconds = reproduce_stage(stage, root, timeout_s, pull=True, log=logger)
     pushed = None
     if status == "ran":
-        pushed = push_outputs(root, [stage], run_cache=True)[stage]
+        # Its run-cache entry: the one the remote may lack (an entry DVC pulled in is there).
+        entries = [Path(p) for p in cache_objects(Path(runs_dir)) if p not in entries_before]
+        pushed = push_outputs(root, [stage], entries)[stage]
     else:  # what arrived in the cache came from the remote, not from the stage
         pulled += added_bytes(before, cache_objects(Path(cache_dir)))
-    return StageResult(
+    result = StageResult(
         stage,
         status,
         seconds,
@@ -98,6 +108,9 @@ def stage_here(
         pulled,
         pushed,
     )
+    if status == "ran":  # before the next stage: the report shows where this one ran
+        note_placement(root, run_log, result)
+    return result
 
 
 def note_placement(root: Path, run_log: str, record: StageResult) -> None:
@@ -113,6 +126,57 @@ def note_placement(root: Path, run_log: str, record: StageResult) -> None:
             pushed_bytes=record.pushed_bytes,
         )
         write_json_atomic(path, entry)
+
+
+def run_group(
+    root: Path,
+    pool: str,
+    stages: dict[str, str],
+    incoming: RunState,
+    run_logs: dict[str, str],
+    timeouts_s: dict[str, float],
+    download_retries: int,
+    retry_delay_s: float,
+) -> tuple[RunState, list[StageResult]]:
+    """The stages in ``root`` (its stages.lock held): the run's state in, their inputs, each stage, the outputs out. Returns the run's state after them and a record
+    per stage."""
+    logger = get_run_logger()
+    incoming.write(root)
+    cache_dir, runs_dir, pulled = check_out_inputs(root, list(stages))
+    records = []
+    for stage, placement in stages.items():
+        network = stage == "download"  # the one nondeterministic input: retried
+        run = stage_here.with_options(
+            name=stage,
+            tags=[placement, pool],
+            retries=download_retries if network else 0,
+            retry_delay_seconds=[retry_delay_s * 2**i for i in range(download_retries)]
+            if network
+            else None,
+        )
+        timeout = timeouts_s.get(stage, timeouts_s["default"])
+        args = (str(root), str(cache_dir), str(runs_dir), run_logs[stage], timeout, pool)
+        records.append(run(stage, placement, *args, pulled[stage]))
+    # Up-to-date stages too: their outputs may never have left this machine.
+    quiet = [r.stage for r in records if r.pushed_bytes is None]
+    sent = push_outputs(root, quiet) if quiet else {}
+    records = [
+        dataclasses.replace(r, pushed_bytes=sent[r.stage]) if r.stage in sent else r
+        for r in records
+    ]
+    for r in records:
+        logger.info(
+            "%s: %s in %.1f s on pool %s (worker %s, host %s); pulled %d B, pushed %d B",
+            r.stage,
+            r.status,
+            r.seconds,
+            pool,
+            r.worker,
+            r.host,
+            r.pulled_bytes,
+            r.pushed_bytes,
+        )
+    return RunState.read(root, list(incoming.files)), records
 
 
 @flow(name=FLOW_NAME, log_prints=True)
@@ -134,7 +198,6 @@ def pipeline_stages(
     The workspace is the working directory prefect.yaml's pull step sets
     (``TRANSFER_PIPELINE_DIR``).
     """
-    logger = get_run_logger()
     root = Path.cwd()
     pool = this_pool()
     # First: a run whose machine is lost can still be traced to its worker and host.
@@ -149,48 +212,16 @@ def pipeline_stages(
         description=f"Stages {', '.join(stages)} on pool {pool}, worker {worker_name()}",
     ).create()
     incoming = RunState.from_dict(state)
-    records = []
     with workspace_lock(root, lock_timeout_s, name="stages.lock"):
         check_out_run_commit(root, repository, commit, incoming.paths())
-        incoming.write(root)
-        logger.info("workspace %s at %s: %s", root, commit[:12], ", ".join(stages))
-        cache_dir, pulled = check_out_inputs(root, list(stages))
-        for stage, placement in stages.items():
-            network = stage == "download"  # the one nondeterministic input: retried
-            run = stage_here.with_options(
-                name=stage,
-                tags=[placement, pool],
-                retries=download_retries if network else 0,
-                retry_delay_seconds=[retry_delay_s * 2**i for i in range(download_retries)]
-                if network
-                else None,
+        get_run_logger().info("workspace %s at %s: %s", root, commit[:12], ", ".join(stages))
+        committed_params = (root / "params.yaml").read_text(encoding="utf-8")
+        try:
+            outgoing, records = run_group(
+                root, pool, stages, incoming, run_logs, timeouts_s, download_retries, retry_delay_s
             )
-            timeout = timeouts_s.get(stage, timeouts_s["default"])
-            records.append(
-                run(stage, placement, str(root), str(cache_dir), timeout, pool, pulled[stage])
-            )
-        # Up-to-date stages too: their outputs may never have left this machine.
-        quiet = [r.stage for r in records if r.pushed_bytes is None]
-        sent = push_outputs(root, quiet, run_cache=False) if quiet else {}
-        records = [
-            dataclasses.replace(r, pushed_bytes=sent[r.stage]) if r.stage in sent else r
-            for r in records
-        ]
-        for record in records:
-            logger.info(
-                "%s: %s in %.1f s on pool %s (worker %s, host %s); pulled %d B, pushed %d B",
-                record.stage,
-                record.status,
-                record.seconds,
-                pool,
-                record.worker,
-                record.host,
-                record.pulled_bytes,
-                record.pushed_bytes,
-            )
-            if record.status == "ran":
-                note_placement(root, run_logs[record.stage], record)
-        outgoing = RunState.read(root, list(incoming.files))
+        finally:  # the next user of this clone finds its own params.yaml, not this run's
+            (root / "params.yaml").write_text(committed_params, encoding="utf-8")
     create_table_artifact(
         [asdict(r) for r in records],
         description=f"Stages run on pool {pool} ({records[0].worker}, {records[0].host})",

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import re
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,24 +34,29 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from ruamel.yaml import YAML
 
-from flows.databus import RunState, added_bytes, cache_objects, run_commit
+from flows.databus import (
+    RunState,
+    added_bytes,
+    cache_objects,
+    check_out_run_commit,
+    default_remote,
+    redacted,
+    run_commit,
+)
 from flows.dvcrun import (
     StageFailed,
     StageResult,
-    WorkspaceBusy,  # noqa: F401 (raised by workspace_lock; callers catch it from here)
     reproduce_stage,
     run_dvc,
-    run_killable,
-    stage_error,
+    verify_outputs,
     workspace_lock,
 )
 from pipeline.config import FlowsParams, Paths, load_params, parse_params
 from pipeline.errors import ConfigError
 from pipeline.reporting.headline import headline_markdown
-from pipeline.system.verify import REPAIRED
 
 FLOW_NAME = "training-pipeline"
-STAGES_FLOW = "pipeline-stages"  # flows.stages.FLOW_NAME, without importing the worker's flow
+STAGES_FLOW = "pipeline-stages"  # flows.stages.FLOW_NAME (crash detection needs it unimported)
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class DvcStage:
     name: str
     placement: str  # dvc.yaml's meta.placement: gpu or cpu
     uncached_outs: tuple[str, ...]  # outputs DVC leaves to git (metrics and the like)
+    gitignores: tuple[str, ...] = ()  # the .gitignore files DVC keeps its outputs out of git in
 
 
 def dvc_stages(workspace: Path) -> list[DvcStage]:
@@ -78,6 +83,13 @@ def dvc_stages(workspace: Path) -> list[DvcStage]:
                     for out in stage.outs
                     if not out.use_cache
                 ),
+                tuple(
+                    (
+                        Path(out.fs_path).relative_to(workspace.resolve()).parent / ".gitignore"
+                    ).as_posix()
+                    for out in stage.outs
+                    if out.use_cache
+                ),
             )
             for stage in nx.topological_sort(graph.reverse(copy=True))
         ]
@@ -95,24 +107,6 @@ def reproduce(stage: str, placement: str, workspace: str, timeout_s: float) -> S
     status, seconds = reproduce_stage(stage, Path(workspace), timeout_s, log=logger)
     logger.info("%s: %s in %.1f s", stage, status, seconds)
     return StageResult(stage, status, seconds, placement)
-
-
-@task(name="verify", tags=["cpu"])
-def verify_outputs(workspace: str, timeout_s: float) -> list[str]:
-    """``python -m pipeline verify --repair`` before DVC trusts anything: damaged bytes in
-    outputs or cache (which DVC's mtime-based state misses) are restored or recomputed."""
-    logger = get_run_logger()
-    done = run_killable(
-        [sys.executable, "-m", "pipeline", "verify", "--repair"], Path(workspace), timeout_s
-    )
-    lines = [line.removeprefix("verify: ") for line in done.stdout.splitlines()]
-    if done.returncode != 0:
-        raise StageFailed(f"verify failed (exit {done.returncode}): {stage_error(done.stdout)}")
-    repairs = [line.removeprefix(REPAIRED) for line in lines if line.startswith(REPAIRED)]
-    for line in repairs:
-        logger.warning("verify: %s", line)
-    logger.info("verify: %s", lines[-1] if lines else "no output")
-    return repairs
 
 
 def overridden(original: str, overrides: dict[str, Any]) -> str:
@@ -215,6 +209,18 @@ def read_run_state(flow_run_id) -> dict:
     return found
 
 
+def online_workers(pool: str) -> int:
+    """How many workers of ``pool`` the server has heard from lately."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        try:
+            workers = client.read_workers_for_work_pool(pool)
+        except Exception:  # the pool itself missing: run_deployment says so
+            return 0
+    return sum(1 for w in workers if str(getattr(w, "status", "")).upper().endswith("ONLINE"))
+
+
 def failure_of(child, group: list[DvcStage]) -> str:
     """Which stage of a pool's flow run failed, on which pool and worker, and why."""
     from prefect.client.orchestration import get_client
@@ -261,7 +267,9 @@ def run_on_pools(
     run_logs = {s.name: params.paths.run_log_file(s.name).as_posix() for s in stages}
     url, commit = run_commit(root, state.paths())
     logger.info(
-        "distributed run of %s at %s; stage data through the default DVC remote", url, commit[:12]
+        "distributed run of %s at %s; stage data through the default DVC remote",
+        redacted(url),
+        commit[:12],
     )
     results: list[StageResult] = []
     for group in pool_groups(stages, cfg.pools):
@@ -269,6 +277,13 @@ def run_on_pools(
         deployment = f"{STAGES_FLOW}/{placement}"
         names = [s.name for s in group]
         logger.info("%s → pool %s (%s)", ", ".join(names), cfg.pools[placement], deployment)
+        if not online_workers(cfg.pools[placement]):
+            logger.warning(
+                "no worker of pool %s is online: the run waits until one starts "
+                "(`prefect worker start --pool %s` in a clone of this repository)",
+                cfg.pools[placement],
+                cfg.pools[placement],
+            )
         try:
             child = run_deployment(
                 deployment,
@@ -311,7 +326,7 @@ def run_on_pools(
                     placement,
                 )
             results.append(result)
-    return results, state
+    return results, state, (url, commit)
 
 
 def run_distributed(
@@ -322,12 +337,18 @@ def run_distributed(
     params = load_params(root / "params.yaml")
     original = (root / "params.yaml").read_text(encoding="utf-8")
     run_logs = [params.paths.run_log_file(s.name).as_posix() for s in stages]
-    files = sorted({o for s in stages for o in s.uncached_outs} | set(run_logs))
-    state = RunState.read(root, files)
+    # with DVC's .gitignore entries: committing the run's state never commits its outputs
+    files = sorted({o for s in stages for o in (*s.uncached_outs, *s.gitignores)} | set(run_logs))
+    with workspace_lock(root, params.flows.lock_timeout_s, name="stages.lock"):
+        state = RunState.read(root, files)
     state.params = overridden(original, overrides) if overrides else original
-    results, state = run_on_pools(root, stages, parse_params(yaml.safe_load(state.params)), state)
+    results, state, (url, commit) = run_on_pools(
+        root, stages, parse_params(yaml.safe_load(state.params)), state
+    )
     experiment = None
     with workspace_lock(root, params.flows.lock_timeout_s, name="stages.lock"):
+        # A pool's worker may share this folder and have moved it to another run's commit.
+        check_out_run_commit(root, url, commit, state.paths())
         state.write(root)
         try:
             pull_results(str(root))
@@ -350,7 +371,13 @@ def pull_results(workspace: str) -> int:
         if not repo.status():  # this workspace already holds the run's outputs
             return 0
     before = cache_objects(cache_dir)
-    run_dvc(["pull", "--force"], root, 7200, "dvc pull", log=get_run_logger())
+    try:
+        run_dvc(["pull", "--force"], root, 7200, "dvc pull", log=get_run_logger())
+    except StageFailed as exc:
+        with Repo(str(root)) as repo:
+            raise StageFailed(
+                f"pulling the run's outputs from {default_remote(repo)}: {exc}"
+            ) from exc
     pulled = added_bytes(before, cache_objects(cache_dir))
     get_run_logger().info("dvc pull: %d B into %s", pulled, root)
     return pulled
@@ -363,7 +390,6 @@ def human_bytes(n: int | None) -> str:
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return ""
 
 
 def summary_markdown(
@@ -460,7 +486,12 @@ def training_pipeline(
         if distributed:
             results, experiment = run_distributed(root, stages, overrides, flow_run.name)
         else:
-            with params_overridden(root, overrides):
+            # A pool's worker may share this folder (a `scheduled` deployment on a pool):
+            # the stages here hold its stages.lock, as a worker's do.
+            with (
+                workspace_lock(root, cfg.lock_timeout_s, name="stages.lock"),
+                params_overridden(root, overrides),
+            ):
                 results, repairs, experiment = run_here(root, stages, cfg, overrides, flow_run.name)
     if not distributed and (cfg.push if push is None else push):
         push_outputs(str(root))

@@ -14,13 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.training import (
-    WorkspaceBusy,
-    params_overridden,
-    stage_error,
-    stage_order,
-    workspace_lock,
-)
+from flows.dvcrun import WorkspaceBusy, stage_error, workspace_lock
+from flows.training import params_overridden, stage_order
 from pipeline.errors import ConfigError
 from tests.support.prefect import (
     copy_workspace,

@@ -73,20 +73,14 @@ def stage_here(
     ``pulled``: the bytes its inputs took to arrive."""
     logger = get_run_logger()
     root = Path(workspace)
+
+    def result(status: str, seconds: float, pulled: int, pushed: int | None) -> StageResult:
+        where = (pool, worker_name(), socket.gethostname())
+        return StageResult(stage, status, seconds, placement, *where, pulled, pushed)
+
     started = time.perf_counter()
     if up_to_date(root, stage):  # DVC's verdict without starting DVC again
-        status, seconds = "up to date", round(time.perf_counter() - started, 2)
-        return StageResult(
-            stage,
-            status,
-            seconds,
-            placement,
-            pool,
-            worker_name(),
-            socket.gethostname(),
-            pulled,
-            None,
-        )
+        return result("up to date", round(time.perf_counter() - started, 2), pulled, None)
     before = cache_objects(Path(cache_dir))
     entries_before = cache_objects(Path(runs_dir))
     status, seconds = reproduce_stage(stage, root, timeout_s, pull=True, log=logger)
@@ -97,20 +91,10 @@ def stage_here(
         pushed = push_outputs(root, [stage], entries)[stage]
     else:  # what arrived in the cache came from the remote, not from the stage
         pulled += added_bytes(before, cache_objects(Path(cache_dir)))
-    result = StageResult(
-        stage,
-        status,
-        seconds,
-        placement,
-        pool,
-        worker_name(),
-        socket.gethostname(),
-        pulled,
-        pushed,
-    )
+    record = result(status, seconds, pulled, pushed)
     if status == "ran":  # before the next stage: the report shows where this one ran
-        note_placement(root, run_log, result)
-    return result
+        note_placement(root, run_log, record)
+    return record
 
 
 def note_placement(root: Path, run_log: str, record: StageResult) -> None:

@@ -226,6 +226,8 @@ def failure_of(child, group: list[DvcStage]) -> str:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    from flows.stages import PLACEMENT_ARTIFACT
+
     with get_client(sync_client=True) as client:
         tasks = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[child.id]))
@@ -238,11 +240,14 @@ def failure_of(child, group: list[DvcStage]) -> str:
     }
     stage = next((n for n in names if n not in finished), None)
     where = f"pool {child.work_pool_name}"
-    worker = (
-        (child.labels or {}).get("prefect.io/worker-name") if hasattr(child, "labels") else None
-    )
+    # The pool's flow run says where it works before any stage; the worker also labels
+    # the flow run it submits, which covers a run lost before its first artifact.
+    placed = read_artifact(child.id, PLACEMENT_ARTIFACT) or {}
+    worker = placed.get("worker") or (child.labels or {}).get("prefect.worker.name")
     if worker:
         where += f", worker {worker}"
+    if placed.get("host"):
+        where += f", host {placed['host']}"
     what = f"stage {stage}" if stage else f"stages {', '.join(names)}"
     state = child.state
     return (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -13,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pandas as pd
 import pytest
 import torch
 
 from pipeline.data.images import load_rgb
 from pipeline.modeling.model import load_checkpoint, load_classifier, save_checkpoint
+from pipeline.modeling.reference import ReferenceFeatures
 from pipeline.reporting import headline
 from pipeline.stages import (
     evaluate,
@@ -242,6 +245,62 @@ def test_a_drifted_model_fails_the_parity_check(exported, tmp_path, monkeypatch)
         onnx_check.main(params)
     written = json.loads(params.paths.metrics_file("onnx_check").read_text())
     assert written["passed"] is False and written["max_abs_diff"] == pytest.approx(5.0, abs=0.01)
+
+
+def test_the_pytorch_reference_runs_once_per_backbone(exported, tmp_path, monkeypatch):
+    """onnx_check keeps the PyTorch fp32 features of the test images (issue #19): a check of
+    the same model, or of a new head on the same backbone, reuses them and gives the same
+    numbers; a changed backbone computes them again, and evaluate's fp32 CPU pass over a
+    fine-tuned model is the check's reference too."""
+    params, first = exported
+    ws = Path.cwd()
+    monkeypatch.chdir(tmp_path)
+    for name in ("models", "data/raw", "data/splits", "data/features", "data/cache", "metrics"):
+        shutil.copytree(ws / name, tmp_path / name)
+    paths = params.paths
+    rows = pd.read_csv(paths.split_file("test"))
+    model, card, _ = load_classifier(paths.model)
+    kept = ReferenceFeatures(paths.feature_cache, model, card)
+    stored = kept.lookup(rows["sha256"])
+    assert stored is not None and stored.shape == (len(rows), 1280)
+    images = torch.from_numpy(np.stack([card.preprocessing(load_rgb(p)) for p in rows["path"]]))
+    with torch.inference_mode():
+        direct = model(images).numpy()
+    np.testing.assert_allclose(kept.logits(stored), direct, atol=1e-5)  # = Classifier.forward
+
+    passes = []
+    embed = ReferenceFeatures.embed
+    monkeypatch.setattr(
+        ReferenceFeatures,
+        "embed",
+        lambda self, batch: passes.append(len(batch)) or embed(self, batch),
+    )
+    again = onnx_check.main(params)
+    assert passes == []  # the backbone did not run
+    parity = ("max_abs_diff", "batch1_max_abs_diff", "top1_agreement", "torch_top1", "onnx_top1")
+    assert {k: again[k] for k in parity} == {k: first[k] for k in parity}
+    assert again["int8"]["top1"] == first["int8"]["top1"]
+
+    state = load_checkpoint(paths.model)[1]["state_dict"]
+    head_bias = [k for k in state if k.startswith("head.") and k.endswith("bias")][-1]
+    state[head_bias] = state[head_bias] + torch.tensor([0.0, 0.0, 5.0])  # a new head
+    save_checkpoint(paths.model, card, state)
+    with pytest.raises(onnx_check.ParityError, match=r"max \|logit difference\|"):
+        onnx_check.main(params)
+    assert passes == []  # same backbone: the kept features, under the new head
+    shifted = json.loads(paths.metrics_file("onnx_check").read_text())["max_abs_diff"]
+    assert shifted == pytest.approx(5.0, abs=0.01)
+
+    conv = next(k for k in state if k.startswith("backbone.") and k.endswith("weight"))
+    state[conv] = state[conv] * 1.01  # fine-tuned: the backbone moved
+    save_checkpoint(paths.model, card, state)  # no training params: evaluate runs the images
+    fp32 = dataclasses.replace(params.evaluate, precision="fp32")  # on any CPU
+    evaluate.main(dataclasses.replace(params, evaluate=fp32))
+    assert sum(passes) == len(pd.read_csv(paths.split_file("val"))) + len(rows)  # val, test
+    computed = len(passes)
+    with pytest.raises(onnx_check.ParityError):  # the ONNX file is the old model's
+        onnx_check.main(params)
+    assert len(passes) == computed  # evaluate's pass was the reference
 
 
 def test_predict_without_torch(exported, tmp_path):

@@ -22,6 +22,7 @@ from pipeline.data.featurestore import labelled, load_features
 from pipeline.data.splits import read_split
 from pipeline.modeling.datasets import ImageDataset, make_loader
 from pipeline.modeling.model import load_checkpoint, load_classifier, make_head
+from pipeline.modeling.reference import ReferenceFeatures
 from pipeline.modeling.runtime import resolve
 from pipeline.modeling.training import predict_logits
 from pipeline.reporting import scoring
@@ -47,19 +48,31 @@ def head_logits(paths: Paths, classes: list[str]) -> dict[str, tuple[np.ndarray,
 
 
 def finetuned_logits(paths: Paths, cfg: EvaluateParams, device: str) -> tuple[dict, list[str]]:
-    """The fine-tuned model, rebuilt from its checkpoint alone, on the val and test images."""
+    """The fine-tuned model, rebuilt from its checkpoint alone, on the val and test images.
+
+    Where it runs in fp32 on the CPU, the pass is onnx_check's PyTorch reference too: its
+    backbone features are kept (``pipeline/modeling/reference.py``) and the check reuses them.
+    """
     model, card, _ = load_classifier(paths.model)
     runtime = resolve(device, cfg.precision)
+    reference = (
+        ReferenceFeatures(paths.feature_cache, model, card)
+        if runtime.device.type == "cpu" and not runtime.bf16
+        else None
+    )
     model = model.to(runtime.device, memory_format=torch.channels_last)
     lookup = {c: i for i, c in enumerate(card.classes)}
     out = {}
     for split in ("val", "test"):
         rows = read_split(paths, split)
         dataset = ImageDataset(rows["path"], rows["label"].map(lookup), card.preprocessing)
-        logits, labels = predict_logits(
-            model, make_loader(dataset, runtime, cfg.batch_size), runtime
-        )
-        out[split] = (logits.numpy(), labels.numpy())
+        loader = make_loader(dataset, runtime, cfg.batch_size)
+        labels = rows["label"].map(lookup).to_numpy(dtype=np.int64)
+        if reference is not None:
+            logits = reference.logits_over(rows["sha256"], (images for images, _y, _i in loader))
+        else:
+            logits = predict_logits(model, loader, runtime)[0].numpy()
+        out[split] = (logits, labels)
     return out, card.classes
 
 

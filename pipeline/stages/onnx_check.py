@@ -20,13 +20,13 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from pipeline.config import OnnxCheckParams, Params
 from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
 from pipeline.modeling.datasets import ImageDataset, make_loader
 from pipeline.modeling.model import ModelCard, load_classifier
+from pipeline.modeling.reference import ReferenceFeatures
 from pipeline.modeling.runtime import resolve
 from pipeline.reporting.significance import (
     PairedOutcome,
@@ -106,7 +106,7 @@ def open_sessions(params: Params) -> dict[str, OnnxClassifier]:
 
 
 def collect_outputs(
-    model: torch.nn.Module,
+    reference: ReferenceFeatures,
     sessions: dict[str, OnnxClassifier],
     card: ModelCard,
     rows,
@@ -114,26 +114,33 @@ def collect_outputs(
 ) -> tuple[Outputs, np.ndarray, np.ndarray]:
     """Every model's logits on the test split, batch by batch on the same tensors.
 
+    The PyTorch reference runs in fp32 on the CPU, over these very tensors unless evaluate
+    or an earlier check of a model with this backbone left its features
+    (``pipeline/modeling/reference.py``); its logits are the model's head on them either way.
     Returns the outputs, the first test images (to run one at a time) and a timing batch
     (real test images, repeated up to ``batch_size``).
     """
-    runtime = resolve("cpu", "fp32")  # the reference: the exact fp32 model, on the CPU
-    model = model.to(memory_format=torch.channels_last)
+    runtime = resolve("cpu", "fp32")
     lookup = {c: i for i, c in enumerate(card.classes)}
     dataset = ImageDataset(rows["path"], rows["label"].map(lookup), card.preprocessing)
-    outputs, first_images, timing_batch = Outputs(), None, None
-    with torch.inference_mode():
-        for images, labels, _index in make_loader(dataset, runtime, batch_size):
-            x = images.numpy()
-            if first_images is None:
-                first_images = x[:BATCH1_IMAGES].copy()
-                timing_batch = np.resize(x, (batch_size, *x.shape[1:]))
-            outputs.labels.append(labels.numpy())
-            outputs.add(
-                "torch", model(images.contiguous(memory_format=torch.channels_last)).numpy()
-            )
-            for name, session in sessions.items():
-                outputs.add(name, session.logits(x))
+    stored = reference.lookup(rows["sha256"])
+    outputs, features, first_images, timing_batch = Outputs(), [], None, None
+    for images, labels, _index in make_loader(dataset, runtime, batch_size):
+        x = images.numpy()
+        if first_images is None:
+            first_images = x[:BATCH1_IMAGES].copy()
+            timing_batch = np.resize(x, (batch_size, *x.shape[1:]))
+        outputs.labels.append(labels.numpy())
+        if stored is None:
+            features.append(reference.embed(images))
+        for name, session in sessions.items():
+            outputs.add(name, session.logits(x))
+    if stored is None:
+        stored = np.concatenate(features)
+        reference.keep(rows["sha256"], stored)
+    else:
+        log.info("onnx_check: the PyTorch fp32 features of these %d images were kept", len(rows))
+    outputs.add("torch", reference.logits(stored))
     return outputs, first_images, timing_batch
 
 
@@ -238,8 +245,9 @@ def run(params: Params) -> dict:
     rows = read_split(paths, "test")
     if rows.empty:
         raise PipelineError(f"{paths.split_file('test')} has no images to check against")
+    reference = ReferenceFeatures(paths.feature_cache, model, card)
     outputs, first_images, timing_batch = collect_outputs(
-        model, sessions, card, rows, cfg.batch_size
+        reference, sessions, card, rows, cfg.batch_size
     )
     cpu = cpu_info()
     metrics = {

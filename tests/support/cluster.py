@@ -37,7 +37,6 @@ class Cluster:
     origin: Path
     clones: dict[str, Path] = field(default_factory=dict)
     workers: dict[str, subprocess.Popen] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
 
     def start_worker(self, pool: str) -> None:
         clone = self.clones[pool]
@@ -61,13 +60,16 @@ class Cluster:
         proc.wait()
 
     def stop(self) -> None:
+        """Ctrl-C to each idle worker, as a user stops one; SIGKILL after 5 s (a worker
+        given SIGTERM sat out a 30 s wait every time)."""
         for proc in self.workers.values():
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGINT)
         for proc in self.workers.values():
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
     def api(self, path: str, body: dict) -> list[dict]:
         request = urllib.request.Request(

@@ -25,25 +25,32 @@ log = logging.getLogger("pipeline")
 COMMANDS = "Run one stage of the pipeline with the settings in params.yaml."
 
 
-def run_stage(stage: str, params_file: str | None = None) -> dict:
-    """Run ``stage`` as a plain function call, reading ``params_file`` once."""
+def run_stage(stage: str, params_file: str | None = None, *, own_process: bool = False) -> dict:
+    """Run ``stage`` as a plain function call, reading ``params_file`` once.
+
+    ``own_process``: the process exists for this stage (``python -m pipeline``), so its
+    age when the work begins is the stage's start-up, recorded in the run log."""
     from pipeline.config import PARAMS_FILE, load_params
     from pipeline.errors import PipelineError
+    from pipeline.system.process import seconds_since_start
 
     if stage not in stages.names():
         raise PipelineError(f"unknown stage {stage!r}; stages: {', '.join(stages.names())}")
     params = load_params(params_file or PARAMS_FILE)
     module = importlib.import_module(f"pipeline.stages.{stage}")
-    with logged_run(params.paths.run_log_file(stage)):
+    startup = seconds_since_start() if own_process else None
+    with logged_run(params.paths.run_log_file(stage), startup_seconds=startup):
         return module.main(params)
 
 
 @contextlib.contextmanager
-def logged_run(log_file: Path) -> Iterator[None]:
+def logged_run(log_file: Path, startup_seconds: float | None = None) -> Iterator[None]:
     """Record the stage's start, end, seconds, peak memory and outcome in ``log_file`` (the
     run report's dates and durations). A log beside DVC's outputs, not one of them: a rerun
     that changes nothing else must not make the stages downstream of it rerun.
 
+    ``startup_seconds``: how long the process had existed when the stage began its work
+    (its interpreter and imports; under ``python -m pipeline``, not a plain call).
     Peak RSS is the stage's own process and, separately, the largest of its finished child
     processes (loader workers); both come from getrusage, so they cost nothing to record."""
     from pipeline.system.fsutil import write_json_atomic
@@ -62,6 +69,7 @@ def logged_run(log_file: Path) -> Iterator[None]:
                     timespec="seconds"
                 ),
                 "seconds": round(time.perf_counter() - clock, 2),
+                "startup_seconds": startup_seconds,
                 "host": socket.gethostname(),
                 **peak_rss_mb(),
                 "status": status,
@@ -105,7 +113,7 @@ def main(argv: list[str]) -> int:
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     started = time.perf_counter()
     try:
-        run_stage(args.stage, args.params)
+        run_stage(args.stage, args.params, own_process=True)
     except PipelineError as exc:
         log.error("%s failed: %s", args.stage, exc)
         return 1

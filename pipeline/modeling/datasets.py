@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import v2
 
 from pipeline.config import AugmentParams
 from pipeline.data.images import load_rgb
@@ -23,6 +22,8 @@ from pipeline.modeling.runtime import Runtime
 
 def train_geometry(pre: Preprocessing, aug: AugmentParams) -> Callable[[Image.Image], np.ndarray]:
     """Training augmentation up to, not including, normalisation: HWC uint8 RGB out."""
+    from torchvision.transforms import v2  # training only: evaluation never imports it (1 s)
+
     steps = [
         v2.RandomResizedCrop(
             pre.input_size, scale=(aug.scale_min, 1.0), interpolation=_interp(pre), antialias=True
@@ -59,7 +60,9 @@ def eval_geometry(pre: Preprocessing) -> Callable[[Image.Image], np.ndarray]:
     return transform
 
 
-def _interp(pre: Preprocessing) -> v2.InterpolationMode:
+def _interp(pre: Preprocessing):
+    from torchvision.transforms import v2
+
     return v2.InterpolationMode(pre.interpolation)
 
 

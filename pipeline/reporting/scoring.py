@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import minimize_scalar
 
 from pipeline.system.fsutil import atomic_path
 
@@ -234,6 +233,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     the global one. ``T > 1`` softens an overconfident model, ``T < 1`` sharpens an
     underconfident one; argmax, and so accuracy, does not change.
     """
+    from scipy.optimize import minimize_scalar  # evaluate's alone: report never fits
+
     logits, labels = _check_logits(logits, labels)
     low, high = (math.log(b) for b in TEMPERATURE_BOUNDS)
     result = minimize_scalar(

@@ -35,6 +35,19 @@ def exit_with_parent(sig: int = signal.SIGTERM) -> bool:
     return True
 
 
+def seconds_since_start() -> float | None:
+    """How long this process has existed (from /proc on Linux; None elsewhere): a stage's
+    start-up, when asked as it starts its work."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/uptime", encoding="ascii") as fh:  # the same clock, since boot
+            uptime = float(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(uptime - ticks / os.sysconf("SC_CLK_TCK"), 2)
+
+
 def main(argv: list[str]) -> None:
     """``python -m pipeline.system.process -- CMD ARGS...``: exec CMD, killed when our parent dies
     (the setting survives ``exec``)."""

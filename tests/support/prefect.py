@@ -23,6 +23,8 @@ FLOW_TINY = {
     "model": {"weights": "none"},
     "head": {"epochs": 5},
     "finetune": {"epochs": 1, "batch_size": 8},
+    # the torch engine: no ONNX export of the backbone for the features of 36 images
+    "features": {"engine": "torch"},
     # random weights on noise images: int8 may flip a near-chance prediction or two
     "onnx_check": {"max_int8_drop": 1.0, "latency_runs": 5, "throughput_batches": 1},
     "flows": {"download_retries": 0},

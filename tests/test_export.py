@@ -259,8 +259,8 @@ def test_the_pytorch_reference_runs_once_per_backbone(exported, tmp_path, monkey
         shutil.copytree(ws / name, tmp_path / name)
     paths = params.paths
     rows = pd.read_csv(paths.split_file("test"))
-    model, card, _ = load_classifier(paths.model)
-    kept = ReferenceFeatures(paths.feature_cache, model, card)
+    model, card, checkpoint = load_classifier(paths.model)
+    kept = ReferenceFeatures(paths.feature_cache, card, checkpoint["state_dict"], lambda: model)
     stored = kept.lookup(rows["sha256"])
     assert stored is not None and stored.shape == (len(rows), 1280)
     images = torch.from_numpy(np.stack([card.preprocessing(load_rgb(p)) for p in rows["path"]]))

@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,7 +25,7 @@ import torch
 
 from pipeline.data import images, preprocessing
 from pipeline.data.featurestore import FeatureCache
-from pipeline.modeling.model import Classifier, ModelCard
+from pipeline.modeling.model import Classifier, ModelCard, make_head
 
 SHARDS = "reference"  # under paths.feature_cache, beside the features stage's cache
 
@@ -39,12 +40,12 @@ def tensors_digest(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def reference_key(model: Classifier, card: ModelCard) -> str:
+def reference_key(card: ModelCard, state: dict[str, torch.Tensor]) -> str:
     """Everything but the image that changes the backbone's fp32 features."""
     code = "".join(inspect.getsource(m) for m in (images, preprocessing))
     spec = {
         "backbone": card.backbone,
-        "tensors": tensors_digest(model.backbone.state_dict()),
+        "tensors": tensors_digest({k: v for k, v in state.items() if k.startswith("backbone.")}),
         "preprocessing": card.preprocessing.to_dict(),
         "code": hashlib.sha256(code.encode()).hexdigest(),
         "torch": torch.__version__,
@@ -54,11 +55,29 @@ def reference_key(model: Classifier, card: ModelCard) -> str:
 
 
 class ReferenceFeatures:
-    """The stored fp32 backbone features of one model's backbone, by image sha256."""
+    """The stored fp32 backbone features of one checkpoint's backbone, by image sha256.
 
-    def __init__(self, root, model: Classifier, card: ModelCard) -> None:
-        self.model = model.to("cpu", memory_format=torch.channels_last).eval()
-        self.cache = FeatureCache(root / SHARDS, reference_key(model, card))
+    Keyed from the checkpoint's tensors alone: the model (timm and its ~2 s of imports) is
+    built, by ``build``, only when features are missing.
+    """
+
+    def __init__(
+        self, root: Path, card: ModelCard, state: dict, build: Callable[[], Classifier]
+    ) -> None:
+        self.cache = FeatureCache(root / SHARDS, reference_key(card, state))
+        self.head = make_head(card.head)
+        self.head.load_state_dict(
+            {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+        )
+        self.head.eval()
+        self._build, self._backbone = build, None
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        if self._backbone is None:
+            model = self._build().to("cpu", memory_format=torch.channels_last).eval()
+            self._backbone = model.backbone
+        return self._backbone
 
     def lookup(self, shas: pd.Series) -> np.ndarray | None:
         """The features of every sha256 in order, or None when any is missing."""
@@ -71,7 +90,7 @@ class ReferenceFeatures:
         """One batch of preprocessed images through the backbone, fp32 on the CPU."""
         with torch.inference_mode():
             x = batch.to("cpu").contiguous(memory_format=torch.channels_last)
-            return self.model.backbone(x).float().numpy()
+            return self.backbone(x).float().numpy()
 
     def keep(self, shas: pd.Series, features: np.ndarray) -> None:
         unique = ~pd.Series(list(shas)).duplicated().to_numpy()
@@ -80,7 +99,7 @@ class ReferenceFeatures:
     def logits(self, features: np.ndarray) -> np.ndarray:
         """The model's fp32 logits from its backbone's features: ``Classifier.forward``'s head."""
         with torch.inference_mode():
-            return self.model.head(torch.from_numpy(features)).float().numpy()
+            return self.head(torch.from_numpy(features)).float().numpy()
 
     def logits_over(self, shas: pd.Series, batches: Iterator[torch.Tensor]) -> np.ndarray:
         """The logits of ``shas`` (in order): stored features if all are there, else the

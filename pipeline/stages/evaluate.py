@@ -53,10 +53,10 @@ def finetuned_logits(paths: Paths, cfg: EvaluateParams, device: str) -> tuple[di
     Where it runs in fp32 on the CPU, the pass is onnx_check's PyTorch reference too: its
     backbone features are kept (``pipeline/modeling/reference.py``) and the check reuses them.
     """
-    model, card, _ = load_classifier(paths.model)
+    model, card, checkpoint = load_classifier(paths.model)
     runtime = resolve(device, cfg.precision)
     reference = (
-        ReferenceFeatures(paths.feature_cache, model, card)
+        ReferenceFeatures(paths.feature_cache, card, checkpoint["state_dict"], lambda: model)
         if runtime.device.type == "cpu" and not runtime.bf16
         else None
     )

@@ -25,7 +25,7 @@ from pipeline.config import OnnxCheckParams, Params
 from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
 from pipeline.modeling.datasets import ImageDataset, make_loader
-from pipeline.modeling.model import ModelCard, load_classifier
+from pipeline.modeling.model import ModelCard, load_checkpoint, load_classifier
 from pipeline.modeling.reference import ReferenceFeatures
 from pipeline.modeling.runtime import resolve
 from pipeline.reporting.significance import (
@@ -239,13 +239,18 @@ def int8_failure(metrics: dict, cfg: OnnxCheckParams, int8_file, kernel: str) ->
 def run(params: Params) -> dict:
     """Sessions → outputs on the test split → parity metrics → the bounds a config sets."""
     paths, cfg = params.paths, params.onnx_check
-    model, card, _ = load_classifier(paths.model)
+    card, checkpoint = load_checkpoint(paths.model)
     sessions = open_sessions(params)
     failures = [p for name, s in sessions.items() for p in check_contract(s, card, name)]
     rows = read_split(paths, "test")
     if rows.empty:
         raise PipelineError(f"{paths.split_file('test')} has no images to check against")
-    reference = ReferenceFeatures(paths.feature_cache, model, card)
+    reference = ReferenceFeatures(
+        paths.feature_cache,
+        card,
+        checkpoint["state_dict"],
+        lambda: load_classifier(paths.model)[0],
+    )
     outputs, first_images, timing_batch = collect_outputs(
         reference, sessions, card, rows, cfg.batch_size
     )

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from pipeline.data.images import load_rgb
+from pipeline.modeling import engines
 from pipeline.modeling.model import load_checkpoint, load_classifier, save_checkpoint
 from pipeline.modeling.reference import ReferenceFeatures
 from pipeline.reporting import headline
@@ -301,6 +302,42 @@ def test_the_pytorch_reference_runs_once_per_backbone(exported, tmp_path, monkey
     with pytest.raises(onnx_check.ParityError):  # the ONNX file is the old model's
         onnx_check.main(params)
     assert len(passes) == computed  # evaluate's pass was the reference
+
+
+def test_a_head_only_change_exports_only_the_head(exported, tmp_path, monkeypatch):
+    """export keeps the backbone's graph by its tensors (issue #19): a new head on the same
+    backbone exports the head alone and the joined file still matches PyTorch; a moved
+    backbone is exported again."""
+    params, _ = exported
+    ws = Path.cwd()
+    monkeypatch.chdir(tmp_path)
+    for name in ("models", "data/raw", "data/splits", "data/features", "data/cache", "metrics"):
+        shutil.copytree(ws / name, tmp_path / name)
+    exported_modules = []
+    real = engines.torch_to_onnx
+
+    def counted(module, *args):
+        exported_modules.append(type(module).__name__)
+        return real(module, *args)
+
+    monkeypatch.setattr(engines, "torch_to_onnx", counted)
+    monkeypatch.setattr(export, "torch_to_onnx", counted)
+    card, checkpoint = load_checkpoint(params.paths.model)
+    state = checkpoint["state_dict"]
+    head_bias = [k for k in state if k.startswith("head.") and k.endswith("bias")][-1]
+    state[head_bias] = state[head_bias] + torch.tensor([0.3, -0.2, 0.1])  # a new head
+    save_checkpoint(params.paths.model, card, state)
+    export.main(params)
+    assert exported_modules == ["Sequential"]  # the head alone
+    checked = onnx_check.main(params)
+    assert checked["passed"] and checked["max_abs_diff"] <= 1e-4
+
+    conv = next(k for k in state if k.startswith("backbone.") and k.endswith("weight"))
+    state[conv] = state[conv] * 1.01  # the backbone moved
+    save_checkpoint(params.paths.model, card, state)
+    export.main(params)
+    backbone = type(load_classifier(params.paths.model)[0].backbone).__name__
+    assert exported_modules[1:] == [backbone, "Sequential"], exported_modules
 
 
 def test_predict_without_torch(exported, tmp_path):

@@ -137,14 +137,41 @@ def build(
     return Engine("onnxruntime-fp32", embed_onnx, seconds)
 
 
-def graph_key(model: nn.Module, pre: Preprocessing) -> str:
-    """A digest of everything the exported graph depends on: tensors, preprocessing, exporter."""
+def graph_key(model: nn.Module, pre: Preprocessing, *extra: object) -> str:
+    """A digest of everything the exported graph depends on: tensors, preprocessing, exporter
+    (and ``extra``: the opset, input and output names where they vary)."""
     digest = hashlib.sha256()
     digest.update(json.dumps([pre.to_dict(), torch.__version__, OPSET], sort_keys=True).encode())
+    if extra:
+        digest.update(json.dumps([str(e) for e in extra]).encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:24]
+
+
+def kept_export(
+    module: nn.Module,
+    pre: Preprocessing,
+    names: tuple[str, str],
+    opset: int,
+    folder: Path,
+) -> onnx.ModelProto:
+    """``torch_to_onnx`` of ``module`` on (N, 3, H, W) float32 input, kept in ``folder`` under
+    ``graph_key``: the same tensors are exported once (a damaged file is exported again)."""
+    graph = folder / f"{graph_key(module, pre, opset, *names)}.onnx"
+    if graph.exists():
+        try:
+            return onnx.load(str(graph))
+        except Exception as exc:  # a damaged or cut-short file: protobuf's own errors
+            log.warning("%s cannot be loaded (%s); exporting again", graph, exc)
+    example = torch.zeros(2, 3, pre.input_size, pre.input_size)
+    proto = torch_to_onnx(module.cpu(), example, names[0], names[1], opset)
+    with disk_full_is_an_error(graph, "paths.feature_cache"):
+        graph.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(graph) as tmp:
+            tmp.write_bytes(proto.SerializeToString())
+    return proto
 
 
 def onnx_session(model: FromUInt8, pre: Preprocessing, cache: Path):

@@ -275,3 +275,22 @@ def test_model_stages_train_on_cuda(tiny_run):
     assert next(model.parameters()).device.type == "cpu"
     result = evaluate.main(p)
     assert 0 <= result["finetuned"]["top1"] <= 1
+
+
+def test_what_is_kept_for_reuse_keeps_the_recently_used(tmp_path):
+    """Kept graphs and reference features are by content, and every fine-tuned backbone is
+    new content: only the most recently used stay."""
+    import os
+
+    from pipeline.system.fsutil import keep_recent, touch
+
+    entries = []
+    for i in range(6):
+        entry = tmp_path / f"key{i}"
+        entry.mkdir()
+        (entry / "shard.npz").write_bytes(b"x")
+        os.utime(entry, (1_000 + i, 1_000 + i))
+        entries.append(entry)
+    touch(entries[0])  # the oldest, used again just now
+    keep_recent(entries, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key0", "key3", "key4", "key5"]

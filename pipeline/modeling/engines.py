@@ -31,10 +31,11 @@ from pipeline.data.preprocessing import Preprocessing
 from pipeline.errors import ConfigError
 from pipeline.modeling.runtime import Runtime
 from pipeline.system.diskfull import disk_full_is_an_error
-from pipeline.system.fsutil import atomic_path
+from pipeline.system.fsutil import atomic_path, keep_recent, touch
 
 log = logging.getLogger(__name__)
 ENGINES = ("auto", "torch", "onnxruntime")
+KEPT_GRAPHS = 4  # kept_export: every fine-tuned backbone is a new graph (13 MB for Lite0)
 OPSET = 18
 
 
@@ -162,7 +163,9 @@ def kept_export(
     graph = folder / f"{graph_key(module, pre, opset, *names)}.onnx"
     if graph.exists():
         try:
-            return onnx.load(str(graph))
+            proto = onnx.load(str(graph))
+            touch(graph)
+            return proto
         except Exception as exc:  # a damaged or cut-short file: protobuf's own errors
             log.warning("%s cannot be loaded (%s); exporting again", graph, exc)
     example = torch.zeros(2, 3, pre.input_size, pre.input_size)
@@ -171,6 +174,7 @@ def kept_export(
         graph.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(graph) as tmp:
             tmp.write_bytes(proto.SerializeToString())
+    keep_recent(list(folder.glob("*.onnx")), KEPT_GRAPHS)
     return proto
 
 

@@ -26,8 +26,10 @@ import torch
 from pipeline.data import images, preprocessing
 from pipeline.data.featurestore import FeatureCache
 from pipeline.modeling.model import Classifier, ModelCard, make_head
+from pipeline.system.fsutil import keep_recent, touch
 
 SHARDS = "reference"  # under paths.feature_cache, beside the features stage's cache
+KEPT_MODELS = 8  # the backbones whose features are kept (9 MB each for Caltech's test split)
 
 
 def tensors_digest(state: dict[str, torch.Tensor]) -> str:
@@ -84,6 +86,7 @@ class ReferenceFeatures:
         known = self.cache.load()
         if not all(sha in known for sha in shas):
             return None
+        touch(self.cache.folder)
         return np.stack([known[sha] for sha in shas]).astype(np.float32)
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
@@ -95,6 +98,7 @@ class ReferenceFeatures:
     def keep(self, shas: pd.Series, features: np.ndarray) -> None:
         unique = ~pd.Series(list(shas)).duplicated().to_numpy()
         self.cache.add([s for s, u in zip(shas, unique, strict=True) if u], features[unique])
+        keep_recent([d for d in self.cache.folder.parent.iterdir() if d.is_dir()], KEPT_MODELS)
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         """The model's fp32 logits from its backbone's features: ``Classifier.forward``'s head."""

@@ -120,6 +120,19 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
+def keep_recent(entries: list[Path], count: int) -> None:
+    """Remove all but the ``count`` most recently used of ``entries`` (by mtime: a reused
+    entry is touched). What is kept by content for reuse must not grow with every run."""
+    for old in sorted(entries, key=lambda e: e.stat().st_mtime, reverse=True)[count:]:
+        remove(old)
+
+
+def touch(path: Path) -> None:
+    """Mark ``path`` as used now, for ``keep_recent``."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success rename it onto ``path``.

@@ -65,9 +65,9 @@ def finetuned_logits(paths: Paths, cfg: EvaluateParams, device: str) -> tuple[di
     out = {}
     for split in ("val", "test"):
         rows = read_split(paths, split)
-        dataset = ImageDataset(rows["path"], rows["label"].map(lookup), card.preprocessing)
-        loader = make_loader(dataset, runtime, cfg.batch_size)
         labels = rows["label"].map(lookup).to_numpy(dtype=np.int64)
+        dataset = ImageDataset(rows["path"], labels, card.preprocessing)
+        loader = make_loader(dataset, runtime, cfg.batch_size)
         if reference is not None:
             logits = reference.logits_over(rows["sha256"], (images for images, _y, _i in loader))
         else:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Params
+from tests.support import project
 from tests.support.images import create_image_folder
 from tests.support.prefect import prefect_server
 from tests.support.project import params_with
@@ -69,6 +70,17 @@ def pytest_xdist_make_scheduler(config, log):
             return module if marked(module) else nodeid
 
     return OneWorkerModules(config, log)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_graph_structures(tmp_path_factory):
+    """One folder of kept graph structures for the session's copied projects
+    (``project.copy_project``); under pytest-xdist, one for all its workers."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "structures"
+    project.SHARED_STRUCTURES = folder
+    yield folder
+    project.SHARED_STRUCTURES = None
 
 
 @pytest.fixture

@@ -278,12 +278,12 @@ def split_images(disk_ws, tmp_path, monkeypatch) -> dict:
 def test_disk_full_during_features_keeps_no_partial_output(
     tmpfs_works, disk_ws, tmp_path, split_images
 ):
-    paths, reference, index, graph, fs = features_on_fs(split_images, disk_ws)
-    # The onnxruntime engine's graph (~14 MB for Lite0) is exported once into the feature
-    # cache; it is on the disk beforehand (test_disk_full_while_the_engine_graph_is_written
-    # fills the disk with it). Then the stage writes a cache shard (~160 kB) and the features
+    paths, reference, index, graphs, fs = features_on_fs(split_images, disk_ws)
+    # The onnxruntime engine's graphs (~14 MB for Lite0, and its structure) are kept in the
+    # feature cache; they are on the disk beforehand (test_disk_full_while_the_engine_graph_is_written
+    # fills the disk with them). Then the stage writes a cache shard (~160 kB) and the features
     # (~155 kB): room below 160 KiB fills while the cache is written, more while the features are.
-    graph_kib = kib_on_tmpfs([graph.stat().st_size])
+    graph_kib = kib_on_tmpfs([g.stat().st_size for g in graphs.values()])
     runs = itertools.count()
     rng = random.Random(SEED + 2)
     cases = [rng.randrange(40, 300, 4) for _ in range(trials(5, 1))]
@@ -291,8 +291,9 @@ def test_disk_full_during_features_keeps_no_partial_output(
     def trial(small_kib: int) -> str | None:
         i = next(runs)
         shutil.rmtree(fs)
-        (fs / "cache/engines").mkdir(parents=True)
-        shutil.copy2(graph, fs / "cache/engines" / graph.name)
+        for name, graph in graphs.items():
+            (fs / "cache" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(graph, fs / "cache" / name)
         metrics_before = paths.metrics_file("features").read_text()
         full, roomy = stage_on_growing_tmpfs(
             "features",
@@ -335,46 +336,62 @@ def test_disk_full_during_features_keeps_no_partial_output(
 
 
 def features_on_fs(split_images: dict, workspace: Path):
-    """The reference features run's paths, arrays, index and onnxruntime graph; then params
-    that put ``paths.features`` and ``paths.feature_cache`` under the empty folder ``fs``."""
+    """The reference features run's paths, arrays, index and onnxruntime graphs (by path under
+    the feature cache); then params that put ``paths.features`` and ``paths.feature_cache``
+    under the empty folder ``fs``."""
     paths = params_from(split_images).paths
     reference, index = load_features(paths)
-    graphs = sorted((paths.feature_cache / "engines").glob("*.onnx"))
-    assert len(graphs) == 1, graphs
+    graphs = {
+        g.relative_to(paths.feature_cache).as_posix(): g
+        for g in sorted((paths.feature_cache / "graphs").rglob("*.onnx"))
+    }
+    assert len(graphs) == 4, graphs  # Normalise's and the backbone's, by content and structure
     write_params(
         {**split_images, "paths": {"features": "fs/features", "feature_cache": "fs/cache"}}
     )
     fs = workspace / "fs"
     fs.mkdir()
-    return paths, reference, index, graphs[0], fs
+    return paths, reference, index, graphs, fs
 
 
 def test_disk_full_while_the_engine_graph_is_written(tmpfs_works, disk_ws, tmp_path, split_images):
     """The backbone's graph fills the disk: no partial graph is kept, the error names the file
     and the setting, and the next run with room exports it again and computes the features."""
-    paths, reference, index, graph, fs = features_on_fs(split_images, disk_ws)
-    graph_kib = kib_on_tmpfs([graph.stat().st_size])
+    paths, reference, index, graphs, fs = features_on_fs(split_images, disk_ws)
+    # The first large file written is the backbone's structure (its unoptimised export);
+    # before it, Normalise's two small graphs.
+    structure = max(
+        (n for n in graphs if n.startswith("graphs/structures/")),
+        key=lambda n: graphs[n].stat().st_size,
+    )
+    small = [g.stat().st_size for g in graphs.values() if g.stat().st_size < 1_000_000]
+    room_kib = kib_on_tmpfs(small) + kib_on_tmpfs([graphs[structure].stat().st_size]) // 2
+    all_kib = kib_on_tmpfs([g.stat().st_size for g in graphs.values()])
     metrics_before = paths.metrics_file("features").read_text()
 
     def trial(room_kib: int) -> str | None:
         full, roomy = stage_on_growing_tmpfs(
-            "features", fs, [room_kib, graph_kib + 2048], ["fs", "metrics"], tmp_path / "t"
+            "features", fs, [room_kib, all_kib + 2048], ["fs", "metrics"], tmp_path / "t"
         )
         kept = full.after / "fs"
-        if list((kept / "cache").rglob("*.onnx")) or hidden(kept) or (kept / "features").exists():
-            return "data lost"  # a partial graph, a temporary file or partial features kept
+        for graph in (kept / "cache").rglob("*.onnx"):  # each kept graph is whole
+            name = graph.relative_to(kept / "cache").as_posix()
+            if name not in graphs or graph.stat().st_size != graphs[name].stat().st_size:
+                return "data lost"
+        if hidden(kept) or (kept / "features").exists():
+            return "data lost"  # a temporary file or partial features kept
         if (full.after / "metrics/features.json").read_text() != metrics_before:
             return "data lost"
         assert full.returncode == 1, full.stderr
         assert (
             f"features failed: disk full (ENOSPC): no space left on device writing "
-            f"fs/cache/engines/{graph.name}" in full.stderr
+            f"fs/cache/{structure}" in full.stderr
         ), full.stderr
         assert "point paths.feature_cache in params.yaml" in full.stderr, full.stderr
         assert roomy.returncode == 0, roomy.stderr
         assert json.loads((roomy.after / "metrics/features.json").read_text())["computed"] == 30
-        exported = roomy.after / "fs/cache/engines" / graph.name
-        assert exported.stat().st_size == graph.stat().st_size
+        for name, graph in graphs.items():
+            assert (roomy.after / "fs/cache" / name).stat().st_size == graph.stat().st_size
         for name, array in reference.items():
             saved = np.load(roomy.after / "fs/features" / f"{name}.npy")
             assert np.allclose(saved, array, atol=1e-5)
@@ -384,6 +401,6 @@ def test_disk_full_while_the_engine_graph_is_written(tmpfs_works, disk_ws, tmp_p
 
     # One trial: the graph is one file written at once, so where the disk fills hardly matters.
     failures = run_trials(
-        "disk full while the features engine's graph is written", [graph_kib // 2], trial
+        "disk full while the features engine's graph is written", [room_kib], trial
     )
     assert not failures, failures

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -143,7 +144,7 @@ def test_zero_epochs_gives_backbone_plus_head(tiny_run, caplog):
     assert evaluate.main(p)["finetuned"] != result["head"]
 
 
-def test_feature_engines_agree_with_the_reference_preprocessing(tiny_run):
+def test_feature_engines_agree_with_the_reference_preprocessing(tiny_run, monkeypatch):
     """onnxruntime and PyTorch fp32 embed uint8 batches (normalised inside the model) as the
     backbone embeds ``Preprocessing``'s float arrays; the exported graph is reused."""
     from pipeline.data.images import load_rgb
@@ -155,9 +156,11 @@ def test_feature_engines_agree_with_the_reference_preprocessing(tiny_run):
     p = tiny_run(features={"engine": "onnxruntime"})
     first = features.main(p)
     assert first["engine"] == "onnxruntime-fp32"
-    graphs = sorted((p.paths.feature_cache / "engines").glob("*.onnx"))
-    assert len(graphs) == 1
-    stamp = graphs[0].stat().st_mtime_ns
+    folder = p.paths.feature_cache / "graphs"
+    graphs = sorted(folder.glob("*.onnx"))  # by content: Normalise's and the backbone's
+    structures = sorted((folder / "structures").glob("*.onnx"))
+    assert len(graphs) == len(structures) == 2
+    contents = [g.read_bytes() for g in [*graphs, *structures]]
     by_onnx, _ = load_features(p.paths)
 
     torch_params = tiny_run(features={"engine": "torch", "precision": "fp32"})
@@ -173,31 +176,108 @@ def test_feature_engines_agree_with_the_reference_preprocessing(tiny_run):
     assert np.abs(by_torch["test"] - expected).max() <= 1e-5 * scale
     assert np.abs(by_onnx["test"] - expected).max() <= 1e-4 * scale
 
-    # Built again (a rerun), the onnxruntime engine loads the cached graph: same file.
+    # Built again (a rerun), the onnxruntime engine loads the kept graphs: same files.
     runtime = resolve("cpu", "fp32")
-    again = engines.build(
-        "onnxruntime", backbone.module, backbone.preprocessing, runtime, p.paths.feature_cache
-    )
-    batch = torch.from_numpy(np.stack([eval_geometry(backbone.preprocessing)(i) for i in images]))
-    assert np.abs(again.embed(batch) - expected).max() <= 1e-4 * scale
-    assert sorted((p.paths.feature_cache / "engines").glob("*.onnx")) == graphs
-    assert graphs[0].stat().st_mtime_ns == stamp
-    # A damaged cached graph is exported again rather than failing the stage.
-    graphs[0].write_bytes(graphs[0].read_bytes()[:1000])
-    rebuilt = engines.build(
-        "onnxruntime", backbone.module, backbone.preprocessing, runtime, p.paths.feature_cache
-    )
-    assert np.abs(rebuilt.embed(batch) - expected).max() <= 1e-4 * scale
-    assert graphs[0].stat().st_size > 1_000_000
-    # Different weights are a different graph.
-    with torch.no_grad():
-        next(backbone.module.parameters()).add_(1.0)
-    assert (
-        engines.graph_key(
-            engines.FromUInt8(backbone.module, backbone.preprocessing), backbone.preprocessing
+    exports = []
+    real = engines.torch_to_onnx
+
+    def counted(module, *args, **kwargs):
+        exports.append(type(module).__name__)
+        return real(module, *args, **kwargs)
+
+    monkeypatch.setattr(engines, "torch_to_onnx", counted)
+
+    def embedded(module) -> np.ndarray:
+        engine = engines.build(
+            "onnxruntime", module, backbone.preprocessing, runtime, p.paths.feature_cache
         )
-        != graphs[0].stem
+        return engine.embed(batch)
+
+    batch = torch.from_numpy(np.stack([eval_geometry(backbone.preprocessing)(i) for i in images]))
+    assert np.abs(embedded(backbone.module) - expected).max() <= 1e-4 * scale
+    assert sorted(folder.glob("*.onnx")) == graphs and exports == []
+    assert [g.read_bytes() for g in [*graphs, *structures]] == contents
+    # A damaged kept graph is made again rather than failing the stage.
+    largest = max(graphs, key=lambda g: g.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[:1000])
+    assert np.abs(embedded(backbone.module) - expected).max() <= 1e-4 * scale
+    assert largest.stat().st_size > 1_000_000 and exports == []  # from the kept structure
+
+    # New weights of the same architecture go into the kept structure: no export, the
+    # new weights' features.
+    moved = copy.deepcopy(backbone.module)
+    with torch.no_grad():
+        for weight in moved.parameters():
+            weight.mul_(1.05)
+        expected = moved.eval()(torch.from_numpy(reference)).numpy()
+    scale = np.abs(expected).max()
+    assert np.abs(embedded(moved) - expected).max() <= 1e-4 * scale
+    assert exports == [] and len(list(folder.glob("*.onnx"))) == 3
+
+
+def test_a_kept_graph_takes_new_tensors_only_where_it_computes_as_the_module(tmp_path, monkeypatch):
+    """kept_graph (issue #19): the same tensors load the kept file; new tensors of the same
+    architecture go into its kept structure without an export; a kept structure that
+    computes something else (another op under the same names, another architecture) is
+    exported again, and the result is always the module's."""
+    import onnx
+
+    from pipeline.modeling import engines
+
+    exports = []
+    real = engines.torch_to_onnx
+
+    def counted(module, *args, **kwargs):
+        exports.append(type(module).__name__)
+        return real(module, *args, **kwargs)
+
+    monkeypatch.setattr(engines, "torch_to_onnx", counted)
+    torch.manual_seed(0)
+    example = torch.zeros(2, 8)
+    x = torch.randn(5, 8)
+
+    def graph_of(module) -> np.ndarray:
+        proto = engines.kept_graph(module, example, ("x", "y"), 18, tmp_path)
+        got = engines.onnx_session(proto).run(None, {"x": x.numpy()})[0]
+        with torch.no_grad():
+            assert np.abs(got - module(x).numpy()).max() <= 1e-5
+        return proto
+
+    def head() -> torch.nn.Module:
+        return torch.nn.Sequential(
+            torch.nn.Linear(8, 16),
+            torch.nn.BatchNorm1d(16),
+            torch.nn.ReLU(),
+            torch.nn.Linear(16, 3),
+        ).eval()
+
+    first = head()
+    graph_of(first)
+    assert exports == ["Sequential"]
+    graph_of(first)
+    graph_of(copy.deepcopy(first))
+    assert exports == ["Sequential"]  # the same tensors: the kept file
+    graph_of(head())
+    assert exports == ["Sequential"]  # new tensors: the kept structure
+    structures = list((tmp_path / "graphs" / "structures").glob("*.onnx"))
+    assert len(structures) == 1
+
+    # Under the structure's name, a graph whose first ReLU is a Sigmoid: same initializers,
+    # other outputs.
+    foreign = onnx.load(str(structures[0]))
+    next(n for n in foreign.graph.node if n.op_type == "Relu").op_type = "Sigmoid"
+    structures[0].write_bytes(foreign.SerializeToString())
+    graph_of(head())
+    assert exports == ["Sequential"] * 2
+    # Under its name, a graph without the module's tensors (another architecture's).
+    other = torch.nn.Sequential(torch.nn.Linear(8, 3)).eval()
+    graph_of(other)
+    other_structure = next(
+        s for s in (tmp_path / "graphs" / "structures").glob("*.onnx") if s != structures[0]
     )
+    structures[0].write_bytes(other_structure.read_bytes())
+    graph_of(head())
+    assert exports == ["Sequential"] * 4
 
 
 def test_feature_engine_choice():

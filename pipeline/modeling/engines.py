@@ -24,25 +24,38 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.compose
 import torch
 from torch import nn
 
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.errors import ConfigError
+from pipeline.modeling.model import tensors_digest
 from pipeline.modeling.runtime import Runtime
 from pipeline.system.diskfull import disk_full_is_an_error
 from pipeline.system.fsutil import atomic_path, keep_recent, touch
 
 log = logging.getLogger(__name__)
 ENGINES = ("auto", "torch", "onnxruntime")
-KEPT_GRAPHS = 4  # kept_export: every fine-tuned backbone is a new graph (13 MB for Lite0)
+KEPT_GRAPHS = 8  # kept_graph by content: every fine-tuned backbone is a new one (13 MB for Lite0)
+KEPT_STRUCTURES = 4  # kept_graph by structure: one per architecture, input and opset
 OPSET = 18
 
 
 def torch_to_onnx(
-    module: nn.Module, example: torch.Tensor, input_name: str, output_name: str, opset: int
+    module: nn.Module,
+    example: torch.Tensor,
+    input_name: str,
+    output_name: str,
+    opset: int,
+    optimize: bool = True,
 ) -> onnx.ModelProto:
-    """torch.export → ONNX (dynamo exporter), batch axis dynamic, weights inside the file."""
+    """torch.export → ONNX (dynamo exporter), batch axis dynamic, weights inside the file.
+
+    ``optimize=False`` keeps the exporter's graph before its optimiser folds batch norms
+    into convolutions: every parameter and buffer is then an initializer under its
+    state-dict name, so other tensors of the same architecture can be put in (``kept_graph``).
+    """
     batch = torch.export.Dim("batch", min=1, max=65536)
     with tempfile.TemporaryDirectory(prefix="onnx-") as tmp:
         out = Path(tmp) / "model.onnx"
@@ -54,6 +67,7 @@ def torch_to_onnx(
             output_names=[output_name],
             opset_version=opset,
             dynamo=True,
+            optimize=optimize,
             external_data=False,
             dynamic_shapes=({0: batch},),
             verbose=False,  # the exporter's progress lines would bury the stage's own log
@@ -61,20 +75,176 @@ def torch_to_onnx(
         return onnx.load(str(out))
 
 
-class FromUInt8(nn.Module):
-    """A backbone that takes (N, H, W, 3) uint8 RGB and normalises as ``Preprocessing.normalise``
-    does, in the same order of operations (x / 255 - mean) / std, so features match."""
+def optimized_with_tensors(structure: onnx.ModelProto, module: nn.Module) -> onnx.ModelProto:
+    """An unoptimised export (``optimize=False``) with ``module``'s tensors as its
+    initializers, by state-dict name, then optimised as the exporter does
+    (``onnxscript.optimizer.optimize_ir``): the file a fresh export of ``module`` gives."""
+    import onnx_ir as ir
+    from onnxscript import optimizer
 
-    def __init__(self, backbone: nn.Module, pre: Preprocessing) -> None:
+    model = ir.from_proto(structure)
+    state = module.state_dict()
+    for name, value in model.graph.initializers.items():
+        if name in state:
+            array = state[name].detach().cpu().contiguous().numpy().copy()
+            value.const_value = ir.tensor(array, name=name)
+    optimizer.optimize_ir(model)
+    return ir.to_proto(model)
+
+
+def computes_as(proto: onnx.ModelProto, module: nn.Module, example: torch.Tensor) -> bool:
+    """Whether onnxruntime on ``proto`` gives ``module``'s output on a seeded random batch
+    shaped like ``example`` (within 1e-4 of its largest value): the check that a kept
+    structure with new tensors is the module, not a stale or foreign graph."""
+    import onnxruntime as ort
+
+    generator = torch.Generator().manual_seed(0)
+    if example.dtype == torch.uint8:
+        x = torch.randint(0, 256, tuple(example.shape), dtype=torch.uint8, generator=generator)
+    else:
+        x = torch.randn(tuple(example.shape), generator=generator)
+    with torch.inference_mode():
+        expected = module.eval()(x).float().numpy()
+    try:
+        session = ort.InferenceSession(
+            proto.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    except Exception as exc:  # onnxruntime raises its own types for graphs it cannot run
+        log.warning("the kept graph does not run (%s)", exc)
+        return False
+    scale = max(1.0, float(np.abs(expected).max()))
+    return got.shape == expected.shape and float(np.abs(got - expected).max()) <= 1e-4 * scale
+
+
+def graph_key(kind: str, module: nn.Module, example: torch.Tensor, *extra: object) -> str:
+    """A digest of what an exported graph depends on. ``kind="content"``: the module's
+    tensors byte for byte; ``kind="structure"``: only their names, dtypes and shapes, with
+    the module tree (its repr) and the versions of the code that traces it. Both take the
+    example's shape and dtype, the exporter's version and ``extra`` (opset, names)."""
+    package = type(module).__module__.split(".")[0]
+    spec = [
+        kind,
+        list(example.shape[1:]),
+        str(example.dtype),
+        torch.__version__,
+        [str(e) for e in extra],
+    ]
+    if kind == "content":
+        spec.append(tensors_digest(module.state_dict()))
+    else:
+        spec += [
+            repr(module),
+            [(n, str(t.dtype), list(t.shape)) for n, t in module.state_dict().items()],
+            [version_of(name) for name in ("onnxscript", "onnx-ir", package)],
+        ]
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:24]
+
+
+def version_of(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{distribution} {version(distribution)}"
+    except PackageNotFoundError:
+        return f"{distribution} (not installed)"
+
+
+def load_kept(path: Path) -> onnx.ModelProto | None:
+    """The graph kept at ``path``, or None when it is missing or damaged (cut short,
+    overwritten): it is then made again."""
+    if not path.exists():
+        return None
+    try:
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # protobuf's and onnx.checker's own errors
+        log.warning("%s cannot be used (%s); making it again", path, exc)
+        return None
+    touch(path)
+    return proto
+
+
+def keep(proto: onnx.ModelProto, path: Path, kept: int) -> None:
+    """Write ``proto`` to ``path`` atomically, keeping the ``kept`` most recent beside it."""
+    with disk_full_is_an_error(path, "paths.feature_cache"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(proto.SerializeToString())
+    keep_recent(list(path.parent.glob("*.onnx")), kept)
+
+
+def kept_graph(
+    module: nn.Module,
+    example: torch.Tensor,
+    names: tuple[str, str],
+    opset: int,
+    cache: Path,
+) -> onnx.ModelProto:
+    """``module`` as an optimised ONNX graph (``torch_to_onnx``), kept in ``cache``/graphs.
+
+    By content: the same tensors load the same file. By structure: new tensors of a kept
+    architecture (a fine-tuned backbone, a new head) go into its unoptimised graph
+    (``optimized_with_tensors``, 2 s for Lite0 on two cores against 19 s for an export),
+    checked to compute as the module does (``computes_as``); a graph that does not is
+    exported again. A damaged file is made again.
+    """
+    folder = cache / "graphs"
+    content = folder / f"{graph_key('content', module, example, opset, *names)}.onnx"
+    proto = load_kept(content)
+    if proto is not None:
+        return proto
+    module = module.cpu().eval()
+    structure_path = (
+        folder / "structures" / f"{graph_key('structure', module, example, opset, *names)}.onnx"
+    )
+    structure = load_kept(structure_path)
+    if structure is not None:
+        proto = optimized_with_tensors(structure, module)
+        if not computes_as(proto, module, example):
+            log.warning(
+                "%s is not %s's graph; exporting it again", structure_path, type(module).__name__
+            )
+            structure = None
+    if structure is None:
+        structure = torch_to_onnx(module, example, *names, opset, optimize=False)
+        keep(structure, structure_path, KEPT_STRUCTURES)
+        proto = optimized_with_tensors(structure, module)
+    keep(proto, content, KEPT_GRAPHS)
+    return proto
+
+
+def joined(
+    first: onnx.ModelProto, second: onnx.ModelProto, link: str, prefixes: tuple[str, str]
+) -> onnx.ModelProto:
+    """One graph: ``first``, whose output ``link`` feeds ``second``'s input of that name;
+    each part's inner names take its prefix, so they cannot clash."""
+    proto = onnx.compose.merge_models(
+        onnx.compose.add_prefix(first, prefixes[0], rename_inputs=False, rename_outputs=False),
+        onnx.compose.add_prefix(second, prefixes[1], rename_inputs=False, rename_outputs=False),
+        io_map=[(link, link)],
+        producer_name=first.producer_name,
+        producer_version=first.producer_version,
+    )
+    opsets = {o.domain: o.version for o in [*first.opset_import, *second.opset_import]}
+    del proto.opset_import[:]  # merge_models lists each domain once per part
+    proto.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
+    return proto
+
+
+class Normalise(nn.Module):
+    """(N, H, W, 3) uint8 RGB → the backbone's (N, 3, H, W) input, normalised as
+    ``Preprocessing.normalise`` does, in the same order of operations (x / 255 - mean) / std,
+    so features match."""
+
+    def __init__(self, pre: Preprocessing) -> None:
         super().__init__()
-        self.backbone = backbone
         self.register_buffer("mean", torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
-        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        return self.backbone(x)
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
 
 Embedder = Callable[[torch.Tensor], np.ndarray]
@@ -112,12 +282,14 @@ def build(
 ) -> Engine:
     """The embedder for ``engine`` (``torch`` or ``onnxruntime``), ready to take uint8 batches.
 
-    The onnxruntime graph is kept in ``cache`` under a digest of the backbone's tensors and
-    preprocessing, so a rerun (a few images added, new augmented views) skips the export.
+    The onnxruntime graph is ``Normalise`` joined to the backbone's graph, both kept in
+    ``cache`` (``kept_graph``), so a rerun (a few images added, new augmented views) skips
+    the export, and export's graph of the fine-tuned backbone reuses its structure.
     """
     started = time.perf_counter()
-    model = FromUInt8(backbone, pre).eval()
+    normalise = Normalise(pre)
     if engine == "torch":
+        model = nn.Sequential(normalise, backbone).eval()
         # Moved outside inference mode: weights made inside it could never be trained again.
         model = model.to(runtime.device, memory_format=torch.channels_last)
 
@@ -127,7 +299,7 @@ def build(
             return feats.float().cpu().numpy()
 
         return Engine("torch-bf16" if runtime.bf16 else "torch-fp32", embed_torch, 0.0)
-    session = onnx_session(model, pre, cache)
+    session = onnx_session(backbone_graph_from_uint8(backbone, pre, cache))
     name = session.get_inputs()[0].name
 
     def embed_onnx(batch: torch.Tensor) -> np.ndarray:
@@ -138,70 +310,31 @@ def build(
     return Engine("onnxruntime-fp32", embed_onnx, seconds)
 
 
-def graph_key(model: nn.Module, pre: Preprocessing, *extra: object) -> str:
-    """A digest of everything the exported graph depends on: tensors, preprocessing, exporter
-    (and ``extra``: the opset, input and output names where they vary)."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps([pre.to_dict(), torch.__version__, OPSET], sort_keys=True).encode())
-    if extra:
-        digest.update(json.dumps([str(e) for e in extra]).encode())
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:24]
-
-
-def kept_export(
-    module: nn.Module,
-    pre: Preprocessing,
-    names: tuple[str, str],
-    opset: int,
-    folder: Path,
+def backbone_graph_from_uint8(
+    backbone: nn.Module, pre: Preprocessing, cache: Path
 ) -> onnx.ModelProto:
-    """``torch_to_onnx`` of ``module`` on (N, 3, H, W) float32 input, kept in ``folder`` under
-    ``graph_key``: the same tensors are exported once (a damaged file is exported again)."""
-    graph = folder / f"{graph_key(module, pre, opset, *names)}.onnx"
-    if graph.exists():
-        try:
-            proto = onnx.load(str(graph))
-            touch(graph)
-            return proto
-        except Exception as exc:  # a damaged or cut-short file: protobuf's own errors
-            log.warning("%s cannot be loaded (%s); exporting again", graph, exc)
-    example = torch.zeros(2, 3, pre.input_size, pre.input_size)
-    proto = torch_to_onnx(module.cpu(), example, names[0], names[1], opset)
-    with disk_full_is_an_error(graph, "paths.feature_cache"):
-        graph.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(graph) as tmp:
-            tmp.write_bytes(proto.SerializeToString())
-    keep_recent(list(folder.glob("*.onnx")), KEPT_GRAPHS)
-    return proto
+    """(N, H, W, 3) uint8 ``images`` → pooled ``features``: ``Normalise`` then the backbone."""
+    size = pre.input_size
+    normalise = kept_graph(
+        Normalise(pre),
+        torch.zeros(2, size, size, 3, dtype=torch.uint8),
+        ("images", "input"),
+        OPSET,
+        cache,
+    )
+    features = kept_graph(
+        backbone, torch.zeros(2, 3, size, size), ("input", "features"), OPSET, cache
+    )
+    return joined(normalise, features, "input", ("normalise/", "backbone/"))
 
 
-def onnx_session(model: FromUInt8, pre: Preprocessing, cache: Path):
-    """The uint8-input backbone as an onnxruntime CPU session on all this process's threads.
-
-    A cached graph that onnxruntime cannot load (a damaged file) is exported again.
-    """
+def onnx_session(proto: onnx.ModelProto):
+    """``proto`` as an onnxruntime CPU session on all this process's threads."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
-    graph = cache / "engines" / f"{graph_key(model, pre)}.onnx"
-    if graph.exists():
-        try:
-            return ort.InferenceSession(
-                graph.read_bytes(), options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own types for unreadable graphs
-            log.warning("%s cannot be loaded (%s); exporting the backbone again", graph, exc)
-    example = torch.zeros(2, pre.input_size, pre.input_size, 3, dtype=torch.uint8)
-    serialized = torch_to_onnx(
-        model.cpu(), example, "images", "features", OPSET
-    ).SerializeToString()
-    with disk_full_is_an_error(graph, "paths.feature_cache"):
-        graph.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(graph) as tmp:
-            tmp.write_bytes(serialized)
-    return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )

@@ -25,21 +25,11 @@ import torch
 
 from pipeline.data import images, preprocessing
 from pipeline.data.featurestore import FeatureCache
-from pipeline.modeling.model import Classifier, ModelCard, make_head
+from pipeline.modeling.model import Classifier, ModelCard, make_head, tensors_digest
 from pipeline.system.fsutil import keep_recent, touch
 
 SHARDS = "reference"  # under paths.feature_cache, beside the features stage's cache
 KEPT_MODELS = 8  # the backbones whose features are kept (9 MB each for Caltech's test split)
-
-
-def tensors_digest(state: dict[str, torch.Tensor]) -> str:
-    """sha256 of a state dict's names, dtypes, shapes and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def reference_key(card: ModelCard, state: dict[str, torch.Tensor]) -> str:

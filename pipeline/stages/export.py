@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnx.compose
 import torch
 
 from pipeline.config import Params, Paths
@@ -30,7 +29,7 @@ from pipeline.data.images import load_rgb
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.data.splits import read_split
 from pipeline.errors import DataError, PipelineError
-from pipeline.modeling.engines import kept_export, torch_to_onnx
+from pipeline.modeling.engines import joined, kept_graph
 from pipeline.modeling.model import Classifier, ModelCard, load_classifier
 from pipeline.system.fsutil import (
     atomic_path,
@@ -116,27 +115,20 @@ def contract_metadata(
 def to_onnx(model: Classifier, card: ModelCard, opset: int, cache: Path) -> onnx.ModelProto:
     """The classifier as ONNX: (N, 3, H, W) float32 ``input`` → ``logits``, batch dynamic.
 
-    Exported as two graphs joined into one: the backbone's, kept in ``cache`` by its tensors
-    (``engines.kept_export``), and the head's, made every time. A head-only change (as with
-    ``finetune.epochs: 0``) so skips the backbone's export, 19 s of Lite0 on two cores;
-    onnx_check proves the joined file against the PyTorch model as ever.
+    The backbone's graph and the head's, each kept in ``cache`` (``engines.kept_graph``),
+    joined into one. A head-only change (as with ``finetune.epochs: 0``) reuses the
+    backbone's file; a fine-tuned backbone or a new head goes into its architecture's kept
+    graph instead of a fresh export (19 s for Lite0 on two cores). onnx_check proves the
+    joined file against the PyTorch model as ever.
     """
-    backbone = kept_export(
-        model.backbone, card.preprocessing, (INPUT, FEATURES), opset, cache / "export"
+    size = card.preprocessing.input_size
+    backbone = kept_graph(
+        model.backbone, torch.zeros(2, 3, size, size), (INPUT, FEATURES), opset, cache
     )
-    head = torch_to_onnx(
-        model.head.eval(), torch.zeros(2, card.head.in_dim), FEATURES, OUTPUT, opset
+    head = kept_graph(
+        model.head, torch.zeros(2, card.head.in_dim), (FEATURES, OUTPUT), opset, cache
     )
-    proto = onnx.compose.merge_models(
-        onnx.compose.add_prefix(backbone, "backbone/", rename_inputs=False, rename_outputs=False),
-        onnx.compose.add_prefix(head, "head/", rename_inputs=False, rename_outputs=False),
-        io_map=[(FEATURES, FEATURES)],
-        producer_name=backbone.producer_name,
-        producer_version=backbone.producer_version,
-    )
-    opsets = {o.domain: o.version for o in [*backbone.opset_import, *head.opset_import]}
-    del proto.opset_import[:]  # merge_models lists each domain once per part
-    proto.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
+    proto = joined(backbone, head, FEATURES, ("backbone/", "head/"))
     if [i.name for i in proto.graph.input] != [INPUT] or [o.name for o in proto.graph.output] != [
         OUTPUT
     ]:

@@ -116,8 +116,21 @@ def set_params(repo: Path, **sections) -> None:
     )
 
 
+# The session's kept graph structures (engines.kept_graph), shared by the projects that
+# copy_project makes: set by tests/conftest.py, None outside a test session.
+SHARED_STRUCTURES: Path | None = None
+STRUCTURES = "data/cache/features/graphs/structures"  # under params.yaml's paths.feature_cache
+
+
 def copy_project(root: Path, extra: tuple[str, ...] = ()) -> Path:
-    """This project's files (code, DVC and params files) copied into a new folder ``root``."""
+    """This project's files (code, DVC and params files) copied into a new folder ``root``.
+
+    Its feature cache starts with the session's kept graph structures (``SHARED_STRUCTURES``),
+    as a user's cache holds them after a first run: each whole-pipeline test would otherwise
+    export the same random-weights Lite0 and head again (20 s each on two cores). kept_graph
+    checks each reused structure against the module; the first export of each structure,
+    and the tests of kept_graph itself, run in every session.
+    """
     root.mkdir()
     for name in (*PROJECT_FILES, *extra):
         src = REPO_ROOT / name
@@ -126,4 +139,8 @@ def copy_project(root: Path, extra: tuple[str, ...] = ()) -> Path:
         elif src.exists():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, root / name)
+    if SHARED_STRUCTURES is not None:
+        SHARED_STRUCTURES.mkdir(parents=True, exist_ok=True)
+        (root / STRUCTURES).parent.mkdir(parents=True)
+        (root / STRUCTURES).symlink_to(SHARED_STRUCTURES, target_is_directory=True)
     return root

@@ -30,8 +30,8 @@ from torch import nn
 
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.errors import ConfigError
-from pipeline.modeling.model import tensors_digest
 from pipeline.modeling.runtime import Runtime
+from pipeline.modeling.tensors import tensors_digest
 from pipeline.system.diskfull import disk_full_is_an_error
 from pipeline.system.fsutil import atomic_path, keep_recent, touch
 

@@ -6,7 +6,6 @@ next to the weights, so evaluate and export rebuild the model from the file alon
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -81,16 +80,6 @@ class ModelCard:
             Preprocessing.from_dict(data["preprocessing"]),
             HeadSpec(**data["head"]),
         )
-
-
-def tensors_digest(state: dict[str, torch.Tensor]) -> str:
-    """sha256 of a state dict's names, dtypes, shapes and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def save_checkpoint(path: Path, card: ModelCard, state_dict: dict, **extra: Any) -> None:

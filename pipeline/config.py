@@ -154,13 +154,43 @@ class SplitParams:
             raise ConfigError("split.train_per_class must be a positive integer or null")
 
 
+TIMM, TORCHVISION = "timm:", "torchvision:"  # model.backbone prefixes: any model by name
+WEIGHT_FILES = (".safetensors", ".pth", ".pt", ".bin")
+
+
 @dataclass(frozen=True)
 class ModelParams:
-    """Which pretrained backbone to start from (see ``backbones.BACKBONES``)."""
+    """Which pretrained backbone to start from (see ``backbones.BACKBONES``), or any timm
+    or torchvision model by name (``timm:<name>``, ``torchvision:<builder>``).
+
+    ``weights``: ``imagenet`` (the model's pretrained weights) or ``none`` (random) for
+    every backbone; a weights file for ``timm:``; a weights enum name (``IMAGENET1K_V2``)
+    for ``torchvision:``.
+    """
 
     backbone: str
-    weights: Literal["imagenet", "none"]
+    weights: str
     resize: Literal["squash", "center_crop"]
+
+    def __post_init__(self) -> None:
+        weights, backbone = self.weights, self.backbone
+        if weights in ("imagenet", "none"):
+            return
+        if backbone.startswith(TIMM) and weights.endswith(WEIGHT_FILES):
+            return
+        if (
+            backbone.startswith(TORCHVISION)
+            and weights.replace("_", "").isalnum()
+            and weights.isupper()
+        ):
+            return
+        if backbone.startswith(TIMM):
+            expected = f"imagenet, none, or a weights file ({', '.join(WEIGHT_FILES)})"
+        elif backbone.startswith(TORCHVISION):
+            expected = "imagenet, none, or a weights enum name such as IMAGENET1K_V2"
+        else:
+            expected = "one of ['imagenet', 'none']"
+        raise ConfigError(f"model.weights: expected {expected} for {backbone}, not {weights!r}")
 
 
 Precision = Literal["auto", "fp32", "bf16"]

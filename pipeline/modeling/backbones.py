@@ -8,8 +8,10 @@ can unfreeze the last few. Unknown names fail listing the known ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.config import TIMM, TORCHVISION
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.system.fsutil import load_torch_weights
+from pipeline.system.fsutil import load_torch_weights, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -201,19 +204,166 @@ BACKBONES: dict[str, Callable] = {
 }
 
 
+def timm_by_name(name: str, weights: str) -> tuple[nn.Module, Preprocessing, list[nn.Module], str]:
+    """Any timm model by name (``model.backbone: timm:<name>``), pooled features (no
+    classifier), its preprocessing from its own pretrained config.
+
+    ``weights``: ``imagenet`` takes the model's pretrained weights from timm's usual sources
+    (the Hugging Face Hub cache: ``HF_HOME``, ``HF_HUB_OFFLINE``); a path to a weights file
+    loads that file the way timm does (a pretrained-config overlay); ``none``: random.
+    """
+    import timm
+
+    arch = timm.models.get_arch_name(name)
+    if not timm.models.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+        raise ConfigError(
+            f"model.backbone: timm has no model {arch!r}"
+            + (f"; similar: {', '.join(close)}" if close else "")
+        )
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError as exc:  # an unknown pretrained tag
+        raise ConfigError(f"model.backbone {TIMM}{name}: {exc}") from None
+    overlay = None
+    if weights == "none":
+        weights_id = "random"
+    elif weights == "imagenet":
+        source = (cfg.hf_hub_id or cfg.url or "timm") if cfg else "timm"
+        weights_id = f"timm:{name}:{source}"
+    else:
+        file = Path(weights).expanduser().resolve()
+        if not file.is_file():
+            raise ConfigError(f"model.weights: {weights} is not a file (for {TIMM}{name})")
+        overlay = {"file": str(file)}
+        weights_id = f"file:{file.name}:{sha256_file(file)[:16]}"
+    try:
+        model = timm.create_model(
+            name, pretrained=weights != "none", num_classes=0, pretrained_cfg_overlay=overlay
+        )
+    except Exception as exc:  # huggingface_hub's offline and HTTP errors, a bad file, ...
+        if overlay:
+            raise PipelineError(f"cannot load {weights} into timm model {name}: {exc}") from exc
+        hub = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+        where = (
+            f"the Hugging Face cache ({hub}/hub) for {cfg.hf_hub_id}"
+            if cfg and cfg.hf_hub_id
+            else "timm's cache"
+        )
+        raise PipelineError(
+            f"cannot load pretrained weights for timm model {name} ({type(exc).__name__}: {exc}). "
+            f"Offline (HF_HUB_OFFLINE=1 or no network) they must be in {where}: fetch them once "
+            f"with internet (python -c \"import timm; timm.create_model('{name}', pretrained=True)\"), "
+            "or download the weights file elsewhere and set model.weights to its path"
+        ) from exc
+    data = timm.data.resolve_data_config({}, model=model)
+    _, height, width = data["input_size"]
+    if height != width:
+        raise ConfigError(
+            f"model.backbone {TIMM}{name}: input {height}x{width}; only square inputs"
+        )
+    try:
+        pre = Preprocessing(
+            width,
+            round(width / data["crop_pct"]),
+            tuple(data["mean"]),
+            tuple(data["std"]),
+            data["interpolation"],
+        )
+    except ValueError as exc:
+        raise ConfigError(f"model.backbone {TIMM}{name}: its preprocessing: {exc}") from None
+    return model, pre, timm_blocks(model), weights_id
+
+
+def timm_blocks(model: nn.Module) -> list[nn.Module]:
+    """A timm model's stages from input to output, for ``finetune.unfreeze_blocks``: timm's
+    own grouping of it (``group_matcher(coarse=True)``, the groups of its layer-wise decay:
+    stem, each stage, the final layers), every parameter in one of them."""
+    from timm.models import group_modules
+
+    try:
+        groups = group_modules(model, model.group_matcher(coarse=True))
+    except (AttributeError, NotImplementedError):  # a model without a group_matcher
+        return [m for m in model.children() if any(True for _ in m.parameters())]
+    blocks = [nn.ModuleList([model.get_submodule(n) for n in names]) for names in groups.values()]
+    own = nn.Module()  # parameters of the model itself (a ViT's class token, positions)
+    for name, parameter in model.named_parameters(recurse=False):
+        own.register_parameter(name, parameter)
+    if any(True for _ in own.parameters()):
+        blocks[0].append(own)
+    return blocks
+
+
+def torchvision_by_name(
+    name: str, weights: str
+) -> tuple[nn.Module, Preprocessing, list[nn.Module], str]:
+    """Any torchvision classification model by builder name (``model.backbone:
+    torchvision:<builder>``): ``weights`` ``imagenet`` takes its DEFAULT weights, a weights
+    enum name (``IMAGENET1K_V2``) those, ``none`` random ones. The features are its input
+    to the final classifier layer (the last ``nn.Linear``, replaced by identity)."""
+    from torchvision import models
+
+    if name not in models.list_models(module=models):
+        raise ConfigError(
+            f"model.backbone: torchvision has no classification model {name!r}; see "
+            "torchvision.models.list_models(module=torchvision.models)"
+        )
+    enum = models.get_model_weights(name)
+    if weights in ("imagenet", "none"):
+        chosen = enum.DEFAULT
+    elif weights in enum.__members__:
+        chosen = enum[weights]
+    else:
+        raise ConfigError(
+            f"model.weights: {name} has no weights {weights!r}; one of imagenet, none, "
+            + ", ".join(enum.__members__)
+        )
+    model = models.get_model(name, weights=None)
+    weights_id = "random"
+    if weights != "none":
+        model.load_state_dict(_torchvision_state_dict(name, chosen))
+        weights_id = f"torchvision:{chosen}"
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"model.backbone {TORCHVISION}{name}: no final nn.Linear to take off")
+    classifier = linears[-1][0]
+    parent, _, attr = classifier.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity())
+    transform = chosen.transforms()
+    pre = Preprocessing(
+        transform.crop_size[0],
+        transform.resize_size[0],
+        tuple(transform.mean),
+        tuple(transform.std),
+        transform.interpolation.value,
+    )
+    stages = getattr(model, "features", None)
+    blocks = list(stages) if isinstance(stages, nn.Sequential) else []
+    if not blocks:
+        blocks = [m for m in model.children() if any(True for _ in m.parameters())]
+    return model, pre, blocks, weights_id
+
+
 def build_backbone(name: str, weights: str, resize: str = "squash") -> Backbone:
     """Build ``name`` with ImageNet weights (``weights: imagenet``) or random ones (``none``).
 
     Size, mean, std and interpolation come from the backbone's definition; ``resize``
     (``model.resize``) says whether to squash the whole image or center-crop it.
     """
-    if name not in BACKBONES:
+    if name.startswith(TIMM):
+        build = functools.partial(timm_by_name, name.removeprefix(TIMM), weights)
+    elif name.startswith(TORCHVISION):
+        build = functools.partial(torchvision_by_name, name.removeprefix(TORCHVISION), weights)
+    elif name in BACKBONES:
+        build = functools.partial(BACKBONES[name], weights == "imagenet")
+    else:
         raise ConfigError(
-            f"model.backbone: unknown backbone {name!r}; known: {', '.join(BACKBONES)}"
+            f"model.backbone: unknown backbone {name!r}; known: {', '.join(BACKBONES)}, "
+            f"or {TIMM}<timm model name>, {TORCHVISION}<torchvision builder>"
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # weights: none is the same random network in every stage
-        module, pre, blocks, weights_id = BACKBONES[name](weights == "imagenet")
+        module, pre, blocks, weights_id = build()
     pre = dataclasses.replace(pre, resize=resize)
     module.eval()
     with torch.no_grad():

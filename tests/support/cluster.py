@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.prefect import run
-from tests.support.project import git
+from tests.support.project import git, share_structures
 from tests.support.s3 import S3Server, s3_server
 
 POOLS = {"gpu": "gpu-pool", "cpu": "cpu-pool"}
@@ -168,6 +168,9 @@ def distributed_setup(tmp: Path, server_env: dict[str, str], origin: Path) -> It
         for placement, pool in POOLS.items():
             found.clones[pool] = tmp / f"{placement}-machine"
             git(tmp, "clone", "-q", str(origin), str(found.clones[pool]))
+            # each machine's cache as after its first export (the first run's outputs still
+            # travel only through the S3 remote)
+            share_structures(found.clones[pool])
             found.start_worker(pool)
         try:
             yield found

@@ -139,8 +139,13 @@ def copy_project(root: Path, extra: tuple[str, ...] = ()) -> Path:
         elif src.exists():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, root / name)
+    share_structures(root)
+    return root
+
+
+def share_structures(root: Path) -> None:
+    """Point ``root``'s kept graph structures at the session's (``SHARED_STRUCTURES``)."""
     if SHARED_STRUCTURES is not None:
         SHARED_STRUCTURES.mkdir(parents=True, exist_ok=True)
-        (root / STRUCTURES).parent.mkdir(parents=True)
+        (root / STRUCTURES).parent.mkdir(parents=True, exist_ok=True)
         (root / STRUCTURES).symlink_to(SHARED_STRUCTURES, target_is_directory=True)
-    return root

@@ -1,4 +1,5 @@
-"""How the frozen backbone runs in ``features``: PyTorch or onnxruntime, fed uint8 batches.
+"""How the frozen backbone runs in ``features``: PyTorch or onnxruntime, fed uint8 batches;
+and the ONNX graphs features and export keep (``kept_graph``).
 
 Loader workers only decode and resize (``Preprocessing.resize_crop``); scaling and
 normalisation run inside the model, batched and threaded (or on the GPU), instead of
@@ -43,19 +44,12 @@ OPSET = 18
 
 
 def torch_to_onnx(
-    module: nn.Module,
-    example: torch.Tensor,
-    input_name: str,
-    output_name: str,
-    opset: int,
-    optimize: bool = True,
+    module: nn.Module, example: torch.Tensor, input_name: str, output_name: str, opset: int
 ) -> onnx.ModelProto:
-    """torch.export → ONNX (dynamo exporter), batch axis dynamic, weights inside the file.
-
-    ``optimize=False`` keeps the exporter's graph before its optimiser folds batch norms
-    into convolutions: every parameter and buffer is then an initializer under its
-    state-dict name, so other tensors of the same architecture can be put in (``kept_graph``).
-    """
+    """torch.export → ONNX (dynamo exporter), batch axis dynamic, weights inside the file,
+    not optimised: before the exporter's optimiser folds batch norms into convolutions,
+    every parameter and buffer is an initializer under its state-dict name, so other
+    tensors of the same architecture can be put in (``optimized_with_tensors``)."""
     batch = torch.export.Dim("batch", min=1, max=65536)
     with tempfile.TemporaryDirectory(prefix="onnx-") as tmp:
         out = Path(tmp) / "model.onnx"
@@ -67,7 +61,7 @@ def torch_to_onnx(
             output_names=[output_name],
             opset_version=opset,
             dynamo=True,
-            optimize=optimize,
+            optimize=False,
             external_data=False,
             dynamic_shapes=({0: batch},),
             verbose=False,  # the exporter's progress lines would bury the stage's own log
@@ -181,7 +175,8 @@ def kept_graph(
     opset: int,
     cache: Path,
 ) -> onnx.ModelProto:
-    """``module`` as an optimised ONNX graph (``torch_to_onnx``), kept in ``cache``/graphs.
+    """``module`` as an optimised ONNX graph, the file a dynamo export gives, kept in
+    ``cache``/graphs.
 
     By content: the same tensors load the same file. By structure: new tensors of a kept
     architecture (a fine-tuned backbone, a new head) go into its unoptimised graph
@@ -207,7 +202,7 @@ def kept_graph(
             )
             structure = None
     if structure is None:
-        structure = torch_to_onnx(module, example, *names, opset, optimize=False)
+        structure = torch_to_onnx(module, example, *names, opset)
         keep(structure, structure_path, KEPT_STRUCTURES)
         proto = optimized_with_tensors(structure, module)
     keep(proto, content, KEPT_GRAPHS)

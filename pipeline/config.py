@@ -31,6 +31,7 @@ class Paths:
 
     downloads: Path
     raw: Path
+    label_rows: Path
     manifest: Path
     splits: Path
     metrics: Path
@@ -87,20 +88,47 @@ class Paths:
 
 
 @dataclass(frozen=True)
+class LabelColumns:
+    """The columns of a ``data.labels`` table that hold each file's path and its label."""
+
+    path: str
+    label: str
+
+    def __post_init__(self) -> None:
+        if not (self.path and self.label):
+            raise ConfigError("data.label_columns.path and .label must be column names")
+        if self.path == self.label:
+            raise ConfigError(
+                f"data.label_columns: path and label are both {self.path!r}; name two columns"
+            )
+
+
+@dataclass(frozen=True)
 class DataParams:
-    """Where the labelled images come from."""
+    """Where the labelled images come from, and where their labels do: class folders, or a
+    table (``labels``) beside the images."""
 
     source: str
     sha256: str | None
     md5: str | None  # for publishers that give only an MD5 (Caltech's data repository)
     member: str | None
     exclude_classes: tuple[str, ...]
+    labels: str | None
+    labels_sha256: str | None
+    label_columns: LabelColumns
 
     def __post_init__(self) -> None:
-        if self.sha256 is not None and not _is_hex(self.sha256, 64):
-            raise ConfigError(f"data.sha256 must be 64 hex digits, got {self.sha256!r}")
-        if self.md5 is not None and not _is_hex(self.md5, 32):
-            raise ConfigError(f"data.md5 must be 32 hex digits, got {self.md5!r}")
+        for key, value, digits in (
+            ("sha256", self.sha256, 64),
+            ("md5", self.md5, 32),
+            ("labels_sha256", self.labels_sha256, 64),
+        ):
+            if value is not None and not _is_hex(value, digits):
+                raise ConfigError(f"data.{key} must be {digits} hex digits, got {value!r}")
+        if self.labels is not None and not self.labels.strip():
+            raise ConfigError("data.labels must name a table (CSV, TSV or Parquet) or be null")
+        if self.labels_sha256 is not None and self.labels is None:
+            raise ConfigError("data.labels_sha256 is set but data.labels is null")
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,7 @@ import numpy as np
 from pipeline.data.images import load_rgb
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.errors import DataError
-
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-)
+from pipeline.system.fsutil import IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """Stage ``download``: any source of labelled images → ``data/raw/<class>/<file>``.
 
+The labels are the class folders' names, or a table's (``data.labels``; see
+``pipeline.sources.labels``): either way the same tree comes out, so no later stage can
+tell the two apart.
+
 ``data.source`` may be an http(s) URL, a ``file://`` URL, a local archive, a local
 folder, or ``builtin:NAME``. Archives (zip, tar, tar.gz/tgz, tar.bz2, tar.xz) are
 extracted safely, one nested archive deep (Caltech's ``caltech-101.zip`` holds
@@ -13,17 +17,19 @@ import logging
 import os
 import shutil
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from pipeline.config import DataParams, DownloadParams, Params, Paths
 from pipeline.errors import ConfigError, DataError
-from pipeline.sources import builtin
+from pipeline.sources import builtin, labels
 from pipeline.sources.archives import ExtractLimits, archive_kind, extract_archive
 from pipeline.sources.fetch import ChecksumError, fetch_url
 from pipeline.system.diskfull import disk_full_is_an_error
 from pipeline.system.fsutil import (
+    IMAGE_SUFFIXES,
     atomic_path,
     fresh_tempdir,
     is_os_litter,
@@ -35,23 +41,6 @@ from pipeline.system.fsutil import (
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset(
-    {
-        ".jpg",
-        ".jpeg",
-        ".png",
-        ".bmp",
-        ".gif",
-        ".tif",
-        ".tiff",
-        ".webp",
-        ".ppm",
-        ".pgm",
-        ".pbm",
-        ".jfif",
-    }
-)
-
 
 @dataclass(frozen=True)
 class ImageFolder:
@@ -62,20 +51,19 @@ class ImageFolder:
     loose_files: int
 
 
-def resolve_local(source: str) -> Path | None:
-    """The local path a source names (a plain path or a ``file://`` URL), else None."""
+def resolve_local(source: str, key: str = "data.source") -> Path | None:
+    """The local path a source names (a plain path or a ``file://`` URL), else None (a URL to
+    fetch, or a builtin). ``key`` is the params key errors name."""
     parsed = urlparse(source)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise ConfigError(
-                f"data.source: file:// URL with a remote host is not supported: {source}"
-            )
+            raise ConfigError(f"{key}: file:// URL with a remote host is not supported: {source}")
         return Path(unquote(parsed.path))
     if parsed.scheme in ("http", "https") or source.startswith(builtin.PREFIX):
         return None
     if parsed.scheme and len(parsed.scheme) > 1:  # C:\ is a drive, not a scheme
         raise ConfigError(
-            f"data.source: unsupported scheme {parsed.scheme!r} in {source!r}; use an http(s):// "
+            f"{key}: unsupported scheme {parsed.scheme!r} in {source!r}; use an http(s):// "
             "or file:// URL, a local path, or "
             + ", ".join(builtin.PREFIX + b for b in builtin.BUILTINS)
         )
@@ -183,10 +171,16 @@ def has_image_folders(root: Path) -> bool:
     return False
 
 
-def unpack(source: Path, data: DataParams, download: DownloadParams, workdir: Path) -> Path:
-    """Return the folder whose sub-folders are the classes, extracting archives as needed."""
+def opened(
+    source: Path, data: DataParams, download: DownloadParams, workdir: Path
+) -> tuple[Path, ExtractLimits | None]:
+    """The source as a folder: itself, or the archive extracted (and ``data.member`` in it).
+
+    The limits come back when the folder is a whole extracted archive, the one case where
+    nested archives may still hold the images.
+    """
     if source.is_dir():
-        return unwrap(source)
+        return source, None
     if archive_kind(source) is None:
         raise DataError(
             f"{source}: not a folder nor a supported archive (.zip, .tar, .tar.gz/.tgz, .tar.bz2, .tar.xz)"
@@ -195,16 +189,22 @@ def unpack(source: Path, data: DataParams, download: DownloadParams, workdir: Pa
     limits = ExtractLimits(download.max_extracted_bytes, download.max_files)
     outer = workdir / "extract"
     extract_archive(source, outer, limits=limits)
-    if data.member:
-        chosen = _member(outer, data.member, source)
-        if chosen.is_dir():
-            return unwrap(chosen)
-        extract_archive(chosen, workdir / "member", limits=limits)
-        return unwrap(workdir / "member")
-    root = unwrap(outer)
-    if has_image_folders(root):
+    if not data.member:
+        return outer, limits
+    chosen = _member(outer, data.member, source)
+    if chosen.is_dir():
+        return chosen, None
+    extract_archive(chosen, workdir / "member", limits=limits)
+    return workdir / "member", None
+
+
+def unpack(source: Path, data: DataParams, download: DownloadParams, workdir: Path) -> Path:
+    """Return the folder whose sub-folders are the classes, extracting archives as needed."""
+    folder, limits = opened(source, data, download, workdir)
+    root = unwrap(folder)
+    if limits is None or has_image_folders(root):
         return root
-    return _nested_image_folder(source, descend(outer), workdir, limits)
+    return _nested_image_folder(source, descend(folder), workdir, limits)
 
 
 def _nested_image_folder(source: Path, folder: Path, workdir: Path, limits: ExtractLimits) -> Path:
@@ -301,8 +301,70 @@ def write_raw(folder: ImageFolder, target: Path, move: bool) -> None:
                 shutil.copyfile(path, dest)
 
 
+def locate_table(
+    data: DataParams, download: DownloadParams, downloads_dir: Path, chain: list[Path]
+) -> Path:
+    """The ``data.labels`` table: fetched (an http(s) URL, which needs ``data.labels_sha256``),
+    or found inside the source root, else in the project (a relative name), or at its path."""
+    labels = data.labels
+    assert labels is not None
+    local = resolve_local(labels, "data.labels")
+    if local is None:
+        if labels.startswith(builtin.PREFIX):
+            raise ConfigError(
+                f"data.labels: {labels!r} is not a table; name a CSV, TSV or Parquet file"
+            )
+        if not data.labels_sha256:
+            raise ConfigError(
+                f"data.labels_sha256 is required for a remote labels table ({labels}): set it to "
+                "the table's sha256 so a replaced table cannot relabel the data unnoticed"
+            )
+        name = Path(unquote(urlparse(labels).path)).name or "labels"
+        dest = downloads_dir / f"{data.labels_sha256.lower()[:16]}-{name}"
+        with disk_full_is_an_error(downloads_dir, "paths.downloads"):
+            return fetch_url(
+                labels,
+                dest,
+                sha256=data.labels_sha256,
+                retries=download.retries,
+                timeout_s=download.timeout_s,
+            )
+    places = [local] if local.is_absolute() else [level / local for level in chain] + [local]
+    found = next((p for p in places if p.is_file()), None)
+    if found is None:
+        where = (
+            "there is no such file"
+            if local.is_absolute()
+            else "it is neither inside the source (its root or a lone top folder) nor in the project"
+        )
+        raise DataError(f"data.labels: {labels!r} not found: {where}")
+    if data.labels_sha256 and (actual := sha256_file(found)) != data.labels_sha256.lower():
+        raise ChecksumError(
+            f"{found}: data.labels_sha256 mismatch: expected {data.labels_sha256.lower()}, got {actual}"
+        )
+    return found
+
+
+def collect_labelled(
+    folder: Path, data: DataParams, download: DownloadParams, downloads_dir: Path
+) -> tuple[ImageFolder, labels.LabelledFiles]:
+    """The classes a ``data.labels`` table gives the files under ``folder``."""
+    chain = labels.root_chain(folder)
+    table = locate_table(data, download, downloads_dir, chain)
+    name = PurePosixPath(unquote(urlparse(data.labels).path)).name or str(data.labels)
+    rows = labels.read_table(table, name, data.label_columns)
+    root, files = labels.choose_root(chain, rows)
+    own = None  # the table's own path among the files, when it ships inside the root
+    if table.resolve().is_relative_to(root.resolve()):
+        own = unicodedata.normalize("NFC", table.resolve().relative_to(root.resolve()).as_posix())
+    labelled = labels.label_files(rows, files, name, data.exclude_classes, table_file=own)
+    log.info("labels from %s: %d rows, root %s", table, len(rows), root)
+    return ImageFolder(root, labelled.classes, loose_files=0), labelled
+
+
 def run(paths: Paths, data: DataParams, download: DownloadParams) -> dict:
-    """Fetch, verify, extract and normalise ``data.source`` into ``paths.raw``."""
+    """Fetch, verify, extract and normalise ``data.source`` into ``paths.raw``; with a
+    ``data.labels`` table, also record what became of each of its rows (``paths.label_rows``)."""
     # Outside the clean-up below, so a full disk is reported with the room a rerun has.
     with disk_full_is_an_error(
         paths.raw, "paths.raw", "; archives are first unpacked in a temporary folder beside it"
@@ -310,11 +372,16 @@ def run(paths: Paths, data: DataParams, download: DownloadParams) -> dict:
         workdir = fresh_tempdir(paths.raw.parent, "download")
         try:
             source = materialise(data, download, paths.downloads, workdir)
-            root = unpack(source, data, download, workdir)
-            folder = collect(root, data.exclude_classes)
-            inside_workdir = root.resolve().is_relative_to(workdir.resolve())
-            with atomic_path(paths.raw) as tmp:
+            labelled = None
+            if data.labels is None:
+                folder = collect(unpack(source, data, download, workdir), data.exclude_classes)
+            else:
+                opened_folder, _limits = opened(source, data, download, workdir)
+                folder, labelled = collect_labelled(opened_folder, data, download, paths.downloads)
+            inside_workdir = folder.root.resolve().is_relative_to(workdir.resolve())
+            with atomic_path(paths.raw) as tmp, atomic_path(paths.label_rows) as rows_tmp:
                 write_raw(folder, tmp, move=inside_workdir)
+                labels.write_label_rows(rows_tmp, labelled.rows if labelled else [])
         finally:
             remove(workdir)
     counts = {name: len(files) for name, files in folder.classes.items()}
@@ -327,6 +394,16 @@ def run(paths: Paths, data: DataParams, download: DownloadParams) -> dict:
         "ignored_loose_files": folder.loose_files,
         "class_counts": counts,
     }
+    if labelled is not None:
+        issues = Counter(row.issue for row in labelled.rows if row.issue)
+        summary["labels"] = {
+            "table": data.labels,
+            "rows": sum(1 for row in labelled.rows if row.row is not None),
+            "duplicate_rows": labelled.duplicate_rows,
+            "set_aside": sum(issues.values()),
+            "set_aside_by_issue": dict(sorted(issues.items())),
+            "ignored_files": labelled.ignored_files,
+        }
     write_json_atomic(paths.metrics_file("download"), summary)
     log.info(
         "download: %d files in %d classes → %s", summary["files"], summary["classes"], paths.raw

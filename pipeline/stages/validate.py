@@ -29,6 +29,7 @@ from pipeline.config import DataParams, Params, Paths, ValidateParams
 from pipeline.data.expectations import Check, format_failures, run_suite
 from pipeline.data.images import DEGENERATE_DHASHES, KNOWN_MODES, probe_image
 from pipeline.errors import DataError
+from pipeline.sources.labels import ISSUES as LABEL_ISSUES
 from pipeline.system.fsutil import atomic_path, is_os_litter, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,13 @@ def list_raw_files(raw: Path) -> list[tuple[str, str]]:
                 if not is_os_litter(path.relative_to(raw).as_posix()):
                     rows.append((path.as_posix(), class_dir.name))
     return rows
+
+
+def read_label_rows(path: Path) -> pd.DataFrame:
+    """``paths.label_rows`` as download wrote it (a header only for class folders)."""
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: run the download stage first")
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
 def _describe_file(item: tuple[str, str], max_pixels: int) -> dict:
@@ -135,6 +143,15 @@ def suite_checks(cfg: ValidateParams) -> dict[str, list[Check]]:
                 describe="an identical image (same sha256) never appears under two classes",
             ),
         ],
+        "label_rows": [
+            Check(
+                "ExpectColumnValuesToBeNull",
+                {"column": issue},
+                hard=False,
+                describe=f"data.labels: {meaning} (rows that are not are quarantined)",
+            )
+            for issue, meaning in LABEL_ISSUES.items()
+        ],
         "phash_labels": [
             Check(
                 "ExpectColumnValuesToBeBetween",
@@ -147,8 +164,11 @@ def suite_checks(cfg: ValidateParams) -> dict[str, list[Check]]:
     }
 
 
-def suite_tables(usable: pd.DataFrame, labels: list[str]) -> dict[str, pd.DataFrame]:
-    """The tables the suite runs on, derived from the usable rows of the manifest.
+def suite_tables(
+    usable: pd.DataFrame, labels: list[str], label_rows: pd.DataFrame
+) -> dict[str, pd.DataFrame]:
+    """The tables the suite runs on: the usable rows of the manifest, what is derived from
+    them, and the rows of the ``data.labels`` table (none for class folders).
 
     ``labels`` are all the classes in the raw data: a class whose every file was
     quarantined counts 0 images, so it fails the per-class minimum instead of vanishing.
@@ -164,8 +184,21 @@ def suite_tables(usable: pd.DataFrame, labels: list[str]) -> dict[str, pd.DataFr
         "images": usable,
         "classes": classes,
         "sha256_labels": sha_labels,
+        "label_rows": label_row_issues(label_rows),
         "phash_labels": phash_labels,
     }
+
+
+def label_row_issues(label_rows: pd.DataFrame) -> pd.DataFrame:
+    """One column per kind of issue, holding the path (and table row) of each row that has
+    it: the suite's checks then name the offending files, not the issue."""
+    where = label_rows["path"].where(
+        label_rows["row"] == "", label_rows["path"] + " (row " + label_rows["row"] + ")"
+    )
+    return pd.DataFrame(
+        {issue: where.where(label_rows["issue"] == issue) for issue in LABEL_ISSUES},
+        index=label_rows.index,
+    )
 
 
 def _near_duplicates(usable: pd.DataFrame) -> pd.DataFrame:
@@ -191,15 +224,17 @@ def cross_class_duplicates(
     return [{key: k, "labels": row.labels, "paths": row.paths} for k, row in shared.iterrows()]
 
 
-def summarise(manifest: pd.DataFrame, usable: pd.DataFrame, suite) -> dict:
-    """The contract metrics of validate.json."""
+def summarise(manifest: pd.DataFrame, usable: pd.DataFrame, suite, set_aside: pd.DataFrame) -> dict:
+    """The contract metrics of validate.json; ``quarantined`` counts the undecodable files
+    and the rows and files the labels table set aside (``set_aside_by_labels``)."""
     cross = cross_class_duplicates(usable, limit=len(usable))
     near = cross_class_duplicates(usable, key="phash", limit=len(usable))
     return {
         "files": len(manifest),
         "images": len(usable),
         "classes": int(usable["label"].nunique()),
-        "quarantined": int((~manifest["decodable"]).sum()),
+        "quarantined": int((~manifest["decodable"]).sum()) + len(set_aside),
+        "set_aside_by_labels": len(set_aside),
         "duplicates": int(len(usable) - usable["sha256"].nunique()),
         "duplicates_across_classes": len(cross),
         "duplicate_examples": cross[:20],
@@ -318,14 +353,22 @@ def run(paths: Paths, cfg: ValidateParams, data: DataParams) -> dict:
     previous = read_accepted_classes(accepted)
     check_class_change(previous, classes, dataset, cfg.allow_class_change, accepted)
     manifest = build_manifest(files, cfg.max_pixels)
-    quarantine = manifest.loc[~manifest["decodable"], ["path", "label", "reason"]]
+    label_rows = read_label_rows(paths.label_rows)
+    set_aside = label_rows.loc[label_rows["issue"] != "", ["path", "label", "reason"]]
+    quarantine = pd.concat(
+        [set_aside, manifest.loc[~manifest["decodable"], ["path", "label", "reason"]]],
+        ignore_index=True,
+    )
     for row in quarantine.itertuples():
         log.warning("quarantined %s: %s", row.path, row.reason)
     with atomic_path(paths.quarantine) as tmp:
         quarantine.to_csv(tmp, index=False)
     usable = manifest[manifest["decodable"]].reset_index(drop=True)
     suite = run_suite(
-        "validate", suite_tables(usable, classes), suite_checks(cfg), docs_dir=paths.validation_docs
+        "validate",
+        suite_tables(usable, classes, label_rows),
+        suite_checks(cfg),
+        docs_dir=paths.validation_docs,
     )
     if not suite.success:
         raise DataError(
@@ -333,7 +376,7 @@ def run(paths: Paths, cfg: ValidateParams, data: DataParams) -> dict:
         )
     with atomic_path(paths.manifest) as tmp:
         manifest.to_parquet(tmp, index=False)
-    metrics = summarise(manifest, usable, suite)
+    metrics = summarise(manifest, usable, suite, set_aside)
     write_json_atomic(paths.metrics_file("validate"), metrics)
     write_json_atomic(accepted, AcceptedClasses(classes, dataset).to_dict())
     log.info(

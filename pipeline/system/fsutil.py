@@ -18,6 +18,26 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+# Files whose suffix says "image": what a class folder or a labels table is expected to hold,
+# and what the predictor picks out of a folder. Anything else is still probed by validate
+# when it sits in a class folder (a misnamed image is an image).
+IMAGE_SUFFIXES = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".png",
+        ".bmp",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".jfif",
+    }
+)
+
 _LITTER_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", ".directory"}
 _LITTER_DIRS = {"__MACOSX", ".Spotlight-V100", ".Trashes", ".fseventsd"}
 

@@ -164,7 +164,7 @@ def test_every_bad_row_and_unlisted_image_is_quarantined_with_its_reason(workspa
     assert len(quarantine) == 11 and checked["quarantined"] == 11
     assert checked["set_aside_by_labels"] == 11 and checked["images"] == 21
     assert reasons["images/gone.png"] == (
-        "no such file: labels.csv row 21 names 'images/gone.png', which is not under the source root"
+        "no such file: labels.csv row 21 names 'images/gone.png': no such file in the source"
     )
     assert reasons["images/cased.png"].endswith(
         "(there is 'images/Cased.png', which differs in case)"
@@ -335,3 +335,90 @@ def test_a_table_by_url_is_fetched_and_checked_against_its_sha256(workspace, tmp
 def test_label_params_are_checked_when_read(data, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         params_with(data=data)
+
+
+def test_parquet_labels_are_text_and_a_null_label_is_empty(workspace, tmp_path):
+    """Integer labels keep their digits (no ``1.0`` because a null made the column float, no
+    ``<NA>`` class); a null label is an empty label; a path column that is not text fails."""
+    source = tmp_path / "ds"
+    rows = _flatten(create_image_folder(tmp_path / "f", CLASSES), source)
+    codes = {"bird": 1, "cat": 2, "dog": 3}
+    labels = pd.array([codes[lab] for _, lab in rows], dtype="Int64")
+    labels[0] = pd.NA
+    pd.DataFrame({"path": [p for p, _ in rows], "label": labels}).to_parquet(source / "t.parquet")
+    summary = download.main(workspace(data={"source": str(source), "labels": "t.parquet"}))
+    assert summary["class_counts"] == {"1": 7, "2": 8, "3": 8}
+    assert summary["labels"]["set_aside_by_issue"] == {"empty label": 1}
+    pd.DataFrame({"path": range(len(rows)), "label": ["x"] * len(rows)}).to_parquet(
+        source / "bad.parquet"
+    )
+    with pytest.raises(
+        DataError,
+        match=r"bad.parquet: column 'path' \(data.label_columns.path\) holds int64, not text",
+    ):
+        download.main(workspace(data={"source": str(source), "labels": "bad.parquet"}))
+
+
+def test_a_csv_line_with_an_extra_field_fails_instead_of_shifting_the_columns(workspace, tmp_path):
+    source = tmp_path / "ds"
+    rows = _flatten(create_image_folder(tmp_path / "f", CLASSES), source)
+    lines = ["path,label", *(f"{p},{lab}" for p, lab in rows)]
+    lines[3] += ",oops"
+    (source / "labels.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"labels.csv: cannot read the labels table: .*line 4"):
+        download.main(workspace(data={"source": str(source), "labels": "labels.csv"}))
+
+
+def test_windows_paths_litter_labels_and_links(workspace, tmp_path):
+    """Backslashes read as separators; a label validate would skip as OS litter is
+    quarantined, not lost; a link is named as one and never followed."""
+    source = tmp_path / "ds"
+    rows = _flatten(create_image_folder(tmp_path / "f", CLASSES), source)
+    noise_image(900).save(tmp_path / "secret.png")
+    (source / "images" / "link.png").symlink_to(tmp_path / "secret.png")
+    table = [(p.replace("/", "\\"), lab) for p, lab in rows[:-1]]
+    table += [(rows[-1][0], "__MACOSX"), ("images/link.png", "cat"), ("C:\\x.png", "cat")]
+    _write_csv(source / "labels.csv", table)
+    summary = download.main(workspace(data={"source": str(source), "labels": "labels.csv"}))
+    assert sum(summary["class_counts"].values()) == 23
+    verdicts = pd.read_csv("data/label_rows.csv", dtype=str, keep_default_na=False)
+    reasons = dict(zip(verdicts["path"], verdicts["reason"], strict=True))
+    assert reasons[rows[-1][0]].startswith("unusable label: labels.csv row 24: '__MACOSX'")
+    assert reasons["images/link.png"] == (
+        "no such file: labels.csv row 25 names 'images/link.png', a symbolic link, which is "
+        "never followed"
+    )
+    assert reasons["C:\\x.png"].startswith("outside the source root: labels.csv row 26")
+    assert not list(Path("data/raw").rglob("link.png"))
+
+
+def test_when_no_row_is_usable_the_error_says_why(workspace, tmp_path):
+    source = tmp_path / "ds"
+    rows = _flatten(create_image_folder(tmp_path / "f", CLASSES), source)
+    _write_csv(source / "labels.csv", [(f"pics/{p}", lab) for p, lab in rows])
+    with pytest.raises(DataError) as info:
+        download.main(workspace(data={"source": str(source), "labels": "labels.csv"}))
+    message = str(info.value)
+    assert "labels.csv: no row names a usable file in the source (24 rows, 25 files)" in message
+    assert "set aside: 24 no such file, 24 no row; for example:" in message
+    assert "no such file: labels.csv row 1 names 'pics/images/" in message
+
+
+def test_a_labels_table_is_part_of_what_names_a_dataset():
+    """Labels from a table (or another table) are a new dataset for the class-change guard;
+    a folder dataset's identity is what it was before tables existed, so its accepted
+    classes still apply."""
+    folders = params_with(data={"source": "/data/x"}).data
+    table = params_with(data={"source": "/data/x", "labels": "t.csv"}).data
+    assert validate.dataset_identity(folders) == {"source": "/data/x", "member": None}
+    assert validate.dataset_identity(table) == {
+        "source": "/data/x",
+        "member": None,
+        "labels": "t.csv",
+    }
+    accepted = validate.AcceptedClasses(["a", "b"], validate.dataset_identity(folders))
+    validate.check_class_change(accepted, ["c"], validate.dataset_identity(table), False, Path("x"))
+    with pytest.raises(DataError, match="the classes differ"):
+        validate.check_class_change(
+            accepted, ["c"], validate.dataset_identity(folders), False, Path("x")
+        )

@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import re
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -80,9 +82,7 @@ class LabelledFiles:
 
 def read_table(path: Path, name: str, columns: LabelColumns) -> list[TableRow]:
     """The rows of a CSV, TSV or Parquet table; fails naming the file, and the columns it has
-    when the configured ones are not there."""
-    import pandas as pd  # only download with a table needs pandas
-
+    when the configured ones are not there. Rows count from 1, after the header."""
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
         raise DataError(
@@ -90,18 +90,13 @@ def read_table(path: Path, name: str, columns: LabelColumns) -> list[TableRow]:
         )
     try:
         if TABLE_SUFFIXES[suffix] is None:
-            frame = pd.read_parquet(path)
+            found, cells = _parquet_columns(path, name, columns)
         else:
-            frame = pd.read_csv(
-                path,
-                sep=TABLE_SUFFIXES[suffix],
-                dtype=str,
-                keep_default_na=False,
-                encoding="utf-8-sig",
-            )
+            found, cells = _text_columns(path, TABLE_SUFFIXES[suffix], columns)
+    except DataError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any parser failure: name the file and why
         raise DataError(f"{name}: cannot read the labels table: {exc}") from exc
-    found = [str(c) for c in frame.columns]
     missing = [
         f"{getattr(columns, key)!r} (data.label_columns.{key})"
         for key in ("path", "label")
@@ -112,43 +107,88 @@ def read_table(path: Path, name: str, columns: LabelColumns) -> list[TableRow]:
             f"{name}: no column {' and no column '.join(missing)}; the table's columns are "
             f"{found}. Set data.label_columns to the names of its path and label columns."
         )
-    if frame.empty:
+    paths, labels = cells[columns.path], cells[columns.label]
+    if not paths:
         raise DataError(f"{name}: the labels table has no rows")
     return [
         TableRow(i + 1, _text(p), _text(label))
-        for i, (p, label) in enumerate(zip(frame[columns.path], frame[columns.label], strict=True))
+        for i, (p, label) in enumerate(zip(paths, labels, strict=True))
     ]
 
 
+def _text_columns(path: Path, sep: str, columns: LabelColumns) -> tuple[list[str], dict[str, list]]:
+    """A CSV or TSV read as text (``007`` stays ``007``, ``NA`` stays ``NA``); a row with more
+    or fewer fields than the header fails naming its line, instead of shifting the columns."""
+    import warnings
+
+    import pandas as pd  # only download with a table needs pandas
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        frame = pd.read_csv(
+            path,
+            sep=sep,
+            dtype=str,
+            keep_default_na=False,
+            encoding="utf-8-sig",
+            index_col=False,
+            on_bad_lines="error",
+        )
+    found = [str(c) for c in frame.columns]
+    return found, {c: frame[c].tolist() for c in (columns.path, columns.label) if c in found}
+
+
+def _parquet_columns(
+    path: Path, name: str, columns: LabelColumns
+) -> tuple[list[str], dict[str, list]]:
+    """The path and label columns of a Parquet table, as text: string columns as they are,
+    integer labels as their digits (a null stays missing, never ``1.0`` or ``<NA>``); any
+    other type fails naming the column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    found = list(table.column_names)
+    cells = {}
+    for key in ("path", "label"):
+        column = getattr(columns, key)
+        if column not in found:
+            continue
+        values = table.column(column)
+        kind = values.type
+        if pa.types.is_dictionary(kind):
+            values, kind = values.cast(kind.value_type), kind.value_type
+        if pa.types.is_integer(kind) and key == "label":
+            values = pc.cast(values, pa.string())
+        elif not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(
+                f"{name}: column {column!r} (data.label_columns.{key}) holds {kind}, not text"
+                + (" or integers" if key == "label" else "")
+            )
+        cells[column] = values.to_pylist()
+    return found, cells
+
+
 def _text(value: object) -> str:
-    """A cell as text: NFC, with a missing value (Parquet null, NaN) as empty."""
-    if value is None or (isinstance(value, float) and value != value):
-        return ""
-    return unicodedata.normalize("NFC", str(value))
+    """A cell as text, NFC; a missing value (a Parquet null) is empty."""
+    return "" if value is None else unicodedata.normalize("NFC", str(value))
 
 
-def root_chain(top: Path) -> list[Path]:
-    """``top`` and each lone folder under it: the roots the table's paths may be relative to
-    (an archive's single top folder, and any lone folders below it)."""
-    chain = [top]
-    while len(entries := _entries(chain[-1])) == 1 and entries[0].is_dir():
-        chain.append(entries[0])
-    return chain
-
-
-def _entries(folder: Path) -> list[Path]:
-    return [e for e in folder.iterdir() if not is_os_litter(e.name)]
-
-
-def files_under(root: Path) -> dict[str, Path]:
-    """NFC relative path → file, for every regular file under ``root`` (no OS litter, no links)."""
+def files_under(root: Path, links: set[str] | None = None) -> dict[str, Path]:
+    """NFC relative path → file, for every regular file under ``root`` (no OS litter). Links
+    are never followed: their relative paths go to ``links`` when it is given."""
     files: dict[str, Path] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not is_os_litter(d))
         for filename in sorted(filenames):
             path = Path(dirpath) / filename
             rel = unicodedata.normalize("NFC", path.relative_to(root).as_posix())
-            if is_os_litter(rel) or path.is_symlink() or not path.is_file():
+            if is_os_litter(rel):
+                continue
+            if path.is_symlink() or not path.is_file():
+                if links is not None and path.is_symlink():
+                    links.add(rel)
                 continue
             if rel in files:
                 raise DataError(
@@ -158,32 +198,41 @@ def files_under(root: Path) -> dict[str, Path]:
     return files
 
 
-def choose_root(chain: list[Path], rows: list[TableRow]) -> tuple[Path, dict[str, Path]]:
+def choose_root(chain: list[Path], rows: list[TableRow]) -> tuple[Path, dict[str, Path], set[str]]:
     """The root in ``chain`` under which the most table paths name a file (the outermost on
-    a tie), with its files."""
-    best: tuple[int, Path, dict[str, Path]] | None = None
+    a tie), with its files and its links (:func:`files_under`)."""
+    best = None
     for level in chain:
-        files = files_under(level)
+        links: set[str] = set()
+        files = files_under(level, links)
         hits = sum(1 for row in rows if _inside(row.path) in files)
         if best is None or hits > best[0]:
-            best = (hits, level, files)
+            best = (hits, level, files, links)
     assert best is not None
-    return best[1], best[2]
+    return best[1], best[2], best[3]
 
 
 def _inside(path: str) -> str | None:
-    """The table path as a relative POSIX path inside the root, or None when it leaves it."""
-    if not path or path.startswith("/") or PurePosixPath(path).is_absolute():
+    """The table path as a relative POSIX path inside the root, or None when it leaves it
+    (absolute, a Windows drive, or up through ``..``)."""
+    if not path or path.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", path):
         return None
-    normal = posixpath.normpath(path)
+    normal = posixpath.normpath(path.replace("\\", "/"))
     if normal == ".." or normal.startswith("../") or normal == ".":
         return None
     return normal
 
 
 def usable_label(label: str) -> bool:
-    """A label becomes a class folder's name, so it must be one."""
-    return label not in (".", "..") and not any(c in label for c in "/\\\0")
+    """A label becomes a class folder's name, so it must be one that every later stage
+    sees: no separators, control characters or OS-litter names, at most 255 bytes."""
+    return (
+        label not in (".", "..")
+        and not any(c in label for c in "/\\")
+        and all(c.isprintable() or c == " " for c in label)
+        and not (is_os_litter(label) or is_os_litter(label + "/x"))
+        and len(label.encode("utf-8")) <= 255
+    )
 
 
 def label_files(
@@ -192,12 +241,14 @@ def label_files(
     table: str,
     exclude: tuple[str, ...],
     table_file: str | None = None,
+    links: frozenset[str] | set[str] = frozenset(),
 ) -> LabelledFiles:
     """Assign each row's file to its label; set aside every row and file that cannot be used.
 
     ``files`` are the root's files (:func:`files_under`); ``table`` names the table in
     reasons; ``table_file`` is the table's own path among ``files`` when it sits inside the
-    root. Rows whose label is in ``exclude`` are dropped, as excluded class folders are.
+    root; ``links`` are the root's symbolic links, which are never followed. Rows whose
+    label is in ``exclude`` are dropped, as excluded class folders are.
     """
     excluded = {unicodedata.normalize("NFC", name) for name in exclude}
     folded = {rel.casefold(): rel for rel in files}
@@ -222,16 +273,21 @@ def label_files(
             verdicts[row.number] = _aside(
                 row,
                 "unusable label",
-                f"{where}: {row.label!r} cannot be a class folder's name (no '/', '\\', NUL, "
-                "'.' or '..')",
+                f"{where}: {row.label!r} cannot be a class folder's name (no '/', '\\', "
+                "control characters, '.', '..' or OS-litter names such as __MACOSX; at most "
+                "255 bytes)",
+            )
+        elif inside in links:
+            verdicts[row.number] = _aside(
+                row,
+                "no such file",
+                f"{where} names {row.path!r}, a symbolic link, which is never followed",
             )
         elif inside not in files:
             near = folded.get(inside.casefold())
             hint = f" (there is {near!r}, which differs in case)" if near else ""
             verdicts[row.number] = _aside(
-                row,
-                "no such file",
-                f"{where} names {row.path!r}, which is not under the source root{hint}",
+                row, "no such file", f"{where} names {row.path!r}: no such file in the source{hint}"
             )
         else:
             by_file.setdefault(inside, []).append(row)
@@ -262,7 +318,6 @@ def label_files(
         for row in named:
             verdicts[row.number] = LabelRow(row.number, row.path, row.label, raw=raw)
         classes.setdefault(first.label, []).append((PurePosixPath(rel), files[rel]))
-    _refuse_labels_that_differ_in_case(rows, set(classes), table)
 
     named_anywhere = {_inside(row.path) for row in rows}
     unnamed = []
@@ -282,15 +337,21 @@ def label_files(
             )
         else:
             ignored += 1
+    ignored += len(links - named_anywhere)
     label_rows = [verdicts[row.number] for row in rows if row.number in verdicts] + unnamed
-    for label_row in label_rows:
-        if label_row.issue:
-            log.warning("set aside %s: %s", label_row.path or "(no path)", label_row.reason)
+    set_aside = [label_row for label_row in label_rows if label_row.issue]
+    for label_row in set_aside:
+        log.warning("set aside %s: %s", label_row.path or "(no path)", label_row.reason)
     if not classes:
+        kinds = Counter(label_row.issue for label_row in set_aside)
         raise DataError(
-            f"{table}: no row names a usable file under the source root "
-            f"({len(rows)} rows, {len(files)} files); see the reasons above"
+            f"{table}: no row names a usable file in the source ({len(rows)} rows, "
+            f"{len(files)} files); set aside: "
+            + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+            + "; for example:\n"
+            + "\n".join(f"  {label_row.reason}" for label_row in set_aside[:5])
         )
+    _refuse_labels_that_differ_in_case(rows, set(classes), table)
     return LabelledFiles(
         {name: sorted(classes[name]) for name in sorted(classes)}, label_rows, duplicates, ignored
     )

@@ -33,9 +33,11 @@ from pipeline.system.fsutil import (
     atomic_path,
     fresh_tempdir,
     is_os_litter,
+    lone_folder_chain,
     md5_file,
     remove,
     sha256_file,
+    visible_entries,
     write_json_atomic,
 )
 
@@ -133,21 +135,17 @@ def verify_md5(path: Path, expected: str | None, source: str, discard: bool) -> 
         raise ChecksumError(f"{source}: md5 mismatch: expected {expected.lower()}, got {actual}")
 
 
-def _entries(folder: Path) -> list[Path]:
-    return [e for e in folder.iterdir() if not is_os_litter(e.name)]
-
-
 def unwrap(root: Path) -> Path:
     """Descend through an archive's top folders: a lone folder that holds only folders.
 
     A lone folder holding files is a class (a one-class dataset), so it stays.
     """
     while True:
-        entries = _entries(root)
+        entries = visible_entries(root)
         if (
             len(entries) == 1
             and entries[0].is_dir()
-            and all(e.is_dir() for e in _entries(entries[0]))
+            and all(e.is_dir() for e in visible_entries(entries[0]))
         ):
             root = entries[0]
         else:
@@ -156,9 +154,7 @@ def unwrap(root: Path) -> Path:
 
 def descend(root: Path) -> Path:
     """Descend through every lone folder, e.g. to ``caltech-101/`` holding nested archives."""
-    while len(entries := _entries(root)) == 1 and entries[0].is_dir():
-        root = entries[0]
-    return root
+    return lone_folder_chain(root)[-1]
 
 
 def has_image_folders(root: Path) -> bool:
@@ -273,20 +269,7 @@ def collect(root: Path, exclude: tuple[str, ...]) -> ImageFolder:
 
 
 def _class_files(folder: Path) -> list[tuple[PurePosixPath, Path]]:
-    files: dict[PurePosixPath, Path] = {}
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not is_os_litter(d))
-        for filename in sorted(filenames):
-            path = Path(dirpath) / filename
-            rel = PurePosixPath(unicodedata.normalize("NFC", path.relative_to(folder).as_posix()))
-            if is_os_litter(rel) or not path.is_file() or path.is_symlink():
-                continue
-            if rel in files:
-                raise DataError(
-                    f"{files[rel]} and {path} have the same name after Unicode NFC normalisation"
-                )
-            files[rel] = path
-    return sorted(files.items())
+    return [(PurePosixPath(rel), path) for rel, path in sorted(labels.files_under(folder).items())]
 
 
 def write_raw(folder: ImageFolder, target: Path, move: bool) -> None:
@@ -305,59 +288,70 @@ def locate_table(
     data: DataParams, download: DownloadParams, downloads_dir: Path, chain: list[Path]
 ) -> Path:
     """The ``data.labels`` table: fetched (an http(s) URL, which needs ``data.labels_sha256``),
-    or found inside the source root, else in the project (a relative name), or at its path."""
-    labels = data.labels
-    assert labels is not None
-    local = resolve_local(labels, "data.labels")
+    or found inside the source (its root or a lone folder below), else in the project (a
+    relative name), or at its path."""
+    table = data.labels
+    assert table is not None
+    local = resolve_local(table, "data.labels")
     if local is None:
-        if labels.startswith(builtin.PREFIX):
+        if table.startswith(builtin.PREFIX):
             raise ConfigError(
-                f"data.labels: {labels!r} is not a table; name a CSV, TSV or Parquet file"
+                f"data.labels: {table!r} is not a table; name a CSV, TSV or Parquet file"
             )
         if not data.labels_sha256:
             raise ConfigError(
-                f"data.labels_sha256 is required for a remote labels table ({labels}): set it to "
+                f"data.labels_sha256 is required for a remote labels table ({table}): set it to "
                 "the table's sha256 so a replaced table cannot relabel the data unnoticed"
             )
-        name = Path(unquote(urlparse(labels).path)).name or "labels"
-        dest = downloads_dir / f"{data.labels_sha256.lower()[:16]}-{name}"
+        dest = downloads_dir / f"{data.labels_sha256.lower()[:16]}-{table_name(table)}"
         with disk_full_is_an_error(downloads_dir, "paths.downloads"):
             return fetch_url(
-                labels,
+                table,
                 dest,
                 sha256=data.labels_sha256,
                 retries=download.retries,
                 timeout_s=download.timeout_s,
             )
     places = [local] if local.is_absolute() else [level / local for level in chain] + [local]
-    found = next((p for p in places if p.is_file()), None)
-    if found is None:
+    found = [p for p in places if p.is_file()]
+    if not found:
         where = (
             "there is no such file"
             if local.is_absolute()
-            else "it is neither inside the source (its root or a lone top folder) nor in the project"
+            else "it is neither inside the source (its root or a lone folder below it) nor "
+            "in the project"
         )
-        raise DataError(f"data.labels: {labels!r} not found: {where}")
-    if data.labels_sha256 and (actual := sha256_file(found)) != data.labels_sha256.lower():
+        raise DataError(f"data.labels: {table!r} not found: {where}")
+    if len(found) > 1:
+        log.info("data.labels: using %s (also found: %s)", found[0], ", ".join(map(str, found[1:])))
+    if data.labels_sha256 and (actual := sha256_file(found[0])) != data.labels_sha256.lower():
         raise ChecksumError(
-            f"{found}: data.labels_sha256 mismatch: expected {data.labels_sha256.lower()}, got {actual}"
+            f"{found[0]}: data.labels_sha256 mismatch: expected {data.labels_sha256.lower()}, "
+            f"got {actual}"
         )
-    return found
+    return found[0]
+
+
+def table_name(table: str) -> str:
+    """How reasons and errors name the ``data.labels`` table: its file name."""
+    return PurePosixPath(unquote(urlparse(table).path)).name or table
 
 
 def collect_labelled(
     folder: Path, data: DataParams, download: DownloadParams, downloads_dir: Path
 ) -> tuple[ImageFolder, labels.LabelledFiles]:
     """The classes a ``data.labels`` table gives the files under ``folder``."""
-    chain = labels.root_chain(folder)
+    chain = lone_folder_chain(folder)
     table = locate_table(data, download, downloads_dir, chain)
-    name = PurePosixPath(unquote(urlparse(data.labels).path)).name or str(data.labels)
+    name = table_name(str(data.labels))
     rows = labels.read_table(table, name, data.label_columns)
-    root, files = labels.choose_root(chain, rows)
+    root, files, links = labels.choose_root(chain, rows)
     own = None  # the table's own path among the files, when it ships inside the root
     if table.resolve().is_relative_to(root.resolve()):
         own = unicodedata.normalize("NFC", table.resolve().relative_to(root.resolve()).as_posix())
-    labelled = labels.label_files(rows, files, name, data.exclude_classes, table_file=own)
+    labelled = labels.label_files(
+        rows, files, name, data.exclude_classes, table_file=own, links=links
+    )
     log.info("labels from %s: %d rows, root %s", table, len(rows), root)
     return ImageFolder(root, labelled.classes, loose_files=0), labelled
 
@@ -379,7 +373,8 @@ def run(paths: Paths, data: DataParams, download: DownloadParams) -> dict:
                 opened_folder, _limits = opened(source, data, download, workdir)
                 folder, labelled = collect_labelled(opened_folder, data, download, paths.downloads)
             inside_workdir = folder.root.resolve().is_relative_to(workdir.resolve())
-            with atomic_path(paths.raw) as tmp, atomic_path(paths.label_rows) as rows_tmp:
+            # raw is renamed into place first; label_rows, which describes it, right after.
+            with atomic_path(paths.label_rows) as rows_tmp, atomic_path(paths.raw) as tmp:
                 write_raw(folder, tmp, move=inside_workdir)
                 labels.write_label_rows(rows_tmp, labelled.rows if labelled else [])
         finally:

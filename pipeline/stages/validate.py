@@ -271,8 +271,11 @@ class AcceptedClasses:
 
 
 def dataset_identity(data: DataParams) -> dict[str, str | None]:
-    """What names a dataset: the source as written in params.yaml and the member used."""
-    return {"source": data.source, "member": data.member}
+    """What names a dataset: the source as written in params.yaml, the member used, and the
+    labels table when there is one (labels from another table, or from the folders instead,
+    are another dataset's)."""
+    identity = {"source": data.source, "member": data.member}
+    return identity if data.labels is None else {**identity, "labels": data.labels}
 
 
 def read_accepted_classes(path: Path) -> AcceptedClasses | None:

@@ -51,6 +51,24 @@ def is_os_litter(relpath: str | PurePosixPath) -> bool:
     return name in _LITTER_NAMES or name.startswith("._")
 
 
+def visible_entries(folder: Path) -> list[Path]:
+    """The entries of ``folder`` that are not OS litter."""
+    return [e for e in folder.iterdir() if not is_os_litter(e.name)]
+
+
+def lone_folder_chain(top: Path) -> list[Path]:
+    """``top`` and each lone folder under it (an archive's single top folder, and any below
+    it), stopping at a symbolic link: a link is never followed out of the tree."""
+    chain = [top]
+    while (
+        len(entries := visible_entries(chain[-1])) == 1
+        and entries[0].is_dir()
+        and not entries[0].is_symlink()
+    ):
+        chain.append(entries[0])
+    return chain
+
+
 def load_torch_weights(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True``: tensors and plain containers, never code.
 

@@ -165,6 +165,7 @@ def test_full_pipeline_reruns_only_what_a_head_change_affects(repo, tmp_path):
         head={"epochs": 5},
         # a head experiment, as the README runs one (the flow tests fine-tune through DVC)
         finetune={"epochs": 0},
+        export={"calibration_images": 4},  # one small int8 calibration batch
         # random weights on noise images: int8 may flip a near-chance prediction or two
         onnx_check={"max_int8_drop": 1.0, "latency_runs": 5, "throughput_batches": 1},
     )

@@ -32,7 +32,8 @@ def headline(metrics: dict[str, dict]) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     if validated:
         rows.append(("images used", f"{validated['images']:,} in {validated['classes']} classes"))
-        rows.append(("quarantined files", f"{validated['quarantined']:,}"))
+        # undecodable files, plus the rows and files a labels table set aside
+        rows.append(("quarantined", f"{validated['quarantined']:,}"))
     for name, label in MODELS.items():
         if name in evaluation:
             rows.append((f"test top-1, {label}", f"{evaluation[name]['top1']:.4f}"))

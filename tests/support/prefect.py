@@ -25,6 +25,8 @@ FLOW_TINY = {
     "finetune": {"epochs": 1, "batch_size": 8},
     # the torch engine: no ONNX export of the backbone for the features of 36 images
     "features": {"engine": "torch"},
+    # int8 calibration costs about a second per batch of images: one small batch here
+    "export": {"calibration_images": 4},
     # random weights on noise images: int8 may flip a near-chance prediction or two
     "onnx_check": {"max_int8_drop": 1.0, "latency_runs": 5, "throughput_batches": 1},
     "flows": {"download_retries": 0},

@@ -20,6 +20,7 @@ TINY = {
     "device": "cpu",
     "head": {"epochs": 30, "patience": 30},
     "finetune": {"epochs": 1, "batch_size": 8},
+    "export": {"calibration_images": 4},  # one small calibration batch (tests needing more say so)
 }
 
 

@@ -19,6 +19,7 @@ from tests.support.images import create_image_folder
 from tests.support.project import (
     CALTECH_SHA256,
     REPO_ROOT,
+    SMALL_BACKBONE,
     STAGES,
     caltech_or_skip,
     copy_project,
@@ -161,7 +162,7 @@ def test_full_pipeline_reruns_only_what_a_head_change_affects(repo, tmp_path):
     set_params(
         repo,
         data={"source": str(images)},
-        model={"weights": "none"},
+        model=SMALL_BACKBONE,
         head={"epochs": 5},
         # a head experiment, as the README runs one (the flow tests fine-tune through DVC)
         finetune={"epochs": 0},

@@ -192,10 +192,11 @@ def test_a_failing_stage_fails_its_task_and_the_flow(server, tmp_path):
 def test_overrides_become_an_experiment_and_overlapping_runs_take_turns(ran, server, tmp_path):
     """Run a, with an override, becomes a DVC experiment and restores params.yaml; run b,
     started in the same workspace while a holds it, waits, then finds params.yaml's outputs
-    (DVC's run cache) and leaves a workspace DVC finds consistent."""
+    (DVC's run cache) and leaves a workspace DVC finds consistent. The override is one of
+    onnx_check's params, so only onnx_check and report rerun: any param takes this path."""
     repo = copy_workspace(ran, tmp_path / "repo")
     params_before = (repo / "params.yaml").read_text()
-    a = start_flow_run(repo, server, "--set", "head.lr=0.0005")
+    a = start_flow_run(repo, server, "--set", "onnx_check.latency_runs=6")
     lock = repo / ".dvc/tmp/flow.lock"
     deadline = time.monotonic() + 300
     while not (lock.exists() and lock.read_text().startswith("pid")):
@@ -205,7 +206,11 @@ def test_overrides_become_an_experiment_and_overlapping_runs_take_turns(ran, ser
     out_a, _ = a.communicate(timeout=900)
     assert a.returncode == 0 and b.returncode == 0, out_a + b.stdout + b.stderr
     ran_a, ran_b = stage_statuses(out_a), stage_statuses(b.stdout + b.stderr)
-    assert ran_a["features"] == "up to date" and ran_a["train_head"] == "ran", out_a[-3000:]
+    assert ran_a == {
+        **dict.fromkeys(STAGES, "up to date"),
+        "onnx_check": "ran",
+        "report": "ran",
+    }, out_a[-3000:]
     assert set(ran_b.values()) == {"up to date"}  # b started after a had finished
     assert (repo / "params.yaml").read_text() == params_before  # restored after the run
 
@@ -221,9 +226,9 @@ def test_overrides_become_an_experiment_and_overlapping_runs_take_turns(ran, ser
         .get("params", {})
         .get("params.yaml", {})
         .get("data", {})
-        .get("head", {})
-        .get("lr")
-        == 0.0005
+        .get("onnx_check", {})
+        .get("latency_runs")
+        == 6
     ]
     assert experiments, json.dumps(shown)[:3000]
     status = run([sys.executable, "-m", "dvc", "status"], repo, server)
@@ -284,11 +289,11 @@ def test_prefect_deploy_takes_the_schedule_from_params_yaml(server, images, tmp_
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the stage's process")
 def test_a_cancelled_run_kills_its_stage_and_the_next_run_finishes(ran, server, tmp_path):
     repo = copy_workspace(ran, tmp_path / "repo")
-    set_params(repo, finetune={"epochs": 3})  # finetune and what follows it rerun
+    set_params(repo, onnx_check={"latency_runs": 6})  # onnx_check and report rerun
     flow = start_flow_run(repo, server)
     deadline = time.monotonic() + 600
-    while not any("pipeline finetune" in cmd for cmd in processes_in(repo)):
-        assert flow.poll() is None and time.monotonic() < deadline, "finetune never started"
+    while not any("pipeline onnx_check" in cmd for cmd in processes_in(repo)):
+        assert flow.poll() is None and time.monotonic() < deadline, "onnx_check never started"
         time.sleep(0.2)
     flow.send_signal(signal.SIGTERM)  # what Prefect's runner sends to cancel a flow run
     output, _ = flow.communicate(timeout=120)
@@ -299,7 +304,7 @@ def test_a_cancelled_run_kills_its_stage_and_the_next_run_finishes(ran, server, 
     again = flows_run(repo, server)
     assert again.returncode == 0, again.stdout + again.stderr
     statuses = stage_statuses(again.stdout + again.stderr)
-    assert statuses["train_head"] == "up to date" and statuses["finetune"] == "ran"
+    assert statuses["export"] == "up to date" and statuses["onnx_check"] == "ran"
     assert (repo / "models/model.onnx").is_file()
     status = run([sys.executable, "-m", "dvc", "status"], repo, server)
     assert "up to date" in status.stdout, status.stdout

@@ -14,6 +14,7 @@ from tests.support.images import create_image_folder
 from tests.support.imports import direct_imports, stage_closure
 from tests.support.project import (
     REPO_ROOT,
+    SMALL_BACKBONE,
     STAGES,
     copy_project,
     dvc,
@@ -125,7 +126,7 @@ def test_editing_a_support_function_reruns_the_stages_that_run_it(tmp_path):
     set_params(
         repo,
         data={"source": str(images)},
-        model={"weights": "none"},
+        model=SMALL_BACKBONE,
         head={"epochs": 2},
         device="cpu",
     )

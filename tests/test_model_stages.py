@@ -5,10 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +20,7 @@ from pipeline.modeling.model import load_classifier
 from pipeline.stages import evaluate, features, finetune, train_head
 from tests.support.exports import counted_exports
 from tests.support.images import create_image_folder
-from tests.support.project import REPO_ROOT, params_with
+from tests.support.project import params_with
 
 
 def test_features_are_cached_by_content(tiny_run):
@@ -286,31 +282,6 @@ def test_feature_engine_choice():
 
 
 @pytest.mark.slow
-def test_killed_finetune_resumes_from_its_checkpoint(tiny_run):
-    p = tiny_run()
-    features.main(p)
-    train_head.main(p)
-    tiny_run.write_params_file(finetune={"epochs": 4, "batch_size": 4, "patience": 10})
-    cmd = [sys.executable, "-m", "pipeline", "finetune"]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    checkpoint = p.paths.checkpoints / "finetune.pt"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert checkpoint.exists(), proc.communicate()[0]
-    proc.send_signal(signal.SIGKILL)  # mid-epoch 2: no cleanup of any kind
-    proc.wait()
-    assert not p.paths.model.exists()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert "resuming finetune from the checkpoint after epoch" in done.stderr
-    assert json.loads(p.paths.metrics_file("finetune").read_text())["epochs_run"] == 4
-    assert p.paths.model.exists() and not checkpoint.exists()
-
-
 def test_finetune_keeps_the_epoch_with_the_best_val_accuracy():
     """Caltech-101's history (head alone soft but more accurate) keeps the head; accuracy
     first, then loss, and the first of equals."""
@@ -347,7 +318,6 @@ def test_model_stages_train_on_cuda(tiny_run):
 def test_what_is_kept_for_reuse_keeps_the_recently_used(tmp_path):
     """Kept graphs and reference features are by content, and every fine-tuned backbone is
     new content: only the most recently used stay."""
-    import os
 
     from pipeline.system.fsutil import keep_recent, touch
 

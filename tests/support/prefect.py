@@ -16,11 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.project import REPO_ROOT, copy_project, git, set_params, tool_env
+from tests.support.project import (
+    REPO_ROOT,
+    SMALL_BACKBONE,
+    copy_project,
+    git,
+    set_params,
+    tool_env,
+)
 
-# Tiny-data settings for a whole flow run: random weights, few epochs, quick timings.
+# Tiny-data settings for a whole flow run: a tiny random backbone, few epochs, quick timings.
 FLOW_TINY = {
-    "model": {"weights": "none"},
+    "model": SMALL_BACKBONE,
     "head": {"epochs": 5},
     "finetune": {"epochs": 1, "batch_size": 8},
     # the torch engine: no ONNX export of the backbone for the features of 36 images

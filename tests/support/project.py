@@ -46,6 +46,13 @@ def repo_params() -> dict:
 
 STAGES = tuple(dvc_yaml()["stages"])  # in dvc.yaml's order, which is the DAG's
 
+# The backbone of the tests that run the whole pipeline through DVC, Prefect or workers:
+# timm's own test model (random weights, 160 px, 256-d features, 0.1 M parameters), so
+# their time goes to what they check, the orchestration. A tiny run takes 90 s instead of
+# Lite0's 120 s; the default backbone keeps its stage-level tests (TinyWorld's TINY, the
+# export tests' real weights).
+SMALL_BACKBONE = {"backbone": "timm:test_efficientnet", "weights": "none"}
+
 
 def merged(base: dict, overrides: dict) -> dict:
     """``base`` with ``overrides`` laid over it, mapping by mapping (a deep copy)."""

@@ -11,21 +11,15 @@ export PIPELINE_PYTHON := $(abspath $(BIN))/python
 
 .PHONY: run test faults install install-dev lint clean-venv
 
-# Reinstall whenever pyproject.toml changes. pip byte-compiles what it installs on one
-# core (about 80 s of a 235 s install on two cores); compileall does the same on every
-# core. The files it cannot compile are written for newer Pythons (torch's
-# testing/_internal/py312_intrinsics.py), which pip skips the same way.
-COMPILE := $(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
+# Reinstall whenever pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile -e .
-	$(COMPILE)
+	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
 $(BIN)/.installed-dev: $(BIN)/.installed
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev]'
-	$(COMPILE)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
 install: $(BIN)/.installed

@@ -281,7 +281,6 @@ def test_feature_engine_choice():
         params_with(features={"engine": "tensorrt"})
 
 
-@pytest.mark.slow
 def test_finetune_keeps_the_epoch_with_the_best_val_accuracy():
     """Caltech-101's history (head alone soft but more accurate) keeps the head; accuracy
     first, then loss, and the first of equals."""

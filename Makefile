@@ -11,21 +11,16 @@ export PIPELINE_PYTHON := $(abspath $(BIN))/python
 
 .PHONY: run test faults install install-dev lint clean-venv
 
-# Reinstall whenever pyproject.toml changes. The dev install is one pip run that brings
-# the project and its dev extras (a second resolve of everything costs ~10 s), and it
-# counts as the plain install too.
-NEW_VENV = { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); } && \
-	$(BIN)/python -m pip install --quiet --upgrade pip
-
+# Reinstall whenever pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
-	$(NEW_VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-$(BIN)/.installed-dev: pyproject.toml
-	$(NEW_VENV)
+$(BIN)/.installed-dev: $(BIN)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(BIN)/.installed $@
+	touch $@
 
 install: $(BIN)/.installed
 install-dev: $(BIN)/.installed-dev

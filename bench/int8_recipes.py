@@ -34,7 +34,7 @@ from bench.timing import images_per_second  # noqa: E402
 
 RECIPES = {
     # name: quantize_static keyword arguments on top of QDQ and minmax calibration;
-    # "export" is the recipe the export stage uses (pipeline.stages.export.quantize_int8).
+    # "export" is the recipe the export stage uses (pipeline.modeling.quantization.quantize_int8).
     "export": None,
     "u8s8": {"per_channel": True, "reduce_range": False},  # export's recipe until issue #16
     "u8s8_reduce_range": {"per_channel": True, "reduce_range": True},  # 7-bit weights everywhere
@@ -60,16 +60,20 @@ def child(model: str, inputs: str, output: str, threads: int) -> None:
     )
 
 
-def quantize(fp32: Path, out: Path, images: list[str], pre, recipe: dict | None) -> float:
+def quantize(fp32: Path, out: Path, images, recipe: dict | None) -> float:
+    """Seconds to quantize ``fp32`` into ``out`` with ``recipe`` (calibrated on ``images``)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from pipeline.stages.export import CalibrationImages, quantize_int8, quantize_reader
+    from pipeline.modeling.quantization import calibration_reader, quantize_int8
+    from pipeline.stages.export import FEATURES
 
     started = time.perf_counter()
     if recipe is None:
-        onnx.save_model(quantize_int8(fp32, CalibrationImages(images, pre), "minmax"), str(out))
+        with tempfile.TemporaryDirectory() as cache:  # calibrated afresh, timed whole
+            proto = quantize_int8(fp32, images, "minmax", FEATURES, Path(cache))
+        onnx.save_model(proto, str(out))
         return time.perf_counter() - started
     kwargs = dict(recipe)
     prepared = out.with_suffix(".prepared.onnx")
@@ -77,7 +81,7 @@ def quantize(fp32: Path, out: Path, images: list[str], pre, recipe: dict | None)
     quantize_static(
         str(prepared),
         str(out),
-        quantize_reader(CalibrationImages(images, pre)),
+        calibration_reader(images.batches()),
         quant_format=QuantFormat.QDQ,
         activation_type=getattr(QuantType, kwargs.pop("activation_type", "QUInt8")),
         weight_type=getattr(QuantType, kwargs.pop("weight_type", "QInt8")),
@@ -107,8 +111,9 @@ def main() -> None:
     from pipeline.config import load_params
     from pipeline.data.images import load_rgb
     from pipeline.data.splits import read_split
+    from pipeline.modeling.quantization import CalibrationImages
     from pipeline.serving.predict import OnnxClassifier
-    from pipeline.stages.export import calibration_rows
+    from pipeline.stages.export import INPUT, calibration_rows
     from pipeline.system.cpu import cpu_info
 
     os.chdir(args.root)
@@ -120,7 +125,8 @@ def main() -> None:
     lookup = {c: i for i, c in enumerate(fp32.contract.classes)}
     y = rows["label"].map(lookup).to_numpy()
     x = np.stack([pre(load_rgb(p)) for p in rows["path"]])
-    calibration = calibration_rows(paths, params.export.calibration_images, params.split.seed)
+    picked = calibration_rows(paths, params.export.calibration_images, params.split.seed)
+    calibration = CalibrationImages(picked["path"].tolist(), picked["sha256"].tolist(), pre, INPUT)
 
     def all_logits(session) -> np.ndarray:
         return np.concatenate(
@@ -144,7 +150,7 @@ def main() -> None:
         for name in args.recipes.split(","):
             path = Path(tmp) / f"{name}.onnx"
             with contextlib.redirect_stdout(sys.stderr):  # the calibrators print progress
-                seconds = quantize(paths.onnx, path, calibration, pre, RECIPES[name])
+                seconds = quantize(paths.onnx, path, calibration, RECIPES[name])
             session = OnnxClassifier.__new__(OnnxClassifier)
             options = ort.SessionOptions()
             options.intra_op_num_threads = cfg.threads

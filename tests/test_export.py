@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from pipeline.data.images import load_rgb
+from pipeline.modeling import model as checkpoints
+from pipeline.modeling import quantization
 from pipeline.modeling.model import load_checkpoint, load_classifier, save_checkpoint
 from pipeline.modeling.reference import ReferenceFeatures
 from pipeline.reporting import headline
@@ -30,7 +32,7 @@ from pipeline.stages import (
     onnx_check,
     train_head,
 )
-from tests.support.exports import counted_exports
+from tests.support.exports import counted_calls, counted_exports
 from tests.support.images import colour_images
 from tests.support.project import REPO_ROOT, params_from
 from tests.support.world import TinyWorld
@@ -308,13 +310,16 @@ def test_export_reuses_the_kept_graphs_of_the_backbone_and_head(exported, tmp_pa
     """export keeps each part's graph (issue #19): a new head on the same backbone reuses the
     backbone's file and puts the new head's tensors into the head's kept structure; a moved
     backbone goes into the backbone's; nothing is exported again, and each joined file
-    passes onnx_check against the PyTorch model."""
+    passes onnx_check against the PyTorch model. A head-only change builds no backbone
+    (timm's model) and keeps the backbone's int8 calibration."""
     params, _ = exported
     ws = Path.cwd()
     monkeypatch.chdir(tmp_path)
     for name in ("models", "data/raw", "data/splits", "data/features", "data/cache", "metrics"):
         shutil.copytree(ws / name, tmp_path / name)
     exported_modules = counted_exports(monkeypatch)
+    built = counted_calls(monkeypatch, checkpoints, "build_backbone")
+    calibrated = counted_calls(monkeypatch, quantization, "backbone_calibration")
     graphs = params.paths.feature_cache / "graphs"
     before = set(graphs.glob("*.onnx"))
     card, checkpoint = load_checkpoint(params.paths.model)
@@ -323,7 +328,7 @@ def test_export_reuses_the_kept_graphs_of_the_backbone_and_head(exported, tmp_pa
     state[head_bias] = state[head_bias] + torch.tensor([0.3, -0.2, 0.1])  # a new head
     save_checkpoint(params.paths.model, card, state)
     export.main(params)
-    assert exported_modules == []
+    assert exported_modules == [] and built == [] and calibrated == []
     assert len(set(graphs.glob("*.onnx")) - before) == 1  # the new head's
     checked = onnx_check.main(params)
     assert checked["passed"] and checked["max_abs_diff"] <= 1e-4
@@ -332,7 +337,7 @@ def test_export_reuses_the_kept_graphs_of_the_backbone_and_head(exported, tmp_pa
     state[conv] = state[conv] * 1.01  # the backbone moved
     save_checkpoint(params.paths.model, card, state)
     export.main(params)
-    assert exported_modules == []
+    assert exported_modules == [] and len(built) == 1 and len(calibrated) == 1
     checked = onnx_check.main(params)  # an ONNX file of the old backbone would fail here
     assert checked["passed"] and checked["max_abs_diff"] <= 1e-4
 

@@ -41,6 +41,7 @@ ENGINES = ("auto", "torch", "onnxruntime")
 KEPT_GRAPHS = 8  # kept_graph by content: every fine-tuned backbone is a new one (13 MB for Lite0)
 KEPT_STRUCTURES = 4  # kept_graph by structure: one per architecture, input and opset
 OPSET = 18
+GRAPHS = "graphs"  # under paths.feature_cache
 
 
 def torch_to_onnx(
@@ -107,28 +108,35 @@ def computes_as(proto: onnx.ModelProto, module: nn.Module, example: torch.Tensor
     return got.shape == expected.shape and float(np.abs(got - expected).max()) <= 1e-4 * scale
 
 
-def graph_key(kind: str, module: nn.Module, example: torch.Tensor, *extra: object) -> str:
-    """A digest of what an exported graph depends on. ``kind="content"``: the module's
-    tensors byte for byte; ``kind="structure"``: only their names, dtypes and shapes, with
-    the module tree (its repr) and the versions of the code that traces it. Both take the
-    example's shape and dtype, the exporter's version and ``extra`` (opset, names)."""
+def graph_key(kind: str, example: torch.Tensor, extra: tuple, detail: list) -> str:
+    """A digest of what an exported graph depends on: the example's shape and dtype, the
+    exporter's version, ``extra`` (opset, names) and ``detail`` (``content_key``,
+    ``structure_key``)."""
+    spec = [kind, list(example.shape[1:]), str(example.dtype), torch.__version__]
+    spec += [[str(e) for e in extra], *detail]
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:24]
+
+
+def content_key(state: dict[str, torch.Tensor], example: torch.Tensor, *extra: object) -> str:
+    """The key of a module's graph by its tensors, byte for byte: computed from a state dict
+    alone, so a checkpoint's kept graphs are found without building its modules."""
+    return graph_key("content", example, extra, [tensors_digest(state)])
+
+
+def structure_key(module: nn.Module, example: torch.Tensor, *extra: object) -> str:
+    """The key of a module's graph by structure: its tensors' names, dtypes and shapes, the
+    module tree (its repr) and the versions of the code that traces it."""
     package = type(module).__module__.split(".")[0]
-    spec = [
-        kind,
-        list(example.shape[1:]),
-        str(example.dtype),
-        torch.__version__,
-        [str(e) for e in extra],
-    ]
-    if kind == "content":
-        spec.append(tensors_digest(module.state_dict()))
-    else:
-        spec += [
+    return graph_key(
+        "structure",
+        example,
+        extra,
+        [
             repr(module),
             [(n, str(t.dtype), list(t.shape)) for n, t in module.state_dict().items()],
             [version_of(name) for name in ("onnxscript", "onnx-ir", package)],
-        ]
-    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:24]
+        ],
+    )
 
 
 def version_of(distribution: str) -> str:
@@ -164,6 +172,17 @@ def keep(proto: onnx.ModelProto, path: Path, kept: int) -> None:
     keep_recent(list(path.parent.glob("*.onnx")), kept)
 
 
+def content_path(
+    state: dict[str, torch.Tensor],
+    example: torch.Tensor,
+    names: tuple[str, str],
+    opset: int,
+    cache: Path,
+) -> Path:
+    """Where ``kept_graph`` keeps the graph of a module with the tensors ``state``."""
+    return cache / GRAPHS / f"{content_key(state, example, opset, *names)}.onnx"
+
+
 def kept_graph(
     module: nn.Module,
     example: torch.Tensor,
@@ -180,14 +199,13 @@ def kept_graph(
     checked to compute as the module does (``computes_as``); a graph that does not is
     exported again. A damaged file is made again.
     """
-    folder = cache / "graphs"
-    content = folder / f"{graph_key('content', module, example, opset, *names)}.onnx"
+    content = content_path(module.state_dict(), example, names, opset, cache)
     proto = load_kept(content)
     if proto is not None:
         return proto
     module = module.cpu().eval()
     structure_path = (
-        folder / "structures" / f"{graph_key('structure', module, example, opset, *names)}.onnx"
+        cache / GRAPHS / "structures" / f"{structure_key(module, example, opset, *names)}.onnx"
     )
     structure = load_kept(structure_path)
     if structure is not None:

@@ -101,6 +101,19 @@ def classifier_from_head(backbone: Backbone, card: ModelCard, head_state: dict) 
     return Classifier(backbone.module, head)
 
 
+def part_state(state: dict, part: str) -> dict:
+    """The tensors of ``part`` (``backbone`` or ``head``) in a classifier's state dict, by
+    the part's own names."""
+    return {k.removeprefix(f"{part}."): v for k, v in state.items() if k.startswith(f"{part}.")}
+
+
+def load_head(card: ModelCard, state: dict) -> nn.Module:
+    """The head of a classifier's state dict, built without its backbone (nor timm)."""
+    head = make_head(card.head)
+    head.load_state_dict(part_state(state, "head"))
+    return head.eval()
+
+
 def load_classifier(path: Path) -> tuple[Classifier, ModelCard, dict]:
     """Rebuild a fine-tuned classifier from its checkpoint alone (no ImageNet download)."""
     card, data = load_checkpoint(path)

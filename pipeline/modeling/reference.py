@@ -25,7 +25,7 @@ import torch
 
 from pipeline.data import images, preprocessing
 from pipeline.data.featurestore import FeatureCache
-from pipeline.modeling.model import Classifier, ModelCard, make_head
+from pipeline.modeling.model import Classifier, ModelCard, load_head, part_state
 from pipeline.modeling.tensors import tensors_digest
 from pipeline.system.fsutil import keep_recent, touch
 
@@ -38,7 +38,7 @@ def reference_key(card: ModelCard, state: dict[str, torch.Tensor]) -> str:
     code = "".join(inspect.getsource(m) for m in (images, preprocessing))
     spec = {
         "backbone": card.backbone,
-        "tensors": tensors_digest({k: v for k, v in state.items() if k.startswith("backbone.")}),
+        "tensors": tensors_digest(part_state(state, "backbone")),
         "preprocessing": card.preprocessing.to_dict(),
         "code": hashlib.sha256(code.encode()).hexdigest(),
         "torch": torch.__version__,
@@ -58,11 +58,7 @@ class ReferenceFeatures:
         self, root: Path, card: ModelCard, state: dict, build: Callable[[], Classifier]
     ) -> None:
         self.cache = FeatureCache(root / SHARDS, reference_key(card, state))
-        self.head = make_head(card.head)
-        self.head.load_state_dict(
-            {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-        )
-        self.head.eval()
+        self.head = load_head(card, state)
         self._build, self._backbone = build, None
 
     @property

@@ -9,28 +9,28 @@ fitted on val, and provenance (backbone, params hash, git commit, test metrics).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
-import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import onnx
 import torch
 
 from pipeline.config import Params, Paths
-from pipeline.data.images import load_rgb
-from pipeline.data.preprocessing import Preprocessing
 from pipeline.data.splits import read_split
 from pipeline.errors import DataError, PipelineError
-from pipeline.modeling.engines import joined, kept_graph
-from pipeline.modeling.model import Classifier, ModelCard, load_classifier
+from pipeline.modeling.engines import content_path, joined, kept_graph, load_kept
+from pipeline.modeling.model import (
+    ModelCard,
+    load_checkpoint,
+    load_classifier,
+    load_head,
+    part_state,
+)
+from pipeline.modeling.quantization import INT8_RECIPE, CalibrationImages, quantize_int8
 from pipeline.system.fsutil import (
     atomic_path,
     read_json_or_empty,
@@ -40,13 +40,12 @@ from pipeline.system.fsutil import (
 )
 from pipeline.system.provenance import git_revision
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 log = logging.getLogger(__name__)
 INPUT, OUTPUT = "input", "logits"
 FEATURES = "features"  # the backbone's pooled output, the head's input
-INT8_RECIPE = (
-    "int8 static QDQ, u8 activations, per-channel weights: the first GEMM ops 8-bit u8, the "
-    "other GEMM ops 7-bit s8, depthwise convolutions 8-bit s8 (exact on every x86-64 CPU)"
-)
 
 
 # The sections that shape the exported file; paths, download effort, device and the
@@ -112,21 +111,33 @@ def contract_metadata(
     }
 
 
-def to_onnx(model: Classifier, card: ModelCard, opset: int, cache: Path) -> onnx.ModelProto:
-    """The classifier as ONNX: (N, 3, H, W) float32 ``input`` → ``logits``, batch dynamic.
+def to_onnx(checkpoint: Path, opset: int, cache: Path) -> onnx.ModelProto:
+    """The classifier in ``checkpoint`` as ONNX: (N, 3, H, W) float32 ``input`` →
+    ``logits``, batch dynamic.
 
     The backbone's graph and the head's, each kept in ``cache`` (``engines.kept_graph``),
     joined into one. A head-only change (as with ``finetune.epochs: 0``) reuses the
-    backbone's file; a fine-tuned backbone or a new head goes into its architecture's kept
-    graph instead of a fresh export (19 s for Lite0 on two cores). onnx_check proves the
-    joined file against the PyTorch model as ever.
+    backbone's file, found by the checkpoint's tensors without building the backbone
+    (timm's imports, 2 s); a fine-tuned backbone or a new head goes into its
+    architecture's kept graph instead of a fresh export (19 s for Lite0 on two cores).
+    onnx_check proves the joined file against the PyTorch model as ever.
     """
+    card, data = load_checkpoint(checkpoint)
     size = card.preprocessing.input_size
-    backbone = kept_graph(
-        model.backbone, torch.zeros(2, 3, size, size), (INPUT, FEATURES), opset, cache
+    example = torch.zeros(2, 3, size, size)
+    names = (INPUT, FEATURES)
+    backbone = load_kept(
+        content_path(part_state(data["state_dict"], "backbone"), example, names, opset, cache)
     )
+    if backbone is None:
+        model = load_classifier(checkpoint)[0]
+        backbone = kept_graph(model.backbone, example, names, opset, cache)
     head = kept_graph(
-        model.head, torch.zeros(2, card.head.in_dim), (FEATURES, OUTPUT), opset, cache
+        load_head(card, data["state_dict"]),
+        torch.zeros(2, card.head.in_dim),
+        (FEATURES, OUTPUT),
+        opset,
+        cache,
     )
     proto = joined(backbone, head, FEATURES, ("backbone/", "head/"))
     if [i.name for i in proto.graph.input] != [INPUT] or [o.name for o in proto.graph.output] != [
@@ -157,179 +168,13 @@ def save_checked(proto: onnx.ModelProto, path: Path) -> None:
         onnx.save_model(proto, str(tmp), save_as_external_data=False)
 
 
-def calibration_rows(paths: Paths, count: int, seed: int) -> list[str]:
-    """``count`` training images spread evenly over classes (at least one per class)."""
+def calibration_rows(paths: Paths, count: int, seed: int) -> pd.DataFrame:
+    """``count`` training images spread evenly over classes (at least one per class): their
+    rows of the train split (path, label, sha256)."""
     rows = read_split(paths, "train")
     per_class = max(1, -(-count // rows["label"].nunique()))
     shuffled = rows.sample(frac=1.0, random_state=seed)
-    return shuffled.groupby("label", sort=True).head(per_class)["path"].tolist()
-
-
-class CalibrationImages:
-    """onnxruntime's CalibrationDataReader over preprocessed training images, in batches.
-
-    Every batch has ``batch_size`` images: the last one is filled up with images from the
-    start. onnxruntime's histogram calibrators (percentile, entropy) stack the batches'
-    outputs and fail on a short last batch; repeating images moves no minimum or maximum.
-    """
-
-    def __init__(self, image_paths: list[str], pre: Preprocessing, batch_size: int = 16) -> None:
-        self.image_paths, self.pre = image_paths, pre
-        self.batch_size = min(batch_size, len(image_paths))
-        self._batches = self._iterate()
-
-    def _iterate(self) -> Iterator[dict[str, np.ndarray]]:
-        paths = self.image_paths
-        for start in range(0, len(paths), self.batch_size):
-            chunk = (paths[start:] + paths)[: self.batch_size]
-            yield {INPUT: np.stack([self.pre(load_rgb(p)) for p in chunk])}
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
-
-
-def quantize_reader(calibration: CalibrationImages):
-    """``calibration`` as the CalibrationDataReader that onnxruntime's quantizer takes."""
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class Reader(CalibrationDataReader):
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return calibration.get_next()
-
-    return Reader()
-
-
-# A convolution output channel whose weights all lie below this fraction of its layer's
-# largest weight is dead (batch norm folded a near-zero scale into it): its weights move
-# its output by less than one activation quantization step (1/255 of the range), but its
-# int8 bias scale (input scale x weight scale) would be so small that the bias overflows
-# int32 and is clipped. Such weights are set to zero before quantizing; the bias stays.
-DEAD_CHANNEL_FRACTION = 1e-4
-
-
-# The share of GEMM ops, counted from the input, that get exact 8-bit u8×u8 weights
-# instead of 7-bit u8×s8 (quantize_int8). Chosen on digits-mini, checked on Caltech-101
-# (test images int8 lost / gained against fp32): digits-mini 5/1 at 0 (all 7-bit), 2/1
-# at 0.1, 1/0 at 0.2 and 0.3, 3/0 at 0.4; Caltech-101 20/6 at 0, 8/6 at 0.1, 9/5 at 0.2.
-# Each op moved to u8×u8 costs speed (its kernel does half the work per instruction).
-EXACT_GEMM_FRACTION = 0.1
-
-
-def grouped(node: onnx.NodeProto) -> bool:
-    return any(a.name == "group" and a.i > 1 for a in node.attribute)
-
-
-def gemm_weights(proto: onnx.ModelProto) -> dict[str, int]:
-    """Weights of the ops onnxruntime runs through its u8×s8 GEMM kernels (convolutions that
-    are not depthwise, Gemm, MatMul), each with its output-channel axis (as the quantizer
-    takes it: 0 for Conv and a transposed Gemm weight, 1 otherwise)."""
-    initializers = {init.name for init in proto.graph.initializer}
-    weights = {}
-    for node in proto.graph.node:
-        if len(node.input) < 2 or node.input[1] not in initializers:
-            continue
-        if node.op_type == "Conv" and not grouped(node):
-            weights[node.input[1]] = 0
-        elif node.op_type == "Gemm":
-            transposed = any(a.name == "transB" and a.i for a in node.attribute)
-            weights[node.input[1]] = 0 if transposed else 1
-        elif node.op_type == "MatMul":
-            weights[node.input[1]] = 1
-    return weights
-
-
-def zero_dead_channels(proto: onnx.ModelProto, fraction: float = DEAD_CHANNEL_FRACTION) -> int:
-    """Zero the weights of dead convolution channels (see DEAD_CHANNEL_FRACTION), in place;
-    returns how many channels."""
-    from onnx import numpy_helper
-
-    conv_weights = {node.input[1] for node in proto.graph.node if node.op_type == "Conv"}
-    zeroed = 0
-    for init in proto.graph.initializer:
-        if init.name not in conv_weights:
-            continue
-        weights = numpy_helper.to_array(init)
-        largest = np.abs(weights.reshape(weights.shape[0], -1)).max(axis=1)
-        dead = largest < fraction * largest.max()
-        if dead.any():
-            weights = weights.copy()
-            weights[dead] = 0
-            init.CopyFrom(numpy_helper.from_array(weights, init.name))
-            zeroed += int(dead.sum())
-    return zeroed
-
-
-def quantize_int8(fp32_path: Path, calibration: CalibrationImages, method: str) -> onnx.ModelProto:
-    """Static int8 that computes the same on every x86-64 CPU, calibrated on training images.
-
-    QDQ, u8 activations, per-channel weights. onnxruntime's u8×s8 GEMM kernels on AVX2
-    and on AVX-512 without VNNI sum each pair of products in a saturating int16
-    (``vpmaddubsw``); with 8-bit weights a pair can exceed it (255 x 127 x 2 > 32767):
-    such a model lost 12 pt of top-1 on an AVX2 CPU that a VNNI CPU did not. So every
-    op that runs through GEMM kernels (``gemm_weights``) gets a weight format whose
-    arithmetic is exact on every ISA:
-
-    - the first ``EXACT_GEMM_FRACTION`` of them, from the input, 8-bit u8 weights: the
-      u8×u8 kernels widen to int16 before multiplying (exact, slower); the early,
-      high-resolution layers are where 7 bits cost accuracy;
-    - the rest, 7-bit s8 weights (onnxruntime's reduce_range: 255 x 64 x 2 fits int16),
-      on the fast u8×s8 kernels;
-    - depthwise convolutions 8-bit s8 weights: their kernels widen first on every ISA.
-
-    The logits then agree across ISAs up to float rounding (BENCHMARKS.md: int8 across
-    CPUs), and the test suite checks it under emulated AVX2 and SSE4 CPUs.
-    """
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "percentile": CalibrationMethod.Percentile,
-        "entropy": CalibrationMethod.Entropy,
-    }
-    with tempfile.TemporaryDirectory(prefix="quantize-") as tmp:
-        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
-        quant_pre_process(str(fp32_path), str(prepared))
-        model = onnx.load(str(prepared))
-        dead = zero_dead_channels(model)
-        onnx.save_model(model, str(prepared))
-        weights = gemm_weights(model)
-        exact = set(list(weights)[: round(EXACT_GEMM_FRACTION * len(weights))])
-        overrides = {
-            name: [{"quant_type": QuantType.QUInt8, "axis": axis}]
-            if name in exact
-            else [{"reduce_range": True, "axis": axis}]
-            for name, axis in weights.items()
-        }
-        with contextlib.redirect_stdout(sys.stderr):  # the calibrators print their progress
-            quantize_static(
-                str(prepared),
-                str(quantized),
-                quantize_reader(calibration),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                reduce_range=False,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=methods[method],
-                extra_options={"TensorQuantOverrides": overrides},
-            )
-        proto = onnx.load(str(quantized))
-    log.info(
-        "int8: calibrated on %d training images (%s); GEMM ops: %d with 8-bit u8 weights, %d "
-        "with 7-bit s8; depthwise convolutions 8-bit s8; %d dead channels zeroed",
-        len(calibration.image_paths),
-        method,
-        len(exact),
-        len(weights) - len(exact),
-        dead,
-    )
-    return proto
+    return shuffled.groupby("label", sort=True).head(per_class)
 
 
 def model_card_markdown(
@@ -420,7 +265,7 @@ def model_card_markdown(
 
 def run(params: Params) -> dict:
     paths, cfg = params.paths, params.export
-    model, card, _checkpoint = load_classifier(paths.model)
+    card = load_checkpoint(paths.model)[0]
     temperature = read_temperature(paths.calibration)
     evaluation = read_evaluation(paths.metrics_file("evaluate"))
     provenance = {
@@ -430,14 +275,18 @@ def run(params: Params) -> dict:
         "producer": "transfer-pipeline export",
     }
     metadata = contract_metadata(card, temperature, provenance)
-    proto = with_metadata(to_onnx(model, card, cfg.opset, paths.feature_cache), metadata)
+    proto = with_metadata(to_onnx(paths.model, cfg.opset, paths.feature_cache), metadata)
     save_checked(proto, paths.onnx)
     size_mb = paths.onnx.stat().st_size / 1e6
     log.info("wrote %s (%.1f MB, opset %d)", paths.onnx, size_mb, cfg.opset)
     if cfg.quantize:
-        images = calibration_rows(paths, cfg.calibration_images, params.split.seed)
-        calibration = CalibrationImages(images, card.preprocessing)
-        int8 = quantize_int8(paths.onnx, calibration, cfg.calibration_method)
+        rows = calibration_rows(paths, cfg.calibration_images, params.split.seed)
+        calibration = CalibrationImages(
+            rows["path"].tolist(), rows["sha256"].tolist(), card.preprocessing, INPUT
+        )
+        int8 = quantize_int8(
+            paths.onnx, calibration, cfg.calibration_method, FEATURES, paths.feature_cache
+        )
         save_checked(
             with_metadata(int8, {**metadata, "quantization": INT8_RECIPE}), paths.onnx_int8
         )

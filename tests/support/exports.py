@@ -1,4 +1,5 @@
-"""Counting the ONNX exports a piece of code makes (``engines.torch_to_onnx`` calls)."""
+"""Counting the calls a piece of code makes: ONNX exports (``engines.torch_to_onnx``) or any
+other function, to show that work was reused rather than done again."""
 
 from __future__ import annotations
 
@@ -18,3 +19,16 @@ def counted_exports(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(engines, "torch_to_onnx", counted)
     return exports
+
+
+def counted_calls(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[tuple]:
+    """The arguments of each call of ``module.name`` from now on, as a live list."""
+    calls: list[tuple] = []
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls

@@ -74,6 +74,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("."))
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--lr",
+        type=float,
+        help="the head experiment's head.lr (default 0.0005, or 0.002 where that is set): a "
+        "value this workspace has not run, or DVC's run cache restores it and nothing runs",
+    )
     args = parser.parse_args()
     root = args.root.resolve()
     seconds, ran = repro(root)  # brings the workspace up to date first
@@ -81,11 +87,13 @@ def main() -> None:
         sys.stderr.write(f"the workspace was not up to date; ran {ran} first\n")
     noop = [repro(root)[0] for _ in range(args.repeat)]
     lr = load_params(root / "params.yaml").head.lr
-    new_lr = 0.0005 if lr != 0.0005 else 0.002
+    new_lr = args.lr or (0.0005 if lr != 0.0005 else 0.002)
     with params_overridden(root, {"finetune.epochs": 0}):
         repro(root)
     with params_overridden(root, {"finetune.epochs": 0, "head.lr": new_lr}):
         head_seconds, head_ran = repro(root)
+        if "train_head" not in head_ran:
+            raise SystemExit(f"head.lr {new_lr} was restored from DVC's run cache: pass --lr")
         logs = stage_logs(root, head_ran)
     restore_seconds, restore_ran = repro(root)
     in_stages = sum(entry["seconds"] or 0 for entry in logs.values())

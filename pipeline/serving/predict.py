@@ -76,12 +76,16 @@ class OnnxClassifier:
     directory (our exports are one self-contained file).
     """
 
-    def __init__(self, model_path: Path | str, threads: int = 0) -> None:
+    def __init__(self, model_path: Path | str, threads: int = 0, spinning: bool = True) -> None:
+        """``spinning=False``: idle worker threads sleep instead of spinning, for a process
+        that shares the cores with other work (onnx_check beside its image decoder)."""
         import onnxruntime as ort
 
         path = Path(model_path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0: onnxruntime's default (all cores)
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         with tempfile.TemporaryDirectory(prefix="no-external-data-") as nowhere:
             options.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", nowhere

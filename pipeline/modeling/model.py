@@ -107,6 +107,13 @@ def part_state(state: dict, part: str) -> dict:
     return {k.removeprefix(f"{part}."): v for k, v in state.items() if k.startswith(f"{part}.")}
 
 
+def load_backbone(card: ModelCard, state: dict) -> nn.Module:
+    """The backbone of a classifier's state dict (no ImageNet download)."""
+    backbone = build_backbone(card.backbone, "none").module
+    backbone.load_state_dict(part_state(state, "backbone"))
+    return backbone.eval()
+
+
 def load_head(card: ModelCard, state: dict) -> nn.Module:
     """The head of a classifier's state dict, built without its backbone (nor timm)."""
     head = make_head(card.head)

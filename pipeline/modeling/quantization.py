@@ -248,13 +248,13 @@ def calibration_ranges(
         log.warning("int8: no tensor %r in the graph to split at; calibrating it whole", split_at)
         return calibrate(prepared, calibration.batches(), method)
     inputs, outputs = [i.name for i in proto.graph.input], [o.name for o in proto.graph.output]
+    parts = onnx.utils.Extractor(proto)  # infers the shapes once, for both parts
+    backbone_part = parts.extract_model(inputs, [split_at])
     with tempfile.TemporaryDirectory(prefix="calibrate-") as tmp:
         backbone, head = Path(tmp) / "backbone.onnx", Path(tmp) / "head.onnx"
-        onnx.utils.extract_model(str(prepared), str(backbone), inputs, [split_at])
-        onnx.utils.extract_model(str(prepared), str(head), [split_at], outputs)
-        folder = (
-            cache / CALIBRATIONS / calibration_key(onnx.load(str(backbone)), calibration, method)
-        )
+        onnx.save_model(backbone_part, str(backbone))
+        onnx.save_model(parts.extract_model([split_at], outputs), str(head))
+        folder = cache / CALIBRATIONS / calibration_key(backbone_part, calibration, method)
         kept = load_calibration(folder)
         if kept is None:
             kept = backbone_calibration(backbone, calibration, method, split_at)

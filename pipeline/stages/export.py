@@ -25,8 +25,8 @@ from pipeline.errors import DataError, PipelineError
 from pipeline.modeling.engines import content_path, joined, kept_graph, load_kept
 from pipeline.modeling.model import (
     ModelCard,
+    load_backbone,
     load_checkpoint,
-    load_classifier,
     load_head,
     part_state,
 )
@@ -130,8 +130,7 @@ def to_onnx(checkpoint: Path, opset: int, cache: Path) -> onnx.ModelProto:
         content_path(part_state(data["state_dict"], "backbone"), example, names, opset, cache)
     )
     if backbone is None:
-        model = load_classifier(checkpoint)[0]
-        backbone = kept_graph(model.backbone, example, names, opset, cache)
+        backbone = kept_graph(load_backbone(card, data["state_dict"]), example, names, opset, cache)
     head = kept_graph(
         load_head(card, data["state_dict"]),
         torch.zeros(2, card.head.in_dim),

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.data.images import load_rgb
 from pipeline.modeling import model as checkpoints
-from pipeline.modeling import quantization
+from pipeline.modeling import onnx_parts, quantization
 from pipeline.modeling.model import load_checkpoint, load_classifier, save_checkpoint
 from pipeline.modeling.reference import ReferenceFeatures
 from pipeline.reporting import headline
@@ -304,6 +304,72 @@ def test_the_pytorch_reference_runs_once_per_backbone(exported, tmp_path, monkey
     with pytest.raises(onnx_check.ParityError):  # the ONNX file is the old model's
         onnx_check.main(params)
     assert len(passes) == computed  # evaluate's pass was the reference
+
+
+def checked_figures(metrics: dict) -> dict:
+    """Every figure of onnx_check.json that is not a speed or where its inputs came from."""
+    speed = {"cpu_latency_ms_p50", "cpu_latency_ms_p95", "cpu_throughput_ips"}
+    figures = {k: v for k, v in metrics.items() if k not in speed | {"backbone_outputs"}}
+    if "int8" in metrics:
+        figures["int8"] = {k: v for k, v in metrics["int8"].items() if k not in speed}
+    return figures
+
+
+def test_onnx_check_keeps_each_files_backbone_outputs(exported, tmp_path, monkeypatch):
+    """onnx_check keeps each ONNX file's backbone outputs on the test split (issue #19): a
+    check of a file with the same backbone part runs only its head part over them and gives
+    the same figures as a check that runs every image through the whole file; parts that
+    do not compute what the whole file computes, a damaged kept output and a moved backbone
+    run the images again."""
+    params, first = exported
+    assert first["backbone_outputs"] == {"onnx": "computed", "int8": "computed"}
+    ws = Path.cwd()
+    monkeypatch.chdir(tmp_path)
+    for name in ("models", "data/raw", "data/splits", "data/features", "data/cache", "metrics"):
+        shutil.copytree(ws / name, tmp_path / name)
+    paths = params.paths
+    tapped = counted_calls(monkeypatch, onnx_parts.OnnxParts, "tapped")
+    again = onnx_check.main(params)
+    assert tapped == [] and again["backbone_outputs"] == {"onnx": "kept", "int8": "kept"}
+    assert checked_figures(again) == checked_figures(first)
+
+    card, checkpoint = load_checkpoint(paths.model)
+    state = checkpoint["state_dict"]
+    head_bias = [k for k in state if k.startswith("head.") and k.endswith("bias")][-1]
+    state[head_bias] = state[head_bias] + torch.tensor([0.3, -0.2, 0.1])  # a new head
+    save_checkpoint(paths.model, card, state)
+    export.main(params)
+    new_head = onnx_check.main(params)
+    assert tapped == [] and new_head["backbone_outputs"] == {"onnx": "kept", "int8": "kept"}
+    assert new_head["passed"] and new_head["top1_agreement"] == 1.0
+    for folder in (paths.feature_cache / onnx_parts.OUTPUTS).iterdir():
+        shutil.rmtree(folder)
+    fresh = onnx_check.main(params)  # every image through both whole files
+    assert fresh["backbone_outputs"] == {"onnx": "computed", "int8": "computed"}
+    assert checked_figures(new_head) == checked_figures(fresh)
+    assert len(tapped) == 2 * -(-len(pd.read_csv(paths.split_file("test"))) // 32)
+
+    # Parts that compute other logits than the whole file: the whole file runs.
+    head = onnx_parts.OnnxParts.head
+    monkeypatch.setattr(onnx_parts.OnnxParts, "head", lambda self, f: head(self, f) + 1e-6)
+    whole = onnx_check.main(params)
+    assert whole["backbone_outputs"] == {"onnx": "whole file", "int8": "whole file"}
+    assert checked_figures(whole) == checked_figures(fresh)
+    monkeypatch.setattr(onnx_parts.OnnxParts, "head", head)
+
+    for folder in (paths.feature_cache / onnx_parts.OUTPUTS).iterdir():
+        (folder / "outputs.npy").write_bytes(b"damaged")
+    damaged = onnx_check.main(params)
+    assert damaged["backbone_outputs"] == {"onnx": "computed", "int8": "computed"}
+    assert checked_figures(damaged) == checked_figures(fresh)
+
+    conv = next(k for k in state if k.startswith("backbone.") and k.endswith("weight"))
+    state[conv] = state[conv] * 1.01  # the backbone moved
+    save_checkpoint(paths.model, card, state)
+    export.main(params)
+    moved = onnx_check.main(params)  # kept outputs of the old backbone would not be used
+    assert moved["backbone_outputs"] == {"onnx": "computed", "int8": "computed"}
+    assert moved["passed"] and moved["max_abs_diff"] <= 1e-4
 
 
 def test_export_reuses_the_kept_graphs_of_the_backbone_and_head(exported, tmp_path, monkeypatch):

@@ -101,6 +101,11 @@ def classifier_from_head(backbone: Backbone, card: ModelCard, head_state: dict) 
     return Classifier(backbone.module, head)
 
 
+# The name of the backbone's pooled output, the head's input, in the exported ONNX graphs:
+# export joins the two parts there, and int8 calibration and onnx_check split them there.
+FEATURES = "features"
+
+
 def part_state(state: dict, part: str) -> dict:
     """The tensors of ``part`` (``backbone`` or ``head``) in a classifier's state dict, by
     the part's own names."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import logging
 import sys
@@ -28,9 +27,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from pipeline.data import images as images_module
-from pipeline.data import preprocessing as preprocessing_module
 from pipeline.data.images import load_rgb
+from pipeline.data.inputs_code import inputs_code_digest
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.system.cpu import cpu_info
 from pipeline.system.diskfull import disk_full_is_an_error
@@ -174,12 +172,11 @@ def calibration_key(backbone: onnx.ModelProto, calibration: CalibrationImages, m
     version and the CPU's features (its fp32 kernels round differently)."""
     import onnxruntime
 
-    code = "".join(inspect.getsource(m) for m in (images_module, preprocessing_module))
     spec = {
         "graph": hashlib.sha256(backbone.SerializeToString()).hexdigest(),
         "images": calibration.digests,
         "preprocessing": calibration.pre.to_dict(),
-        "code": hashlib.sha256(code.encode()).hexdigest(),
+        "code": inputs_code_digest(),
         "batch_size": calibration.batch_size,
         "method": method,
         "onnxruntime": onnxruntime.__version__,

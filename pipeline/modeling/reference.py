@@ -14,7 +14,6 @@ a head-only change (the backbone untouched) reuses the pass of the previous mode
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,8 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.data import images, preprocessing
 from pipeline.data.featurestore import FeatureCache
+from pipeline.data.inputs_code import inputs_code_digest
 from pipeline.modeling.model import Classifier, ModelCard, load_head, part_state
 from pipeline.modeling.tensors import tensors_digest
 from pipeline.system.fsutil import keep_recent, touch
@@ -35,12 +34,11 @@ KEPT_MODELS = 8  # the backbones whose features are kept (9 MB each for Caltech'
 
 def reference_key(card: ModelCard, state: dict[str, torch.Tensor]) -> str:
     """Everything but the image that changes the backbone's fp32 features."""
-    code = "".join(inspect.getsource(m) for m in (images, preprocessing))
     spec = {
         "backbone": card.backbone,
         "tensors": tensors_digest(part_state(state, "backbone")),
         "preprocessing": card.preprocessing.to_dict(),
-        "code": hashlib.sha256(code.encode()).hexdigest(),
+        "code": inputs_code_digest(),
         "torch": torch.__version__,
         "compute": "cpu fp32 channels_last",
     }

@@ -67,6 +67,30 @@ class OnnxContract:
         return cls(classes, preprocessing, temperature)
 
 
+def cpu_session(model: bytes, source: Path, threads: int = 0, spinning: bool = True):
+    """An onnxruntime CPU session of the serialized ``model`` (read from ``source``), which
+    must be self-contained: the folder for external data is an empty temporary one."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads  # 0: onnxruntime's default (all cores)
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    with tempfile.TemporaryDirectory(prefix="no-external-data-") as nowhere:
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", nowhere
+        )
+        try:
+            return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own types for bad models
+            if "external data" in str(exc).lower():
+                raise DataError(
+                    f"{source}: refers to external data files; only self-contained ONNX "
+                    "files are loaded (re-export with `python -m pipeline export`)"
+                ) from None
+            raise DataError(f"{source}: not a loadable ONNX model: {exc}") from None
+
+
 class OnnxClassifier:
     """An onnxruntime CPU session plus the contract read from the same file.
 
@@ -79,30 +103,13 @@ class OnnxClassifier:
     def __init__(self, model_path: Path | str, threads: int = 0, spinning: bool = True) -> None:
         """``spinning=False``: idle worker threads sleep instead of spinning, for a process
         that shares the cores with other work (onnx_check beside its image decoder)."""
-        import onnxruntime as ort
-
         path = Path(model_path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads  # 0: onnxruntime's default (all cores)
-        if not spinning:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        with tempfile.TemporaryDirectory(prefix="no-external-data-") as nowhere:
-            options.add_session_config_entry(
-                "session.model_external_initializers_file_folder_path", nowhere
-            )
-            try:
-                self.session = ort.InferenceSession(
-                    path.read_bytes(), options, providers=["CPUExecutionProvider"]
-                )
-            except OSError as exc:
-                raise DataError(f"{path}: cannot read the model: {exc.strerror}") from None
-            except Exception as exc:  # onnxruntime raises its own types for bad models
-                if "external data" in str(exc).lower():
-                    raise DataError(
-                        f"{path}: refers to external data files; only self-contained ONNX "
-                        "files are loaded (re-export with `python -m pipeline export`)"
-                    ) from None
-                raise DataError(f"{path}: not a loadable ONNX model: {exc}") from None
+        try:
+            model = path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read the model: {exc.strerror}") from None
+        self.path = path
+        self.session = cpu_session(model, path, threads, spinning)
         self.contract = OnnxContract.from_metadata(
             self.session.get_modelmeta().custom_metadata_map, str(path)
         )

@@ -24,6 +24,7 @@ from pipeline.data.splits import read_split
 from pipeline.errors import DataError, PipelineError
 from pipeline.modeling.engines import content_path, joined, kept_graph, load_kept
 from pipeline.modeling.model import (
+    FEATURES,
     ModelCard,
     load_backbone,
     load_checkpoint,
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 INPUT, OUTPUT = "input", "logits"
-FEATURES = "features"  # the backbone's pooled output, the head's input
 
 
 # The sections that shape the exported file; paths, download effort, device and the

@@ -2,6 +2,10 @@
 
 Both models see the same preprocessed tensors of the whole test split; onnxruntime runs
 on CPUExecutionProvider only (what downstream services use), even where a GPU exists.
+Each side's backbone runs over the split once per backbone: the PyTorch reference's
+features and each ONNX file's backbone-part outputs are kept by content, and a head-only
+change runs only the heads on them (the whole file is held to the parts, bit for bit, on
+the first batch; ``metrics/onnx_check.json`` says under ``backbone_outputs`` which ran).
 The fp32 logits must agree within ``max_abs_diff``, at batch 1 as at batch ``batch_size``.
 The bounds on predictions (top-1 agreement, top-1 gap, the int8 drop) are bounds on true
 rates, checked with one-sided tests at ``onnx_check.significance`` (``significance.py``):
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -25,7 +30,8 @@ from pipeline.config import OnnxCheckParams, Params
 from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
 from pipeline.modeling.datasets import ImageDataset, make_loader
-from pipeline.modeling.model import ModelCard, load_checkpoint, load_classifier
+from pipeline.modeling.model import FEATURES, ModelCard, load_checkpoint, load_classifier
+from pipeline.modeling.onnx_parts import OUTPUTS, OnnxParts, keep_outputs, load_outputs
 from pipeline.modeling.reference import ReferenceFeatures
 from pipeline.modeling.runtime import resolve
 from pipeline.reporting.significance import (
@@ -62,13 +68,10 @@ def check_contract(onnx_model: OnnxClassifier, card: ModelCard, source: str) -> 
 
 @dataclass
 class Outputs:
-    """Logits of every model on the test split, gathered batch by batch."""
+    """Every model's logits on the test split, batch by batch, and the labels."""
 
-    labels: list[np.ndarray] = field(default_factory=list)
+    labels: np.ndarray
     logits: dict[str, list[np.ndarray]] = field(default_factory=dict)
-
-    def add(self, name: str, values: np.ndarray) -> None:
-        self.logits.setdefault(name, []).append(values)
 
     def stacked(self, name: str) -> np.ndarray:
         return np.concatenate(self.logits[name])
@@ -111,50 +114,129 @@ def open_sessions(params: Params, spinning: bool = True) -> dict[str, OnnxClassi
     return sessions
 
 
+@dataclass
+class SplitPass:
+    """What one pass over the test split gave: each file's logits batch by batch, the
+    backbone outputs of the files run split, the PyTorch reference's features, and the
+    first batch."""
+
+    logits: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    backbone_outputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    reference: list[np.ndarray] = field(default_factory=list)
+    first: np.ndarray | None = None
+
+
+def split_pass(
+    dataset: ImageDataset,
+    batch_size: int,
+    whole: dict[str, OnnxClassifier],
+    tapped: dict[str, OnnxParts],
+    reference: ReferenceFeatures | None,
+) -> SplitPass:
+    """One pass over the test split, decoded in a loader worker: the ``whole`` files run as
+    they are, the ``tapped`` ones also give their backbone part's output, and the PyTorch
+    reference embeds the same tensors (when given)."""
+    done = SplitPass()
+    for images, _labels, _index in make_loader(dataset, resolve("cpu", "fp32"), batch_size):
+        x = images.numpy()
+        if done.first is None:
+            done.first = x
+        if reference is not None:
+            done.reference.append(reference.embed(images))
+        for name, session in whole.items():
+            done.logits.setdefault(name, []).append(session.logits(x))
+        for name, parts in tapped.items():
+            logits, features = parts.tapped(x)
+            done.logits.setdefault(name, []).append(logits)
+            done.backbone_outputs.setdefault(name, []).append(features)
+    return done
+
+
 def collect_outputs(
     reference: ReferenceFeatures,
     sessions: dict[str, OnnxClassifier],
     card: ModelCard,
     rows,
-    batch_size: int,
-) -> tuple[Outputs, np.ndarray, np.ndarray]:
+    cfg: OnnxCheckParams,
+    cache: Path,
+) -> tuple[Outputs, np.ndarray, np.ndarray, dict[str, str]]:
     """Every model's logits on the test split, batch by batch on the same tensors.
 
     The PyTorch reference runs in fp32 on the CPU, over these very tensors unless evaluate
     or an earlier check of a model with this backbone left its features
     (``pipeline/modeling/reference.py``); its logits are the model's head on them either way.
-    Returns the outputs, the first test images (to run one at a time) and a timing batch
-    (real test images, repeated up to ``batch_size``).
+    Each ONNX file's backbone part likewise runs only where no earlier check of a file with
+    this backbone part kept its output (``pipeline/modeling/onnx_parts.py``); its logits
+    are then its head part's on the kept output, and the whole file must give the same
+    logits, bit for bit, on the first batch. Returns the outputs, the first test images
+    (to run one at a time), a timing batch (real test images, repeated up to
+    ``batch_size``) and, per file, where its backbone outputs came from.
     """
-    runtime = resolve("cpu", "fp32")
+    batch_size, shas = cfg.batch_size, list(rows["sha256"])
     lookup = {c: i for i, c in enumerate(card.classes)}
-    dataset = ImageDataset(rows["path"], rows["label"].map(lookup), card.preprocessing)
+    labels = rows["label"].map(lookup).to_numpy(dtype=np.int64)
+    dataset = ImageDataset(rows["path"], labels, card.preprocessing)
     stored = reference.lookup(rows["sha256"])
-    outputs, features, first_images, timing_batch = Outputs(), [], None, None
-    for images, labels, _index in make_loader(dataset, runtime, batch_size):
-        x = images.numpy()
-        if first_images is None:
-            first_images = x[:BATCH1_IMAGES].copy()
-            timing_batch = np.resize(x, (batch_size, *x.shape[1:]))
-        outputs.labels.append(labels.numpy())
-        if stored is None:
-            features.append(reference.embed(images))
-        for name, session in sessions.items():
-            outputs.add(name, session.logits(x))
+    parts = {name: OnnxParts(s.path, cfg.threads, FEATURES) for name, s in sessions.items()}
+    parts = {name: p for name, p in parts.items() if p.splittable}
+    folders = {
+        name: cache / OUTPUTS / p.outputs_key(shas, batch_size, card.preprocessing)
+        for name, p in parts.items()
+    }
+    kept = {name: load_outputs(folder, len(rows)) for name, folder in folders.items()}
+    kept = {name: outputs for name, outputs in kept.items() if outputs is not None}
+    whole = {name: s for name, s in sessions.items() if name not in parts}
+    tapped = {name: p for name, p in parts.items() if name not in kept}
+    if stored is None or whole or tapped:
+        done = split_pass(dataset, batch_size, whole, tapped, reference if stored is None else None)
+    else:  # nothing to run over the whole split: only its first batch is decoded
+        first = [dataset[i][0].numpy() for i in range(min(batch_size, len(dataset)))]
+        done = SplitPass(first=np.stack(first))
+    logits = done.logits
+    for name, outputs in kept.items():
+        logits[name] = [
+            parts[name].head(outputs[i : i + batch_size])
+            for i in range(0, len(outputs), batch_size)
+        ]
+        log.info("onnx_check: %s's backbone outputs on these images were kept", name)
+    differ = [n for n in parts if not np.array_equal(sessions[n].logits(done.first), logits[n][0])]
+    if differ:
+        log.warning(
+            "onnx_check: split at %r, %s computes other logits than as one file on the first "
+            "test batch; running the whole file over the test split",
+            FEATURES,
+            " and ".join(differ),
+        )
+        logits.update(
+            split_pass(dataset, batch_size, {n: sessions[n] for n in differ}, {}, None).logits
+        )
+    for name in tapped:
+        if name not in differ:
+            keep_outputs(folders[name], np.concatenate(done.backbone_outputs[name]))
     if stored is None:
-        stored = np.concatenate(features)
+        stored = np.concatenate(done.reference)
         reference.keep(rows["sha256"], stored)
     else:
         log.info("onnx_check: the PyTorch fp32 features of these %d images were kept", len(rows))
-    outputs.add("torch", reference.logits(stored))
-    return outputs, first_images, timing_batch
+    outputs = Outputs(labels, {**logits, "torch": [reference.logits(stored)]})
+    origin = {
+        name: "whole file"
+        if name not in parts or name in differ
+        else "kept"
+        if name in kept
+        else "computed"
+        for name in sessions
+    }
+    first_images = done.first[:BATCH1_IMAGES].copy()
+    timing_batch = np.resize(done.first, (batch_size, *done.first.shape[1:]))
+    return outputs, first_images, timing_batch, origin
 
 
 def parity_metrics(
     outputs: Outputs, onnx: OnnxClassifier, first_images: np.ndarray, cfg: OnnxCheckParams
 ) -> dict:
     """fp32 ONNX against PyTorch: logit differences (batched and batch 1) and predictions."""
-    y = np.concatenate(outputs.labels)
+    y = outputs.labels
     reference, onnx_logits = outputs.stacked("torch"), outputs.stacked("onnx")
     singles = np.concatenate([onnx.logits(image[None]) for image in first_images])
     torch_right, onnx_right = reference.argmax(1) == y, onnx_logits.argmax(1) == y
@@ -214,7 +296,7 @@ def fp32_failures(metrics: dict, cfg: OnnxCheckParams) -> list[str]:
 
 def int8_metrics(outputs: Outputs, int8_file, cfg: OnnxCheckParams) -> dict:
     """int8 against the PyTorch fp32 reference: top-1, the images lost and gained, the test."""
-    y = np.concatenate(outputs.labels)
+    y = outputs.labels
     reference, int8_logits = outputs.stacked("torch"), outputs.stacked("int8")
     paired = paired_outcome(reference.argmax(1) == y, int8_logits.argmax(1) == y)
     top1 = float((int8_logits.argmax(1) == y).mean())
@@ -257,14 +339,15 @@ def run(params: Params) -> dict:
         checkpoint["state_dict"],
         lambda: load_classifier(paths.model)[0],
     )
-    outputs, first_images, timing_batch = collect_outputs(
-        reference, sessions, card, rows, cfg.batch_size
+    outputs, first_images, timing_batch, origin = collect_outputs(
+        reference, sessions, card, rows, cfg, paths.feature_cache
     )
     sessions = open_sessions(params)  # for the speed figures, as a service runs them
     cpu = cpu_info()
     metrics = {
         **parity_metrics(outputs, sessions["onnx"], first_images, cfg),
         "batch_sizes": [1, cfg.batch_size],
+        "backbone_outputs": origin,
         "threads": cfg.threads,
         "cpu": {**cpu.to_dict(), "onnxruntime": onnxruntime_version()},
         "size_mb": round(paths.onnx.stat().st_size / 1e6, 2),

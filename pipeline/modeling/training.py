@@ -26,6 +26,14 @@ def training_criterion(
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
 
 
+def adamw(params, weight_decay: float, lr: float = 1e-3) -> torch.optim.AdamW:
+    """AdamW with its fused update: one pass over each tensor's memory instead of a dozen,
+    on the CPU as on CUDA. train_head's fit on Caltech-101 (a 1.4 M-weight head, two cores)
+    took 6.0 s instead of 7.6 s; the weights differ from the per-tensor loop's by float
+    rounding (1e-4 at most after 16 epochs, the same val loss to 1e-6)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def check_finite(loss: torch.Tensor, where: str) -> None:
     if not torch.isfinite(loss):
         raise PipelineError(

@@ -44,6 +44,7 @@ from pipeline.modeling.model import (
 )
 from pipeline.modeling.runtime import Runtime, resolve
 from pipeline.modeling.training import (
+    adamw,
     check_finite,
     check_gradients,
     predict_logits,
@@ -341,7 +342,7 @@ def build_trainer(
     lookup = {c: i for i, c in enumerate(card.classes)}
     model.to(runtime.device, memory_format=torch.channels_last)
     trainable = freeze_all_but_last(model, blocks, cfg.unfreeze_blocks)
-    optimiser = torch.optim.AdamW(
+    optimiser = adamw(
         [
             {"params": model.head.parameters(), "lr": cfg.lr},
             {
@@ -349,7 +350,7 @@ def build_trainer(
                 "lr": cfg.lr * cfg.backbone_lr_mult,
             },
         ],
-        weight_decay=cfg.weight_decay,
+        cfg.weight_decay,
     )
     train_labels = train_rows["label"].map(lookup)
     train_set = ImageDataset(

@@ -22,7 +22,12 @@ from pipeline.config import HeadParams, Params, Paths
 from pipeline.data.featurestore import Labelled, labelled, load_features
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.modeling.model import HeadSpec, ModelCard, make_head, save_checkpoint
-from pipeline.modeling.training import check_finite, check_gradients, training_criterion
+from pipeline.modeling.training import (
+    adamw,
+    check_finite,
+    check_gradients,
+    training_criterion,
+)
 from pipeline.system.fsutil import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -42,7 +47,7 @@ def find_lr(
     generator = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     head = make_head(spec)
-    optimiser = torch.optim.AdamW(head.parameters(), lr=start, weight_decay=cfg.weight_decay)
+    optimiser = adamw(head.parameters(), cfg.weight_decay, lr=start)
     factor = (end / start) ** (1 / (steps - 1))
     lrs, losses, smooth = [], [], 0.0
     for step in range(steps):
@@ -86,7 +91,7 @@ def fit_head(
     generator = torch.Generator().manual_seed(cfg.seed)
     head = make_head(spec)
     params = list(head.parameters())
-    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    optimiser = adamw(params, cfg.weight_decay, lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(cfg.epochs, 1))
     history, best, best_loss, waited = [], None, math.inf, 0
     for epoch in range(1, cfg.epochs + 1):

@@ -227,10 +227,11 @@ def check_remote(repo) -> Remote:
 
 
 def check_out_inputs(workspace: Path, stages: list[str]) -> tuple[Path, Path, dict[str, int]]:
-    """Put the inputs these stages take from other stages (not from each other) into the
-    workspace at the run's dvc.lock: checked out from the local cache, or pulled from the
-    default remote where the cache lacks them. A worker's copy may be another run's, so
-    every such input is compared with the lock; only those that differ are touched.
+    """Put the inputs these stages take from other stages (not from each other), their
+    deps and what dvc.yaml's ``meta.reads`` names, into the workspace at the run's
+    dvc.lock: checked out from the local cache, or pulled from the default remote where
+    the cache lacks them. A worker's copy may be another run's, so every such input is
+    compared with the lock; only those that differ are touched.
 
     Returns the local DVC cache's object and run-cache folders, and the bytes fetched per
     stage."""
@@ -251,12 +252,15 @@ def check_out_inputs(workspace: Path, stages: list[str]) -> tuple[Path, Path, di
         }
         for name in stages:
             stage = by_name[name]
+            inputs = {dep.fs_path: dep.def_path for dep in stage.deps}
+            for path in (stage.meta or {}).get("reads", []):  # read, vouched for by a dep
+                inputs[os.path.abspath(os.path.join(repo.root_dir, path))] = path
             targets = [
-                dep.def_path
-                for dep in stage.deps
-                if dep.fs_path in producer
-                and producer[dep.fs_path][0] not in stages
-                and producer[dep.fs_path][1].status()  # differs from the lock, or missing
+                def_path
+                for fs_path, def_path in inputs.items()
+                if fs_path in producer
+                and producer[fs_path][0] not in stages
+                and producer[fs_path][1].status()  # differs from the lock, or missing
             ]
             if not targets:
                 continue

@@ -99,6 +99,19 @@ def test_placement_lives_in_dvc_yaml():
     assert placement == {name: "gpu" if name in gpu else "cpu" for name in STAGES}
 
 
+def test_the_images_a_stage_reads_are_vouched_for_by_its_split_tables():
+    """Only validate lists the image folder as a dep, and hashes every file into the split
+    tables; each stage that reads the images lists those tables instead, and names the
+    folder under meta.reads for the distributed flow to pull (DVC hashing the folder again
+    for each stage cost seconds per ``dvc repro`` on Caltech-101)."""
+    stages = dvc_yaml()["stages"]
+    listing = [name for name, s in stages.items() if "${paths.raw}" in s.get("deps", [])]
+    assert listing == ["validate"]
+    readers = {name for name, s in stages.items() if s["meta"].get("reads") == ["${paths.raw}"]}
+    assert readers == {"features", "finetune", "evaluate", "export", "onnx_check", "report"}
+    assert all("${paths.splits}" in stages[name]["deps"] for name in readers)
+
+
 def test_effort_only_keys_rerun_nothing():
     """Keys that only say how hard to try are read but not DVC params."""
     stages = dvc_yaml()["stages"]

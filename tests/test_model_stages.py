@@ -16,7 +16,8 @@ from pipeline.data.featurestore import load_features
 from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
 from pipeline.modeling import training
-from pipeline.modeling.model import load_classifier
+from pipeline.modeling.backbones import BACKBONE_STATES, build_backbone
+from pipeline.modeling.model import classifier_from_head, load_classifier
 from pipeline.stages import evaluate, features, finetune, train_head
 from tests.support.exports import counted_exports
 from tests.support.images import create_image_folder
@@ -110,6 +111,30 @@ def test_zero_epochs_gives_backbone_plus_head(tiny_run, caplog):
     train_head.main(p)
     assert finetune.main(p)["epochs_run"] == 0
     model, card, _ = load_classifier(p.paths.model)
+    built = classifier_from_head(
+        build_backbone(p.model.backbone, p.model.weights),
+        card,
+        torch.load(p.paths.head, weights_only=True)["state_dict"],
+    ).state_dict()
+    saved = torch.load(p.paths.model, weights_only=True)["state_dict"]
+    assert list(saved) == list(built) and all(torch.equal(saved[k], v) for k, v in built.items())
+
+    # A second join takes the backbone's kept weights, and writes the same file; damaged
+    # kept weights are built again.
+    first = p.paths.model.read_bytes()
+    (kept,) = (p.paths.feature_cache / BACKBONE_STATES).iterdir()
+    caplog.set_level("INFO", logger="pipeline.modeling.backbones")
+    finetune.main(p)
+    assert "its kept weights" in caplog.text and p.paths.model.read_bytes() == first
+    torn = (kept / "state.pt").read_bytes()
+    (kept / "state.pt").write_bytes(torn[: len(torn) // 2])
+    finetune.main(p)
+    assert "building the backbone again" in caplog.text and p.paths.model.read_bytes() == first
+    assert (
+        torch.load(kept / "state.pt", weights_only=True).keys()
+        == model.backbone.state_dict().keys()
+    )
+
     arrays, _ = load_features(p.paths)
     from pipeline.data.splits import read_split
     from pipeline.modeling.datasets import ImageDataset

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib
+import inspect
+import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +26,14 @@ from torch import nn
 from pipeline.config import TIMM, TORCHVISION
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.system.fsutil import load_torch_weights, sha256_file
+from pipeline.system.diskfull import disk_full_is_an_error
+from pipeline.system.fsutil import (
+    atomic_path,
+    keep_recent,
+    load_torch_weights,
+    sha256_file,
+    touch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -358,3 +369,51 @@ def build_backbone(name: str, weights: str, resize: str = "squash") -> Backbone:
         dim = module(torch.zeros(1, 3, pre.input_size, pre.input_size)).shape[1]
     log.info("backbone %s (%s): %d-d features, input %d px", name, weights_id, dim, pre.input_size)
     return Backbone(name, module, int(dim), pre, blocks, weights_id)
+
+
+BACKBONE_STATES = "backbone_states"  # under paths.feature_cache: built backbones' weights
+KEPT_BACKBONE_STATES = 4  # 13-30 MB each for the registry's backbones
+
+
+def backbone_state_key(name: str, weights: str, weights_id: str) -> str:
+    """Everything that changes the state dict ``build_backbone(name, weights)`` gives:
+    the weights it loads (``weights_id``, as the feature cache trusts it), this module's
+    code and the versions of the libraries that build and map them."""
+    from importlib import metadata
+
+    spec = {
+        "backbone": name,
+        "weights": weights,
+        "weights_id": weights_id,
+        "code": hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest(),
+        **{package: metadata.version(package) for package in ("torch", "torchvision", "timm")},
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def kept_backbone_state(name: str, weights: str, weights_id: str, cache: Path) -> dict:
+    """The state dict of ``build_backbone(name, weights)`` whose weights are ``weights_id``
+    (a checkpoint card's), kept in ``cache``: joining a backbone to a new head (with
+    ``finetune.epochs: 0``) then needs neither timm (its import took 1.7-2 s on two cores)
+    nor a build. A miss builds, and keeps what the build gives under its own weights."""
+    root = cache / BACKBONE_STATES
+    folder = root / backbone_state_key(name, weights, weights_id)
+    try:
+        state = load_torch_weights(folder / "state.pt")
+        touch(folder)
+        log.info("backbone %s (%s): its kept weights (%s)", name, weights_id, folder.name)
+        return state
+    except FileNotFoundError:
+        pass
+    except PipelineError as exc:
+        log.warning("%s; building the backbone again", exc)
+    backbone = build_backbone(name, weights)
+    state = {k: v.detach().cpu() for k, v in backbone.module.state_dict().items()}
+    folder = root / backbone_state_key(name, weights, backbone.weights_id)
+    with disk_full_is_an_error(folder, "paths.feature_cache"):
+        root.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            torch.save(state, tmp / "state.pt")
+    keep_recent([d for d in root.iterdir() if d.is_dir()], KEPT_BACKBONE_STATES)
+    return state

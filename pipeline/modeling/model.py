@@ -112,6 +112,17 @@ def part_state(state: dict, part: str) -> dict:
     return {k.removeprefix(f"{part}."): v for k, v in state.items() if k.startswith(f"{part}.")}
 
 
+def joined_state(backbone_state: dict, card: ModelCard, head_state: dict) -> dict:
+    """``Classifier(backbone, head).state_dict()`` from the parts' state dicts, the head's
+    checked against ``card``, without building the backbone (nor importing timm)."""
+    head = make_head(card.head)
+    head.load_state_dict(head_state)
+    return {
+        **{f"backbone.{k}": v for k, v in backbone_state.items()},
+        **{f"head.{k}": v.detach().cpu() for k, v in head.state_dict().items()},
+    }
+
+
 def load_backbone(card: ModelCard, state: dict) -> nn.Module:
     """The backbone of a classifier's state dict (no ImageNet download)."""
     backbone = build_backbone(card.backbone, "none").module

@@ -33,12 +33,13 @@ from tqdm import tqdm
 from pipeline.config import FinetuneParams, ModelParams, Params, Paths
 from pipeline.data.splits import read_split
 from pipeline.errors import DataError
-from pipeline.modeling.backbones import build_backbone
+from pipeline.modeling.backbones import build_backbone, kept_backbone_state
 from pipeline.modeling.datasets import ImageDataset, RoundSampler, make_loader, train_transform
 from pipeline.modeling.model import (
     Classifier,
     ModelCard,
     classifier_from_head,
+    joined_state,
     load_checkpoint,
     save_checkpoint,
 )
@@ -518,11 +519,16 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FinetuneParams, device: str) 
     started = time.perf_counter()
     runtime = resolve(device, cfg.precision)
     card, head_checkpoint = load_checkpoint(paths.head)
-    backbone = build_backbone(model_cfg.backbone, model_cfg.weights, card.preprocessing.resize)
-    model = classifier_from_head(backbone, card, head_checkpoint["state_dict"])
     checkpoint = paths.checkpoints / "finetune.pt"
     state, seconds, images = TrainState(), 0.0, 0
-    if cfg.epochs > 0:
+    if cfg.epochs == 0:  # backbone + head as they are: the backbone's weights are kept
+        backbone_state = kept_backbone_state(
+            model_cfg.backbone, model_cfg.weights, card.weights_id, paths.feature_cache
+        )
+        weights = joined_state(backbone_state, card, head_checkpoint["state_dict"])
+    else:
+        backbone = build_backbone(model_cfg.backbone, model_cfg.weights, card.preprocessing.resize)
+        model = classifier_from_head(backbone, card, head_checkpoint["state_dict"])
         trainer = build_trainer(
             model,
             backbone.blocks,
@@ -535,12 +541,8 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FinetuneParams, device: str) 
             fingerprint(paths, model_cfg, cfg, runtime.bf16),
         )
         state, seconds, images = fine_tune(trainer)
-    save_checkpoint(
-        paths.model,
-        card,
-        {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        params=asdict(cfg),
-    )
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_checkpoint(paths.model, card, weights, params=asdict(cfg))
     remove(checkpoint)
     frame = pd.DataFrame(
         state.history, columns=["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]

@@ -91,7 +91,7 @@ def load_torch_weights(path: Path) -> Any:
             f"{path}: refused to load: it is not a weights-only torch file ({reason}); "
             "this pipeline never unpickles objects. Delete it and rerun the stage that writes it."
         ) from None
-    except (RuntimeError, EOFError, ValueError) as exc:
+    except (RuntimeError, EOFError, ValueError, IndexError, KeyError) as exc:  # torn, garbled
         raise DataError(
             f"{path}: not a readable torch file ({type(exc).__name__}: {exc}); "
             "delete it and rerun the stage that writes it"

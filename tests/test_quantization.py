@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.data.preprocessing import Preprocessing
-from pipeline.modeling import engines, quantization
+from pipeline.modeling import engines, graphs, quantization
 from pipeline.modeling.quantization import CalibrationImages
 from tests.support.exports import counted_calls
 from tests.support.images import colour_images
@@ -50,7 +50,7 @@ def joined_file(path: Path, back: nn.Module, top: nn.Module, cache: Path) -> Pat
     """The classifier as export writes it: the two parts' kept graphs, joined at SPLIT_AT."""
     first = engines.kept_graph(back, torch.zeros(2, 3, 32, 32), ("input", SPLIT_AT), 18, cache)
     second = engines.kept_graph(top, torch.zeros(2, 16), (SPLIT_AT, "logits"), 18, cache)
-    onnx.save_model(engines.joined(first, second, SPLIT_AT, ("backbone/", "head/")), str(path))
+    onnx.save_model(graphs.joined(first, second, SPLIT_AT, ("backbone/", "head/")), str(path))
     return path
 
 

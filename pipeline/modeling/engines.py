@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx.compose
 import torch
 from torch import nn
 
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.errors import ConfigError
+from pipeline.modeling.graphs import joined
 from pipeline.modeling.runtime import Runtime
 from pipeline.modeling.tensors import tensors_digest
 from pipeline.system.diskfull import disk_full_is_an_error
@@ -220,24 +220,6 @@ def kept_graph(
         keep(structure, structure_path, KEPT_STRUCTURES)
         proto = optimized_with_tensors(structure, module)
     keep(proto, content, KEPT_GRAPHS)
-    return proto
-
-
-def joined(
-    first: onnx.ModelProto, second: onnx.ModelProto, link: str, prefixes: tuple[str, str]
-) -> onnx.ModelProto:
-    """One graph: ``first``, whose output ``link`` feeds ``second``'s input of that name;
-    each part's inner names take its prefix, so they cannot clash."""
-    proto = onnx.compose.merge_models(
-        onnx.compose.add_prefix(first, prefixes[0], rename_inputs=False, rename_outputs=False),
-        onnx.compose.add_prefix(second, prefixes[1], rename_inputs=False, rename_outputs=False),
-        io_map=[(link, link)],
-        producer_name=first.producer_name,
-        producer_version=first.producer_version,
-    )
-    opsets = {o.domain: o.version for o in [*first.opset_import, *second.opset_import]}
-    del proto.opset_import[:]  # merge_models lists each domain once per part
-    proto.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
     return proto
 
 

@@ -26,6 +26,7 @@ import onnx
 from pipeline.data.featurestore import save_array
 from pipeline.data.inputs_code import inputs_code_digest
 from pipeline.data.preprocessing import Preprocessing
+from pipeline.modeling.graphs import split
 from pipeline.serving.predict import cpu_session
 from pipeline.system.cpu import cpu_info
 from pipeline.system.diskfull import disk_full_is_an_error
@@ -43,19 +44,17 @@ class OnnxParts:
     def __init__(self, path: Path, threads: int, split_at: str) -> None:
         proto = onnx.load(str(path))
         self.path, self.threads, self.split_at = path, threads, split_at
-        produced = {name for node in proto.graph.node for name in node.output}
-        self.splittable = split_at in produced and len(proto.graph.input) == 1
+        parts = split(proto, split_at) if len(proto.graph.input) == 1 else None
+        self.splittable = parts is not None
         self.backbone_digest = None
-        if not self.splittable:
+        if parts is None:
             return
-        inputs, outputs = [proto.graph.input[0].name], [o.name for o in proto.graph.output]
-        parts = onnx.utils.Extractor(proto)  # infers the shapes once, for both parts
-        backbone = parts.extract_model(inputs, [split_at])
+        backbone, head = parts
         self.backbone_digest = hashlib.sha256(backbone.SerializeToString()).hexdigest()
-        self._head_model = parts.extract_model([split_at], outputs).SerializeToString()
+        self._head_model = head.SerializeToString()
         proto.graph.output.append(backbone.graph.output[0])
         self._tapped_model = proto.SerializeToString()
-        self.input_name, self.output_name = inputs[0], outputs[0]
+        self.input_name, self.output_name = proto.graph.input[0].name, proto.graph.output[0].name
         self._tapped = self._head = None
 
     def tapped(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

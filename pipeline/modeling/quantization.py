@@ -30,6 +30,7 @@ import onnx
 from pipeline.data.images import load_rgb
 from pipeline.data.inputs_code import inputs_code_digest
 from pipeline.data.preprocessing import Preprocessing
+from pipeline.modeling.graphs import split
 from pipeline.system.cpu import cpu_info
 from pipeline.system.diskfull import disk_full_is_an_error
 from pipeline.system.fsutil import atomic_path, keep_recent, touch
@@ -240,17 +241,15 @@ def calibration_ranges(
     tensor ``split_at``) kept in ``cache`` or taken now, the head's taken on its output."""
     from onnxruntime.quantization.calibrate import TensorsData
 
-    proto = onnx.load(str(prepared))
-    if split_at not in {name for node in proto.graph.node for name in node.output}:
+    parts = split(onnx.load(str(prepared)), split_at)
+    if parts is None:
         log.warning("int8: no tensor %r in the graph to split at; calibrating it whole", split_at)
         return calibrate(prepared, calibration.batches(), method)
-    inputs, outputs = [i.name for i in proto.graph.input], [o.name for o in proto.graph.output]
-    parts = onnx.utils.Extractor(proto)  # infers the shapes once, for both parts
-    backbone_part = parts.extract_model(inputs, [split_at])
+    backbone_part, head_part = parts
     with tempfile.TemporaryDirectory(prefix="calibrate-") as tmp:
         backbone, head = Path(tmp) / "backbone.onnx", Path(tmp) / "head.onnx"
         onnx.save_model(backbone_part, str(backbone))
-        onnx.save_model(parts.extract_model([split_at], outputs), str(head))
+        onnx.save_model(head_part, str(head))
         folder = cache / CALIBRATIONS / calibration_key(backbone_part, calibration, method)
         kept = load_calibration(folder)
         if kept is None:

@@ -22,7 +22,8 @@ import torch
 from pipeline.config import Params, Paths
 from pipeline.data.splits import read_split
 from pipeline.errors import DataError, PipelineError
-from pipeline.modeling.engines import content_path, joined, kept_graph, load_kept
+from pipeline.modeling.engines import content_path, kept_graph, load_kept
+from pipeline.modeling.graphs import joined
 from pipeline.modeling.model import (
     FEATURES,
     ModelCard,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,44 @@ def test_head_learns_separable_features(tiny_run):
     history = pd.read_csv(p.paths.head_curves)
     assert list(history.columns) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+
+
+def test_curves_are_written_as_pandas_wrote_them(tmp_path):
+    """The curves DVC plots and report read are the same bytes as pandas'
+    ``round(6).to_csv`` gave them: rounding, shortest repr, integers, missing figures (the
+    head-alone row of finetune), and the header alone for no epochs."""
+    history = [
+        {"epoch": 0, "train_loss": None, "train_acc": None, "val_loss": 0.5572674, "val_acc": 1.0},
+        {
+            "epoch": 1,
+            "train_loss": 2.0000004999,
+            "train_acc": 0.1234565,
+            "val_loss": 1e-05,
+            "val_acc": 0.966513,
+        },
+        {
+            "epoch": 2,
+            "train_loss": 12345.6789012345,
+            "train_acc": 2 / 3,
+            "val_loss": 1e-07,
+            "val_acc": 0.0,
+        },
+    ]
+    for rows in (history, history[1:], history[:1], []):
+        ours, theirs = tmp_path / "ours.csv", tmp_path / "theirs.csv"
+        training.write_curves(ours, rows)
+        frame = pd.DataFrame(rows, columns=list(training.CURVE_COLUMNS))
+        frame.round(6).to_csv(theirs, index=False)
+        assert ours.read_bytes() == theirs.read_bytes(), rows
+
+
+def test_head_stages_import_no_table_library():
+    """train_head and finetune read no table on a head experiment (finetune.epochs: 0), so
+    they import without pandas: its 0.25-0.3 s came before each of them started its work."""
+    code = "import sys\nsys.modules['pandas'] = None\n"
+    code += "import pipeline.stages.train_head, pipeline.stages.finetune\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_nan_loss_stops_training_and_saves_nothing(tiny_run):
@@ -316,11 +356,11 @@ def test_finetune_keeps_the_epoch_with_the_best_val_accuracy():
             "val_acc": [0.967667, 0.866051, 0.904157, 0.957275, 0.945727, 0.939954],
         }
     )
-    assert finetune.kept_epoch(caltech)["epoch"] == 0
+    assert finetune.kept_epoch(caltech.to_dict("records"))["epoch"] == 0
     better = caltech.assign(val_acc=[0.96, 0.97, 0.98, 0.98, 0.98, 0.5])
     better.loc[3, "val_loss"] = 0.4  # ties epoch 2 on accuracy with a lower loss
     better.loc[4, "val_loss"] = 0.4  # equals epoch 3: the first is kept
-    assert finetune.kept_epoch(better)["epoch"] == 3
+    assert finetune.kept_epoch(better.to_dict("records"))["epoch"] == 3
     assert finetune.beats(0.9, 1.0, 0.8, 0.1) and not finetune.beats(0.8, 0.2, 0.8, 0.1)
 
 

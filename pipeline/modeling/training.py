@@ -1,7 +1,10 @@
 """What train_head and finetune share: the training loss, the guards on loss and gradients,
-and logits over a loader (fine-tuning's validation, evaluate's test pass)."""
+the curves they write, and logits over a loader (fine-tuning's validation, evaluate's test
+pass)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -9,6 +12,9 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.modeling.runtime import Runtime
+from pipeline.system.fsutil import write_text_atomic
+
+CURVE_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -69,3 +75,21 @@ def predict_logits(model: nn.Module, loader, runtime: Runtime) -> tuple[torch.Te
         logits.append(out.float().cpu())
         labels.append(y)
     return torch.cat(logits), torch.cat(labels)
+
+
+def write_curves(path: Path, history: list[dict]) -> None:
+    """Each epoch's row of ``CURVE_COLUMNS`` as the CSV DVC plots and report read: the
+    figures to 6 decimals, a missing one empty, byte for byte what pandas'
+    ``DataFrame(history).round(6).to_csv(index=False)`` writes, without importing pandas
+    (0.25-0.3 s) in a stage that has no table to read."""
+
+    def cell(column: str, value) -> str:
+        if value is None:
+            return ""
+        if column == "epoch":
+            return str(int(value))
+        return repr(float(np.round(np.float64(value), 6)))
+
+    lines = [",".join(CURVE_COLUMNS)]
+    lines += [",".join(cell(column, row[column]) for column in CURVE_COLUMNS) for row in history]
+    write_text_atomic(path, "\n".join(lines) + "\n")

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -50,9 +49,9 @@ from pipeline.modeling.training import (
     check_gradients,
     predict_logits,
     training_criterion,
+    write_curves,
 )
 from pipeline.system.fsutil import (
-    atomic_path,
     load_torch_weights,
     remove,
     remove_stale_temporaries,
@@ -505,10 +504,10 @@ def fine_tune(trainer: Trainer) -> tuple[TrainState, float, int]:
     return state, seconds, images
 
 
-def kept_epoch(history: pd.DataFrame) -> pd.Series:
+def kept_epoch(history: list[dict]) -> dict:
     """The history row whose weights :func:`fine_tune` kept (the first of equals, as it does)."""
-    best = history.iloc[0]
-    for _, row in history.iloc[1:].iterrows():
+    best = history[0]
+    for row in history[1:]:
         if beats(row["val_acc"], row["val_loss"], best["val_acc"], best["val_loss"]):
             best = row
     return best
@@ -544,13 +543,9 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FinetuneParams, device: str) 
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_checkpoint(paths.model, card, weights, params=asdict(cfg))
     remove(checkpoint)
-    frame = pd.DataFrame(
-        state.history, columns=["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
-    )
-    with atomic_path(paths.finetune_curves) as tmp:
-        frame.round(6).to_csv(tmp, index=False)
-    trained = frame[frame["epoch"] > 0]
-    best = kept_epoch(frame) if len(trained) else None
+    write_curves(paths.finetune_curves, state.history)
+    trained = [row for row in state.history if row["epoch"] > 0]
+    best = kept_epoch(state.history) if trained else None
     if best is not None and best["epoch"] == 0:
         log.warning(
             "fine-tuning never beat the head alone on val accuracy; "

@@ -14,7 +14,6 @@ import time
 from dataclasses import asdict
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
@@ -27,8 +26,9 @@ from pipeline.modeling.training import (
     check_finite,
     check_gradients,
     training_criterion,
+    write_curves,
 )
-from pipeline.system.fsutil import atomic_path, write_json_atomic
+from pipeline.system.fsutil import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,9 @@ def evaluate_head(head: nn.Module, data: Labelled, criterion: nn.Module) -> tupl
 
 def fit_head(
     train: Labelled, val: Labelled, spec: HeadSpec, cfg: HeadParams
-) -> tuple[nn.Module, pd.DataFrame, dict]:
-    """Train a head with early stopping on val loss; return the best head, history and facts."""
+) -> tuple[nn.Module, list[dict], dict]:
+    """Train a head with early stopping on val loss; return the best head, its history (a
+    row per epoch) and facts."""
     x, y = torch.tensor(train.x), torch.tensor(train.y)
     criterion = training_criterion(train.y, spec.n_classes, cfg.class_balanced, cfg.label_smoothing)
     plain = nn.CrossEntropyLoss()  # val loss is comparable across settings
@@ -132,16 +133,15 @@ def fit_head(
                 break
     if best is not None:
         head.load_state_dict(best)
-    frame = pd.DataFrame(history)
-    best_row = frame.loc[frame["val_loss"].idxmin()]
+    best_row = min(history, key=lambda row: row["val_loss"])  # the first of equals
     facts = {
         "lr": lr,
-        "epochs_run": len(frame),
+        "epochs_run": len(history),
         "best_epoch": int(best_row["epoch"]),
         "val_loss": round(float(best_row["val_loss"]), 6),
         "val_acc": round(float(best_row["val_acc"]), 6),
     }
-    return head.eval(), frame, facts
+    return head.eval(), history, facts
 
 
 def train_set(arrays: dict[str, np.ndarray], train: Labelled) -> Labelled:
@@ -170,8 +170,7 @@ def run(paths: Paths, cfg: HeadParams) -> dict:
         spec,
     )
     save_checkpoint(paths.head, card, head.state_dict(), params=asdict(cfg) | {"lr": facts["lr"]})
-    with atomic_path(paths.head_curves) as tmp:
-        history.round(6).to_csv(tmp, index=False)
+    write_curves(paths.head_curves, history)
     metrics = {
         **facts,
         "seconds": round(time.perf_counter() - started, 2),

@@ -107,6 +107,8 @@ def check_benchmarks_run(repo: Path) -> None:
     assert all(entry["peak_rss_mb"] > 50 for entry in head["per_stage"].values())
     assert overhead["restore_original_params"]["stages_ran"] == []  # DVC's run cache
     assert "Running stage" not in dvc(repo, "repro")  # the original params, restored
+    startup = bench("stage_startup.py", repo, "--repeat", "2", "--stage", "report")
+    assert [0 < seconds < 60 for seconds in startup[str(repo.resolve())]["report"]] == [True] * 2
 
 
 def readme_dvc_commands() -> list[str]:

@@ -1,9 +1,12 @@
 """Which project files a module runs: its import closure inside the project, read from
-the source (every ``import``, at any depth, so lazy imports count too)."""
+the source (every ``import``, at any depth, so lazy imports count too); and whether modules
+import in a fresh interpreter where some packages are missing."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -75,3 +78,13 @@ def stage_closure(stage: str, root: Path = REPO_ROOT) -> set[str]:
     )
     files |= {entry, root / PACKAGE / "__init__.py"}
     return {f.relative_to(root).as_posix() for f in files}
+
+
+def import_without(blocked: tuple[str, ...], modules: list[str]) -> subprocess.CompletedProcess:
+    """Import ``modules`` in a fresh interpreter in which importing any of ``blocked`` raises
+    ImportError (module-level imports only: a lazy import is not run)."""
+    code = "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in blocked)
+    code += "".join(f"import {module}\n" for module in modules)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )

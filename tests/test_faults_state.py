@@ -8,6 +8,7 @@ the cheapest stages with file and folder outputs, cached and uncached).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.system.fsutil import md5_file
-from pipeline.system.verify import cache_folder, lock_entries
+from pipeline.system.verify import cache_folder, lock_entries, lock_file_problem
 from tests.support.faults import record, trials
 from tests.support.images import create_image_folder
 from tests.support.project import REPO_ROOT, copy_project, dvc, git, set_params, tool_env
@@ -221,6 +222,10 @@ def test_dvc_state_files_cut_short_by_a_kill_are_repaired(reproduced):
             git(repo, "commit", "-qm", f"no lock {trial}", "--allow-empty")
         cut = rng.randrange(1, len(lock_bytes) - 1)
         (repo / "dvc.lock").write_bytes(lock_bytes[:cut])
+        # DVC's own verdict on the cut dvc.lock, before the rwlock is torn too (a torn
+        # rwlock alone fails `dvc status`): a cut at a line boundary can leave a valid,
+        # shorter lock file (DVC then just reruns what it lacks), most cuts do not.
+        lock_invalid = run_dvc_anyhow(repo).returncode != 0
         rwlock = repo / ".dvc" / "tmp" / "rwlock"
         # Trial 0 cuts it to nothing (DVC truncated it, then died): empty is torn too.
         rwlock.write_text(
@@ -228,9 +233,6 @@ def test_dvc_state_files_cut_short_by_a_kill_are_repaired(reproduced):
                 : 0 if trial == 0 else rng.randrange(1, 40)
             ]
         )
-        # DVC's own verdict on the cut dvc.lock: a cut at a line boundary can leave a valid,
-        # shorter lock file (DVC then just reruns what it lacks), most cuts do not.
-        lock_invalid = "dvc.lock" in run_dvc_anyhow(repo).stderr
         found = verify(repo)
         repaired = verify(repo, "--repair")
         dvc(repo, "repro", "split")
@@ -261,6 +263,86 @@ def test_dvc_state_files_cut_short_by_a_kill_are_repaired(reproduced):
         dvc_lock_invalid=invalid_locks,
     )
     assert passed == count, "\n".join(failures)
+
+
+# A small DVC project whose dvc.lock has every kind of entry ours has: file and folder
+# deps, params, cached file and folder outs, an uncached metrics file, two stages.
+SMALL_DVC_YAML = """\
+stages:
+  make:
+    cmd: cp in.txt out.txt && mkdir -p outdir && cp -r inputs/. outdir/ && echo {} > metrics.json
+    deps: [in.txt, inputs]
+    params: [make.count, make.name]
+    outs: [out.txt, outdir]
+    metrics:
+    - metrics.json:
+        cache: false
+  total:
+    cmd: cat out.txt outdir/a.txt > total.txt
+    deps: [out.txt, outdir]
+    outs: [total.txt]
+"""
+
+
+def digits_first_text() -> str:
+    """Text whose md5 starts with four decimal digits: cut after them, ``md5: 4715`` is the
+    number 4715 to a YAML reader (the case #42 found verify calling sound)."""
+    return next(
+        text
+        for i in range(100_000)
+        if hashlib.md5((text := f"input {i}\n").encode()).hexdigest()[:4].isdigit()
+    )
+
+
+def test_dvc_lock_cut_at_every_byte_is_called_torn_or_is_one_dvc_can_use(tmp_path):
+    """Every cut point of a real dvc.lock, not a sample: ``verify`` calls it torn (and
+    --repair replaces it), or DVC itself loads it and works out every stage's status from
+    it (what ``dvc repro`` does before it runs anything). DVC's verdict is taken in this
+    process, so the sweep takes seconds."""
+    from dvc.repo import Repo
+
+    repo = tmp_path / "small"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    dvc(repo, "init", "-q")
+    (repo / "dvc.yaml").write_text(SMALL_DVC_YAML)
+    (repo / "params.yaml").write_text("make:\n  count: 3\n  name: small\n")
+    (repo / "in.txt").write_text(digits_first_text())
+    (repo / "inputs").mkdir()
+    (repo / "inputs" / "a.txt").write_text("a\n")
+    (repo / "inputs" / "b.txt").write_text("b\n")
+    dvc(repo, "repro")
+    lock = repo / "dvc.lock"
+    whole = lock.read_bytes()
+    assert any(
+        line.split(": ")[-1][:4].isdigit()
+        for line in whole.decode().splitlines()
+        if "md5: " in line
+    )
+
+    torn, unusable = 0, []
+    for cut in range(len(whole)):  # 0: DVC truncated the file, then died
+        lock.write_bytes(whole[:cut])
+        if lock_file_problem(lock) is not None:
+            torn += 1
+            continue
+        try:
+            with Repo(str(repo)) as dvc_repo:
+                dvc_repo.status()
+        except Exception as exc:  # whatever DVC raises on a lock it cannot use
+            tail = whole[max(0, cut - 40) : cut].decode(errors="replace")
+            unusable.append(f"cut at {cut} (...{tail!r}): {type(exc).__name__}: {exc}")
+    lock.write_bytes(whole)
+    record(
+        "state: dvc.lock cut at every byte of a small real lock: called torn, or DVC can use it",
+        len(whole),
+        len(whole) - len(unusable),
+        called_torn=torn,
+    )
+    assert unusable == [], "verify calls these sound, DVC cannot use them:\n" + "\n".join(
+        unusable[:20]
+    )
+    assert 0 < torn < len(whole)
 
 
 def run_dvc_anyhow(repo: Path) -> subprocess.CompletedProcess:

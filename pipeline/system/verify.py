@@ -32,8 +32,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from pipeline.errors import PipelineError
 from pipeline.system.fsutil import atomic_path, md5_file, remove, write_text_atomic
 
@@ -88,10 +86,8 @@ LOCKFILE = Path("dvc.lock")
 
 
 def torn_state_files(root: Path) -> list[str]:
-    """DVC's state files that do not parse as DVC parses them: the rwlock as JSON, dvc.lock
-    as YAML checked against DVC's own schema (a file cut short can still be YAML)."""
-    from dvc.schema import COMPILED_LOCKFILE_SCHEMA
-
+    """DVC's state files that DVC could not use: the rwlock as JSON, dvc.lock as DVC reads
+    it (see lock_file_problem)."""
     torn = []
     rwlock, lockfile = root / RWLOCK, root / LOCKFILE
     if rwlock.exists():
@@ -101,12 +97,62 @@ def torn_state_files(root: Path) -> list[str]:
         except ValueError as exc:
             torn.append(f"{RWLOCK}: not JSON ({exc})")
     if lockfile.exists():
-        try:
-            COMPILED_LOCKFILE_SCHEMA(yaml.safe_load(lockfile.read_text(encoding="utf-8")) or {})
-        except Exception as exc:  # yaml.YAMLError, voluptuous.Invalid
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            torn.append(f"{LOCKFILE}: not a valid lock file ({first})")
+        problem = lock_file_problem(lockfile)
+        if problem is not None:
+            torn.append(f"{LOCKFILE}: not a valid lock file ({problem})")
     return torn
+
+
+def lock_file_problem(path: Path) -> str | None:
+    """Why DVC could not use this dvc.lock, or None.
+
+    DVC reads it with its own YAML parser (YAML 1.2: ``md5: 9e8`` is a float) and checks it
+    against its schema, then uses the values as parsed, not as the schema coerced them
+    (dvc/utils/strictyaml.py: "not returning validated data"). So a hash cut short to
+    digits, ``md5: 4715``, passes the schema as the number 4715 and every later dvc command
+    fails on it ("'int' object has no attribute 'endswith'"). Both are checked here: DVC's
+    own reading, then the type of every hash it will dereference."""
+    from dvc.exceptions import DvcException
+    from dvc.schema import COMPILED_LOCKFILE_SCHEMA
+    from dvc.utils import strictyaml
+
+    try:
+        data, _ = strictyaml.load(str(path), COMPILED_LOCKFILE_SCHEMA)
+    except DvcException as exc:  # YAMLSyntaxError, YAMLValidationError, EncodingError
+        detail = str(exc.__cause__ or exc).strip()
+        return detail.splitlines()[0] if detail else type(exc).__name__
+    from dvc_data.hashfile.hash import algorithms_available
+
+    for where, value in lock_hashes(data):
+        if where.endswith(".hash"):  # the algorithm DVC hashes the file with again
+            if value not in algorithms_available:
+                return f"{where} is {value!r}, not a hash algorithm DVC knows"
+        elif not isinstance(value, str | None):
+            return f"{where} is the {type(value).__name__} {value!r}, not a hash"
+    return None
+
+
+def lock_hashes(data: dict) -> Iterator[tuple[str, object]]:
+    """(where, value) of every hash field in a lock's deps and outs, their directory
+    listings (``files``) and cloud versions, and of each entry's hash algorithm
+    (``hash: md5``): the fields DVC makes HashInfo objects of."""
+    from dvc.output import CHECKSUMS_SCHEMA
+
+    def walk(where: str, entry: object) -> Iterator[tuple[str, object]]:
+        if not isinstance(entry, dict):
+            return
+        for field in (*CHECKSUMS_SCHEMA, "hash"):  # md5, etag, checksum; the algorithm
+            if field in entry:
+                yield f"{where}.{field}", entry[field]
+        for i, item in enumerate(entry.get("files") or []):
+            yield from walk(f"{where}.files[{i}]", item)
+        for remote, item in (entry.get("cloud") or {}).items():
+            yield from walk(f"{where}.cloud.{remote}", item)
+
+    for stage, record in (data.get("stages") or {}).items():
+        for kind in ("deps", "outs"):
+            for i, entry in enumerate(record.get(kind) or []):
+                yield from walk(f"stages.{stage}.{kind}[{i}]", entry)
 
 
 def repair_state_files(root: Path) -> list[str]:
@@ -139,7 +185,9 @@ def lock_entries(root: Path, cache: Path) -> tuple[list[Entry], list[str]]:
     lock_file = root / "dvc.lock"
     if not lock_file.exists():
         return [], ["no dvc.lock: nothing has been reproduced yet"]
-    stages = (yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}).get("stages", {})
+    from dvc.utils import strictyaml  # DVC's YAML reading, as lock_file_problem judged it
+
+    stages = (strictyaml.load(str(lock_file))[0] or {}).get("stages", {})
     entries: list[Entry] = []
     skipped: list[str] = []
     for stage, record in stages.items():

@@ -44,9 +44,18 @@ def cluster(server, images, tmp_path_factory):
         yield found
 
 
-def test_every_stage_runs_on_its_placements_pool_and_a_fresh_clone_pulls_the_model(cluster, images):
-    output = check(cluster.orchestrate())
-    children = cluster.stage_runs(run_name(output))
+@pytest.fixture(scope="module")
+def first_run(cluster) -> str:
+    """The output of the cluster's first distributed run: every test that reads what a
+    run left (the origin's dvc.lock, the remote's objects) asks for it, so each passes
+    alone, under ``-m faults`` and in any order."""
+    return check(cluster.orchestrate())
+
+
+def test_every_stage_runs_on_its_placements_pool_and_a_fresh_clone_pulls_the_model(
+    cluster, first_run, images
+):
+    children = cluster.stage_runs(run_name(first_run))
 
     # From the server's records: each run of stages went to its placement's pool, and
     # every stage ran (DVC ran its command) on the worker of that pool.
@@ -98,7 +107,7 @@ def test_every_stage_runs_on_its_placements_pool_and_a_fresh_clone_pulls_the_mod
     )
 
 
-def test_the_deployment_again_finds_every_stage_up_to_date_on_both_workers(cluster):
+def test_the_deployment_again_finds_every_stage_up_to_date_on_both_workers(cluster, first_run):
     """Run by the deployment ``training-pipeline/distributed``: the orchestrator itself runs
     on the CPU pool's worker, in that worker's clone."""
     done = run(
@@ -148,7 +157,9 @@ def final_lock(cluster: Cluster, parent_name: str) -> dict:
 
 
 @pytest.mark.faults
-def test_a_remote_that_refuses_the_credentials_or_is_down_fails_the_run_naming_it(cluster):
+def test_a_remote_that_refuses_the_credentials_or_is_down_fails_the_run_naming_it(
+    cluster, first_run
+):
     """Per-machine DVC config (``.dvc/config.local``, as credentials are kept) gone wrong:
     the GPU worker's key is refused, then the CPU worker's endpoint is down."""
     lock_before = (cluster.origin / "dvc.lock").read_text()
@@ -203,7 +214,7 @@ def test_a_remote_that_refuses_the_credentials_or_is_down_fails_the_run_naming_i
 )
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the stage's process")
 def test_a_worker_killed_mid_stage_crashes_the_run_and_the_rerun_keeps_what_reached_the_remote(
-    cluster,
+    cluster, first_run
 ):
     gpu = cluster.clones["gpu-pool"]
     changed = ("--set", "head.epochs=4", "--set", "finetune.epochs=2")  # train_head, finetune rerun

@@ -12,11 +12,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.support.cluster import run_name
 from tests.support.faults import FULL, record
 from tests.support.prefect import (
     flows_run,
@@ -68,12 +70,17 @@ def test_a_child_started_through_pipeline_process_dies_with_its_parent():
     assert not alive(child), "the child outlived its SIGKILLed parent"
 
 
-def flow_runs(env: dict, cwd: Path) -> list[dict]:
+def flow_runs(env: dict, cwd: Path, names: list[str]) -> list[dict]:
+    """The server's flow runs of these names (the session's server also holds the runs
+    of other tests: the distributed ones, for one)."""
     code = (
         "import json\n"
         "from prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName\n"
         "with get_client(sync_client=True) as client:\n"
-        "    runs = client.read_flow_runs()\n"
+        "    runs = client.read_flow_runs(\n"
+        f"        flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_={names!r}))\n"
+        "    )\n"
         "print(json.dumps([{'name': r.name, 'state': r.state.type.value, "
         "'message': r.state.message} for r in runs]))\n"
     )
@@ -90,13 +97,15 @@ def test_a_killed_flow_run_ends_crashed_and_the_next_run_finishes(server, images
     assert setup.returncode == 0, setup.stdout + setup.stderr
 
     flow = start_flow_run(repo, server)
+    output: list[str] = []  # read as it comes: a full pipe would stall the run
+    threading.Thread(target=lambda: output.extend(flow.stdout), daemon=True).start()
     deadline = time.monotonic() + 600
     while not any("pipeline finetune" in cmd for cmd in processes_in(repo)):
         assert flow.poll() is None and time.monotonic() < deadline, "finetune never started"
         time.sleep(0.2)
+    name = run_name("".join(output))
     os.kill(flow.pid, signal.SIGKILL)  # the worker dies: no handler, no cleanup
     flow.wait()
-    flow.stdout.close()
     killed_at = time.monotonic()
     while processes_in(repo) and time.monotonic() < killed_at + 20:
         time.sleep(0.2)
@@ -105,7 +114,7 @@ def test_a_killed_flow_run_ends_crashed_and_the_next_run_finishes(server, images
     # Prefect's automation: no heartbeat for 3 x 30 s → Crashed.
     deadline = killed_at + 300
     while True:
-        runs = flow_runs(server, repo)
+        runs = flow_runs(server, repo, [name])
         states = [r["state"] for r in runs]
         if states == ["CRASHED"] or time.monotonic() > deadline:
             break

@@ -23,8 +23,8 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 def pytest_collection_modifyitems(config, items) -> None:
     """Longest work first, for ``make test``'s workers, which take work in this order: the
     modules marked ``one_worker`` (largest first), then the other slow tests, then the rest;
-    each module's order is kept. Tests marked ``gpu`` skip, saying why, where torch sees no
-    CUDA device."""
+    each module's order is kept. A shuffled run (``-p randomly``) keeps its shuffle. Tests
+    marked ``gpu`` skip, saying why, where torch sees no CUDA device."""
 
     def module(item) -> str:
         return item.nodeid.split("::", 1)[0]
@@ -36,7 +36,8 @@ def pytest_collection_modifyitems(config, items) -> None:
             return 0, -sizes[module(item)]
         return (1 if item.get_closest_marker("slow") else 2), 0
 
-    items.sort(key=rank)
+    if not config.pluginmanager.has_plugin("randomly"):
+        items.sort(key=rank)
     if not any(item.get_closest_marker("gpu") for item in items):
         return
     import torch

@@ -172,7 +172,7 @@ def test_disk_full_during_download_keeps_a_resumable_part(tmpfs_works, disk_ws, 
     size_kib = len(payload) // 1024
     runs = itertools.count()
     rng = random.Random(SEED)
-    cases = [rng.randint(size_kib // 5, size_kib * 4 // 5) for _ in range(trials(5, 1))]
+    cases = [rng.randint(size_kib // 5, size_kib * 4 // 5) for _ in range(trials(5))]
     downloads = disk_ws / "data" / "downloads"
     name = f"{digest[:16]}-new.tgz"
 
@@ -233,7 +233,7 @@ def test_disk_full_during_extraction_keeps_the_previous_raw(tmpfs_works, disk_ws
     new_kib = kib_on_tmpfs([p.stat().st_size for p in new.rglob("*.png")])
     runs = itertools.count()
     rng = random.Random(SEED + 1)
-    cases = [old_kib + new_kib * rng.randint(10, 90) // 100 for _ in range(trials(5, 1))]
+    cases = [old_kib + new_kib * rng.randint(10, 90) // 100 for _ in range(trials(5))]
 
     def trial(small_kib: int) -> str | None:
         i = next(runs)

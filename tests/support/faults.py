@@ -1,9 +1,10 @@
 """Shared by the fault-injection suite (RELIABILITY.md): trial counts and a results log.
 
-Every fault test is marked ``faults``. The plain ``make test`` (CI) runs them with small
-trial counts; ``make faults`` sets ``PIPELINE_FAULTS=full`` for the counts RELIABILITY.md
-reports and ``PIPELINE_FAULTS_RESULTS`` to a JSON-lines file that each test appends its
-tally to, so the table in RELIABILITY.md is printed by the run itself
+Every fault test is marked ``faults``. The plain ``make test`` (CI) runs the cheap ones at
+full counts and the rest with small trial counts; ``make faults`` sets
+``PIPELINE_FAULTS=full`` for the counts RELIABILITY.md reports and
+``PIPELINE_FAULTS_RESULTS`` to a JSON-lines file that each test appends its tally to, so
+the table in RELIABILITY.md is printed by the run itself
 (``python -m tests.support.faults_summary``).
 """
 
@@ -23,9 +24,12 @@ FULL = os.environ.get("PIPELINE_FAULTS") == "full"
 SEED = int(os.environ.get("PIPELINE_FAULTS_SEED", "20250107"))
 
 
-def trials(full: int, fast: int) -> int:
-    """How many trials to run: ``full`` under ``make faults``, ``fast`` in CI."""
-    return full if FULL else fast
+def trials(full: int, fast: int | None = None) -> int:
+    """How many trials to run: ``full`` under ``make faults``; in ``make test`` (CI) ``fast``,
+    or ``full`` too where no ``fast`` is given. A fault that is cheap at full counts runs
+    them everywhere, so a change that moves a full-count case (a new cut point, a new
+    offset) is caught in CI, not first in a ``make faults`` run."""
+    return full if FULL or fast is None else fast
 
 
 def record(fault: str, trials: int, passed: int, data_lost: int = 0, **details) -> None:

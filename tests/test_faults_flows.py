@@ -89,6 +89,11 @@ def flow_runs(env: dict, cwd: Path, names: list[str]) -> list[dict]:
     return json.loads(done.stdout)
 
 
+def read_lines(stream, lines: list[str]) -> None:
+    for line in stream:
+        lines.append(line)
+
+
 @pytest.mark.skipif(not FULL, reason="waits ~3 min for Prefect's heartbeat automation: make faults")
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the stage's process")
 def test_a_killed_flow_run_ends_crashed_and_the_next_run_finishes(server, images, tmp_path):  # noqa: F811
@@ -98,14 +103,14 @@ def test_a_killed_flow_run_ends_crashed_and_the_next_run_finishes(server, images
 
     flow = start_flow_run(repo, server)
     output: list[str] = []  # read as it comes: a full pipe would stall the run
-    threading.Thread(target=lambda: output.extend(flow.stdout), daemon=True).start()
+    threading.Thread(target=read_lines, args=(flow.stdout, output), daemon=True).start()
     deadline = time.monotonic() + 600
     while not any("pipeline finetune" in cmd for cmd in processes_in(repo)):
         assert flow.poll() is None and time.monotonic() < deadline, "finetune never started"
         time.sleep(0.2)
-    name = run_name("".join(output))
     os.kill(flow.pid, signal.SIGKILL)  # the worker dies: no handler, no cleanup
     flow.wait()
+    name = run_name("".join(output))  # this test's run: the server holds other tests' too
     killed_at = time.monotonic()
     while processes_in(repo) and time.monotonic() < killed_at + 20:
         time.sleep(0.2)

@@ -4,12 +4,15 @@ stage's code deps in dvc.yaml exactly its import closure, and facts written once
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from pipeline.stages.export import model_params
+from pipeline.system import codedeps
+from pipeline.system.provenance import model_param_keys, model_params
 from tests.support.images import create_image_folder
-from tests.support.imports import direct_imports, import_without, stage_closure
+from tests.support.imports import import_without
 from tests.support.project import (
     REPO_ROOT,
     SMALL_BACKBONE,
@@ -30,14 +33,78 @@ def code_deps(stage: str) -> set[str]:
     return {d for d in dvc_yaml()["stages"][stage]["deps"] if d.endswith(".py")}
 
 
+def stage_closure(stage: str) -> set[str]:
+    return set(codedeps.stage_closure(stage, REPO_ROOT))
+
+
+def direct_imports(file):
+    return codedeps.direct_imports(file, REPO_ROOT)
+
+
+def deps_command(root, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "deps", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_dvc_yaml_lists_each_stages_import_closure(stage):
     """DVC reruns a stage when a file it lists changes, so a stage must list every project
     file it runs (a support function edited elsewhere) and no other (an edit to code it
     never runs would rerun it for nothing)."""
     closure, listed = stage_closure(stage), code_deps(stage)
-    assert not closure - listed, f"dvc.yaml's {stage} deps miss {sorted(closure - listed)}"
-    assert not listed - closure, f"dvc.yaml's {stage} deps list {sorted(listed - closure)}"
+    fix = f"run `{codedeps.FIX}`"
+    assert not closure - listed, f"dvc.yaml's {stage} deps miss {sorted(closure - listed)}: {fix}"
+    assert not listed - closure, f"dvc.yaml's {stage} deps list {sorted(listed - closure)}: {fix}"
+
+
+def test_deps_check_passes_here_and_names_the_stage_and_file_a_removed_line_leaves_out(
+    tmp_path,
+):
+    """`python -m pipeline deps --check` holds dvc.yaml to the imports; `--write` puts a
+    removed line back and leaves every other byte (comments, data deps) as it was."""
+    assert deps_command(REPO_ROOT, "--check").returncode == 0
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "pipeline").symlink_to(REPO_ROOT / "pipeline")
+    original = (REPO_ROOT / "dvc.yaml").read_text()
+    line = "      - pipeline/modeling/training.py\n"
+    start = original.index("  finetune:\n")
+    cut = original.index(line, start)
+    (root / "dvc.yaml").write_text(original[:cut] + original[cut + len(line) :])
+
+    checked = deps_command(root, "--check")
+    assert checked.returncode == 1
+    assert checked.stderr.splitlines() == [
+        "dvc.yaml: stage finetune deps misses pipeline/modeling/training.py, which it imports",
+        "run `python -m pipeline deps --write` to fix",
+    ]
+    written = deps_command(root, "--write")
+    assert written.returncode == 0, written.stderr
+    assert (root / "dvc.yaml").read_text() == original
+    assert deps_command(root, "--check").returncode == 0
+
+
+def test_deps_check_names_a_file_a_stage_lists_but_does_not_run_and_a_missing_param(tmp_path):
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "pipeline").symlink_to(REPO_ROOT / "pipeline")
+    text = (REPO_ROOT / "dvc.yaml").read_text()
+    text = text.replace(
+        "      - pipeline/stages/split.py\n",
+        "      - pipeline/stages/split.py\n      - pipeline/serving/predict.py\n",
+    ).replace("      - export.opset\n", "")
+    (root / "dvc.yaml").write_text(text)
+    checked = deps_command(root, "--check")
+    assert checked.returncode == 1
+    assert checked.stderr.splitlines()[:2] == [
+        "dvc.yaml: stage split deps lists pipeline/serving/predict.py, which it does not import",
+        "dvc.yaml: stage export params misses export.opset, which it hashes",
+    ]
 
 
 def test_the_closure_follows_lazy_and_nested_imports():
@@ -90,7 +157,7 @@ def test_export_lists_every_param_its_metadata_hashes():
     """The ONNX file's params_sha256 hashes the settings that made the model; dvc.yaml must
     list exactly those for export, or a changed one leaves a stale hash in the file."""
     listed = dvc_yaml()["stages"]["export"]["params"]
-    assert sorted(listed) == sorted(model_params(params_with()))
+    assert listed == list(model_params(params_with())) == model_param_keys()
 
 
 def test_placement_lives_in_dvc_yaml():

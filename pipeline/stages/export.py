@@ -9,8 +9,6 @@ fitted on val, and provenance (backbone, params hash, git commit, test metrics).
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -40,52 +38,13 @@ from pipeline.system.fsutil import (
     write_json_atomic,
     write_text_atomic,
 )
-from pipeline.system.provenance import git_revision
+from pipeline.system.provenance import git_revision, params_sha256
 
 if TYPE_CHECKING:
     import pandas as pd
 
 log = logging.getLogger(__name__)
 INPUT, OUTPUT = "input", "logits"
-
-
-# The sections that shape the exported file; paths, download effort, device and the
-# checks that run after export do not. Within them, keys that only say how hard to try
-# or let a check pass change no output. The rest are hashed into the file's metadata
-# (params_sha256), so dvc.yaml lists exactly these keys as export's params (a test holds
-# the two equal): a changed one reruns export and the hash in the file is never stale.
-MODEL_SECTIONS = (
-    "data",
-    "validate",
-    "split",
-    "model",
-    "features",
-    "head",
-    "finetune",
-    "evaluate",
-    "export",
-)
-NOT_HASHED = frozenset({"validate.allow_class_change", "finetune.checkpoint_every_steps"})
-
-
-def model_params(params: Params) -> dict[str, Any]:
-    """The settings that made this model, by dotted key (``split.ratios`` whole)."""
-    return {
-        f"{section}.{field.name}": getattr(getattr(params, section), field.name)
-        for section in MODEL_SECTIONS
-        for field in dataclasses.fields(getattr(params, section))
-        if f"{section}.{field.name}" not in NOT_HASHED
-    }
-
-
-def params_sha256(params: Params) -> str:
-    """A hash of the settings that made this model, to trace a file back to its params."""
-    values = {
-        key: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
-        for key, v in model_params(params).items()
-    }
-    canonical = json.dumps(values, sort_keys=True, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def contract_metadata(

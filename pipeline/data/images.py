@@ -114,6 +114,10 @@ def probe_image(path: str | Path, max_pixels: int) -> ImageInfo:
     pixel is decoded, so a decompression bomb costs nothing.
     """
     fmt = mode = width = height = orientation = None
+
+    def refused(reason: str) -> ImageInfo:
+        return ImageInfo(fmt, mode, width, height, orientation, False, reason, None)
+
     try:
         with warnings.catch_warnings():
             # Pillow's own guard (MAX_IMAGE_PIXELS) becomes an error, caught below.
@@ -123,33 +127,16 @@ def probe_image(path: str | Path, max_pixels: int) -> ImageInfo:
                 width, height = img.size
                 orientation = img.getexif().get(_EXIF_ORIENTATION)
                 if width * height > max_pixels:
-                    return ImageInfo(
-                        fmt,
-                        mode,
-                        width,
-                        height,
-                        orientation,
-                        False,
+                    return refused(
                         f"decompression bomb: {width}x{height} pixels exceeds "
-                        f"validate.max_pixels={max_pixels}",
-                        None,
+                        f"validate.max_pixels={max_pixels}"
                     )
                 if mode not in KNOWN_MODES:
-                    return ImageInfo(
-                        fmt,
-                        mode,
-                        width,
-                        height,
-                        orientation,
-                        False,
-                        f"unsupported colour mode {mode}",
-                        None,
-                    )
+                    return refused(f"unsupported colour mode {mode}")
                 img.load()
                 rgb = to_rgb(ImageOps.exif_transpose(img))
     except Exception as exc:  # noqa: BLE001 - any decoder failure means "not usable"
-        reason = _describe_failure(path, exc)
-        return ImageInfo(fmt, mode, width, height, orientation, False, reason, None)
+        return refused(_describe_failure(path, exc))
     return ImageInfo(fmt, mode, width, height, orientation, True, None, f"{dhash(rgb):016x}")
 
 

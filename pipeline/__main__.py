@@ -1,12 +1,13 @@
 """``python -m pipeline <stage>``: run one stage with the settings in params.yaml.
 
 This is the command dvc.yaml runs for each stage (through ``bin/stage``); the stage
-modules do the work (``pipeline/runner.py`` runs them). Four commands are not stages:
+modules do the work (``pipeline/runner.py`` runs them). Five commands are not stages:
 ``python -m pipeline predict --model models/model.onnx IMAGE_OR_DIR...`` labels images
 with the exported model and runs where only onnxruntime, numpy and Pillow are installed;
 ``python -m pipeline verify`` re-hashes DVC's outputs and cache against dvc.lock
 (``pipeline/system/verify.py``); ``python -m pipeline deps --check`` (or ``--write``)
 compares dvc.yaml's code deps with each stage's imports (``pipeline/system/codedeps.py``);
+``python -m pipeline settings`` prints the settings reference (``--write``: docs/settings.md);
 ``python -m pipeline outputs`` lists where the outputs are, with the headline figures. Each is dispatched before anything else is imported.
 """
 
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.system.codedeps import main as deps
 
         return deps(argv[1:])
+    if argv[:1] == ["settings"]:
+        from pipeline.system.settingsdoc import main as settings
+
+        return settings(argv[1:])
     if argv[:1] == ["outputs"]:
         from pipeline.reporting.headline import main as outputs
 

@@ -1,10 +1,13 @@
 """params.yaml, read once into frozen, typed dataclasses.
 
-Every key is checked at load time: an unknown key, a missing required key or a value
-of the wrong type raises :class:`ConfigError` naming the dotted key (``split.ratios.val``),
-with a suggestion when the key looks like a typo. Every key must be there: params.yaml is
-the one place defaults are written, and these classes only declare types and checks. Each
-stage then receives only the sections it reads; dvc.yaml lists the exact keys.
+Every key is checked at load time: an unknown key, a missing required key, a value of
+the wrong type or outside what the key accepts raises :class:`ConfigError` naming the
+dotted key (``split.ratios.val``), with a suggestion when the key looks like a typo. What
+a key accepts is declared once, on its type (``Annotated[float, Gt(0)]``: a number > 0;
+rules across keys in ``__post_init__``), and read by the loader, the settings reference
+(docs/settings.md) and the fuzz test. Every key must be there: params.yaml is the one place
+defaults are written, and these classes only declare types and checks. Each stage then
+receives only the sections it reads; dvc.yaml lists the exact keys.
 """
 
 from __future__ import annotations
@@ -14,15 +17,27 @@ import difflib
 import math
 import types
 import typing
+import zoneinfo
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from annotated_types import BaseMetadata, Ge, GroupedMetadata, Gt, Interval, Le, Lt, MinLen
 
 from pipeline.errors import ConfigError
 
 PARAMS_FILE = Path("params.yaml")
+
+# What a value may be beside its type: each key's type says it once.
+Positive = Annotated[float, Gt(0)]
+NonNegative = Annotated[float, Ge(0)]
+Fraction = Annotated[float, Interval(ge=0, lt=1)]  # dropout, smoothing, warmup: 1 is all
+Rate = Annotated[float, Interval(ge=0, le=1)]  # agreement and gaps between accuracies
+AtLeastOne = Annotated[int, Ge(1)]
+Count = Annotated[int, Ge(0)]
+Seed = Annotated[int, Interval(ge=0, lt=2**32)]  # numpy's seeds are 32-bit
+Text = Annotated[str, MinLen(1)]
 
 
 @dataclass(frozen=True)
@@ -108,7 +123,7 @@ class DataParams:
     """Where the labelled images come from, and where their labels do: class folders, or a
     table (``labels``) beside the images."""
 
-    source: str
+    source: Text
     sha256: str | None
     md5: str | None  # for publishers that give only an MD5 (Caltech's data repository)
     member: str | None
@@ -135,10 +150,10 @@ class DataParams:
 class DownloadParams:
     """How hard to try when fetching, and how much an archive may unpack to."""
 
-    retries: int
-    timeout_s: float
-    max_extracted_bytes: int
-    max_files: int
+    retries: AtLeastOne  # attempts, the first included
+    timeout_s: Positive
+    max_extracted_bytes: AtLeastOne
+    max_files: AtLeastOne
 
 
 @dataclass(frozen=True)
@@ -146,26 +161,35 @@ class ValidateParams:
     """Bounds that the Great Expectations suite enforces on the manifest, and whether the
     set of classes may differ from the one the previous successful run accepted."""
 
-    min_images_per_class: int
-    min_side: int
-    max_side: int
-    max_pixels: int
+    min_images_per_class: AtLeastOne
+    min_side: AtLeastOne
+    max_side: AtLeastOne
+    max_pixels: AtLeastOne
     allow_class_change: bool
+
+    def __post_init__(self) -> None:
+        if self.max_side < self.min_side:
+            raise ConfigError(
+                f"validate.max_side: expected >= validate.min_side ({self.min_side}), "
+                f"got {self.max_side}"
+            )
+        if self.max_pixels < self.min_side**2:
+            raise ConfigError(
+                f"validate.max_pixels: expected >= validate.min_side squared "
+                f"({self.min_side**2}), got {self.max_pixels}"
+            )
 
 
 @dataclass(frozen=True)
 class SplitRatios:
-    train: float
-    val: float
-    test: float
+    train: Annotated[float, Interval(gt=0, lt=1)]
+    val: Annotated[float, Interval(gt=0, lt=1)]
+    test: Annotated[float, Interval(gt=0, lt=1)]
 
     def __post_init__(self) -> None:
-        for name in ("train", "val", "test"):
-            if not 0 < getattr(self, name) < 1:
-                raise ConfigError(f"split.ratios.{name} must be between 0 and 1 (exclusive)")
         total = self.train + self.val + self.test
         if not math.isclose(total, 1.0, abs_tol=1e-6):
-            raise ConfigError(f"split.ratios must sum to 1, got {total:g}")
+            raise ConfigError(f"split.ratios must sum to 1 (train + val + test), got {total:g}")
 
 
 @dataclass(frozen=True)
@@ -173,13 +197,15 @@ class SplitParams:
     """Stratified, stable train/val/test split."""
 
     ratios: SplitRatios
-    train_per_class: int | None
-    seed: int
+    train_per_class: AtLeastOne | None
+    seed: Seed
     drop_small_classes: bool
 
-    def __post_init__(self) -> None:
-        if self.train_per_class is not None and self.train_per_class < 1:
-            raise ConfigError("split.train_per_class must be a positive integer or null")
+    @property
+    def min_class_size(self) -> int:
+        """The fewest images a class needs for one or more in each split (and
+        ``train_per_class`` in train)."""
+        return 3 if self.train_per_class is None else self.train_per_class + 2
 
 
 TIMM, TORCHVISION = "timm:", "torchvision:"  # model.backbone prefixes: any model by name
@@ -196,8 +222,8 @@ class ModelParams:
     for ``torchvision:``.
     """
 
-    backbone: str
-    weights: str
+    backbone: Text
+    weights: Text
     resize: Literal["squash", "center_crop"]
 
     def __post_init__(self) -> None:
@@ -228,23 +254,19 @@ Precision = Literal["auto", "fp32", "bf16"]
 class AugmentParams:
     """Training augmentation: RandomResizedCrop(scale_min..1), horizontal flip, colour jitter."""
 
-    scale_min: float
+    scale_min: Annotated[float, Interval(gt=0, le=1)]  # of the image's area
     flip: bool
-    jitter: float
+    jitter: Annotated[float, Interval(ge=0, le=0.5)]  # brightness, contrast, saturation: ±
 
 
 @dataclass(frozen=True)
 class FeaturesParams:
-    batch_size: int
+    batch_size: AtLeastOne
     precision: Precision
     engine: Literal["auto", "torch", "onnxruntime"]
-    augmented_views: int
+    augmented_views: Count
     augment: AugmentParams
-    seed: int
-
-    def __post_init__(self) -> None:
-        if self.augmented_views < 0 or self.batch_size < 1:
-            raise ConfigError("features.augmented_views must be >= 0 and features.batch_size >= 1")
+    seed: Seed
 
 
 @dataclass(frozen=True)
@@ -252,16 +274,16 @@ class HeadParams:
     """A head trained on cached features: ``mlp`` (the seed's) or ``linear``."""
 
     type: Literal["mlp", "linear"]
-    hidden: int
-    dropout: float
-    lr: float | Literal["auto"]
-    epochs: int
-    batch_size: int
-    weight_decay: float
-    label_smoothing: float
-    patience: int
+    hidden: Annotated[int, Interval(ge=1, le=65536)]  # mlp only
+    dropout: Fraction
+    lr: Positive | Literal["auto"]
+    epochs: AtLeastOne
+    batch_size: AtLeastOne
+    weight_decay: NonNegative
+    label_smoothing: Fraction
+    patience: AtLeastOne
     class_balanced: bool
-    seed: int
+    seed: Seed
 
 
 @dataclass(frozen=True)
@@ -272,37 +294,31 @@ class FinetuneParams:
     (BENCHMARKS.md, Accuracy checks behind the defaults).
     """
 
-    epochs: int
-    unfreeze_blocks: int | Literal["all"]
-    lr: float
-    backbone_lr_mult: float
-    warmup_fraction: float
-    batch_size: int
-    weight_decay: float
-    label_smoothing: float
+    epochs: Count  # 0: skip
+    unfreeze_blocks: AtLeastOne | Literal["all"]
+    lr: Positive
+    backbone_lr_mult: Positive
+    warmup_fraction: Fraction
+    batch_size: AtLeastOne
+    weight_decay: NonNegative
+    label_smoothing: Fraction
     class_balanced: bool
-    patience: int
+    patience: AtLeastOne
     precision: Precision
     augment: AugmentParams
-    seed: int
+    seed: Seed
     # A checkpoint inside an epoch every N batches (0: after each epoch only); a killed run
     # resumes at the last one exactly. Caltech on 2 CPU cores: 190 batches, ~5 min an epoch.
-    checkpoint_every_steps: int
+    checkpoint_every_steps: Count
     # Clip the gradients' total norm to this (null: no clipping). A non-finite norm stops
     # the stage either way, before the optimiser step.
-    max_grad_norm: float | None
-
-    def __post_init__(self) -> None:
-        if self.checkpoint_every_steps < 0:
-            raise ConfigError("finetune.checkpoint_every_steps must be >= 0 (0: per epoch only)")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError("finetune.max_grad_norm must be > 0, or null for no clipping")
+    max_grad_norm: Positive | None
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    ece_bins: int
-    batch_size: int
+    ece_bins: AtLeastOne
+    batch_size: AtLeastOne
     precision: Precision
 
 
@@ -310,18 +326,11 @@ class EvaluateParams:
 class ExportParams:
     """ONNX export; ``quantize`` adds a static int8 model calibrated on training images."""
 
-    opset: int
+    # 17 or later: onnxruntime's well-supported range; up to what torch's exporter writes
+    opset: Annotated[int, Interval(ge=17, le=23)]
     quantize: bool
-    calibration_images: int
+    calibration_images: AtLeastOne
     calibration_method: Literal["minmax", "percentile", "entropy"]
-
-    def __post_init__(self) -> None:
-        if self.opset < 17:
-            raise ConfigError(
-                "export.opset must be 17 or later (onnxruntime's well-supported range)"
-            )
-        if self.calibration_images < 1:
-            raise ConfigError("export.calibration_images must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -331,60 +340,41 @@ class OnnxCheckParams:
     The bounds on predictions (agreement, top-1 gap, int8 drop) are on true rates, tested
     one-sided at ``significance`` on the test split (pipeline/reporting/significance.py)."""
 
-    threads: int
-    batch_size: int
-    latency_runs: int
-    throughput_batches: int
-    max_abs_diff: float
-    min_top1_agreement: float
-    max_top1_gap: float
-    max_int8_drop: float
-    significance: float
-
-    def __post_init__(self) -> None:
-        if min(self.threads, self.batch_size, self.latency_runs, self.throughput_batches) < 1:
-            raise ConfigError(
-                "onnx_check.threads, batch_size, latency_runs and throughput_batches must be >= 1"
-            )
-        if not 0 < self.significance < 1:
-            raise ConfigError(
-                f"onnx_check.significance must be between 0 and 1, got {self.significance!r}"
-            )
+    threads: Annotated[int, Interval(ge=1, le=1024)]
+    batch_size: AtLeastOne
+    latency_runs: AtLeastOne
+    throughput_batches: AtLeastOne
+    max_abs_diff: Positive
+    min_top1_agreement: Rate
+    max_top1_gap: Rate
+    max_int8_drop: Rate
+    significance: Annotated[float, Interval(gt=0, lt=1)]
 
 
 @dataclass(frozen=True)
 class ReportParams:
     """How much of the data the run report (``paths.report``) shows as pictures."""
 
-    thumbnails_per_class: int  # training images shown per class
-    thumbnail_px: int  # longest side of a thumbnail
-    confused_pairs: int  # most-confused class pairs shown with examples
-    examples_per_pair: int  # misclassified test images shown per pair
-    max_listed_files: int  # quarantined files / leaks listed; the rest are counted
-
-    def __post_init__(self) -> None:
-        if (
-            min(self.thumbnail_px, self.max_listed_files) < 1
-            or min(self.thumbnails_per_class, self.confused_pairs, self.examples_per_pair) < 0
-        ):
-            raise ConfigError(
-                "report.thumbnail_px and max_listed_files must be >= 1, the counts >= 0"
-            )
+    thumbnails_per_class: Count  # training images shown per class
+    thumbnail_px: Annotated[int, Interval(ge=1, le=4096)]  # longest side of a thumbnail
+    confused_pairs: Count  # most-confused class pairs shown with examples
+    examples_per_pair: Count  # misclassified test images shown per pair
+    max_listed_files: AtLeastOne  # quarantined files / leaks listed; the rest are counted
 
 
 @dataclass(frozen=True)
 class FlowsParams:
     """How the Prefect flow runs the DVC stages (read by ``flows/``, by no DVC stage)."""
 
-    cron: str
-    timezone: str
-    timeouts_s: dict[str, float]
-    download_retries: int
-    retry_delay_s: float
-    lock_timeout_s: float
+    cron: Text
+    timezone: Text
+    timeouts_s: dict[str, Positive]
+    download_retries: Count
+    retry_delay_s: NonNegative
+    lock_timeout_s: NonNegative
     push: bool
-    heartbeat_s: int
-    pools: dict[str, str]  # work pool per placement (dvc.yaml meta.placement), distributed runs
+    heartbeat_s: Annotated[int, Ge(30)]  # Prefect's minimum
+    pools: dict[str, Text]  # work pool per placement (dvc.yaml meta.placement), distributed runs
 
     @property
     def zombie_after_s(self) -> int:
@@ -394,18 +384,19 @@ class FlowsParams:
     def __post_init__(self) -> None:
         if "default" not in self.timeouts_s:
             raise ConfigError("flows.timeouts_s needs a 'default' entry (seconds per stage)")
-        if any(v <= 0 for v in self.timeouts_s.values()) or self.lock_timeout_s < 0:
-            raise ConfigError("flows.timeouts_s values must be > 0 and lock_timeout_s >= 0")
         if len(self.cron.split()) != 5:
             raise ConfigError(f"flows.cron must have five fields, got {self.cron!r}")
-        if not self.pools or not all(isinstance(v, str) and v for v in self.pools.values()):
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+            raise ConfigError(
+                f"flows.timezone: expected an IANA time zone such as UTC or Europe/Paris, "
+                f"got {self.timezone!r}"
+            ) from None
+        if not self.pools:
             raise ConfigError(
                 "flows.pools maps each placement to a work pool name, e.g. "
                 "{gpu: gpu-pool, cpu: cpu-pool}"
-            )
-        if self.heartbeat_s < 30:
-            raise ConfigError(
-                f"flows.heartbeat_s must be at least 30 (Prefect's minimum), got {self.heartbeat_s}"
             )
 
     def timeout_for(self, stage: str) -> float:
@@ -414,6 +405,13 @@ class FlowsParams:
 
 @dataclass(frozen=True)
 class Params:
+    """Rules across keys, checked at load time too: `validate.max_side` >= `validate.min_side`
+    and `validate.max_pixels` >= its square; `split.ratios` sum to 1; unless
+    `split.drop_small_classes`, `validate.min_images_per_class` is at least what `split`
+    shares out (3, or `split.train_per_class` + 2); `data.labels_sha256` needs `data.labels`;
+    `data.label_columns` names two columns; `model.weights` fits `model.backbone`;
+    `flows.timeouts_s` has a `default`."""
+
     paths: Paths
     data: DataParams
     download: DownloadParams
@@ -429,6 +427,17 @@ class Params:
     report: ReportParams
     flows: FlowsParams
     device: Literal["auto", "cpu", "cuda"]
+
+    def __post_init__(self) -> None:
+        # Rules across sections: a value that passes its own check but that another key
+        # makes fail later, after hours of work.
+        need, have = self.split.min_class_size, self.validate.min_images_per_class
+        if not self.split.drop_small_classes and have < need:
+            raise ConfigError(
+                f"validate.min_images_per_class: expected >= {need}, the fewest images split "
+                f"can share out (split.train_per_class: {self.split.train_per_class}), "
+                f"got {have}; or set split.drop_small_classes: true"
+            )
 
 
 def _is_hex(value: str, digits: int) -> bool:
@@ -470,7 +479,7 @@ def parse_params(raw: Any) -> Params:
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'params'} must be a mapping, got {_kind(raw)}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [key for key in raw if key not in fields]
     if unknown:
@@ -499,6 +508,12 @@ def _coerce(tp: Any, value: Any, dotted: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, dotted)
+    if origin is Annotated:
+        base, *rules = typing.get_args(tp)
+        result = _coerce(base, value, dotted)
+        if not all(_holds(rule, result) for rule in _flat(rules)):
+            raise ConfigError(f"{dotted}: expected {accepts(tp)}, got {value!r}")
+        return result
     if origin in (Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
@@ -510,7 +525,7 @@ def _coerce(tp: Any, value: Any, dotted: str) -> Any:
                 return _coerce(option, value, dotted)
             except ConfigError:
                 continue  # the next option may take it; none did: the error below
-        raise ConfigError(f"{dotted}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{dotted}: expected {accepts(tp)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value in allowed and type(value) is type(allowed[0]):
@@ -536,15 +551,22 @@ def _coerce(tp: Any, value: Any, dotted: str) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            if abs(value) < 2**63:  # what torch and numpy hold
+                return value
+            raise ConfigError(f"{dotted}: expected an int of at most 63 bits, got {value!r}")
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value) if abs(value) < 1e308 else math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:
+            raise ConfigError(f"{dotted}: expected a finite float, got {value!r}")
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -553,14 +575,71 @@ def _coerce(tp: Any, value: Any, dotted: str) -> Any:
             return Path(value)
     else:  # pragma: no cover - a new field type needs a rule above
         raise TypeError(f"no rule to read {dotted} as {tp!r}")
-    raise ConfigError(f"{dotted}: expected {_type_name(tp)}, got {_kind(value)} {value!r}")
+    raise ConfigError(f"{dotted}: expected {accepts(tp)}, got {_kind(value)} {value!r}")
 
 
-def _type_name(tp: Any) -> str:
+def _flat(rules: list[Any]) -> list[BaseMetadata]:
+    """Annotated's rules, a grouped one (``Interval``) as its parts (``Ge``, ``Lt``)."""
+    flat = []
+    for rule in rules:
+        flat.extend(rule if isinstance(rule, GroupedMetadata) else [rule])
+    return flat
+
+
+def _holds(rule: BaseMetadata, value: Any) -> bool:
+    if isinstance(rule, Gt):
+        return value > rule.gt
+    if isinstance(rule, Ge):
+        return value >= rule.ge
+    if isinstance(rule, Lt):
+        return value < rule.lt
+    if isinstance(rule, Le):
+        return value <= rule.le
+    if isinstance(rule, MinLen):
+        return len(value) >= rule.min_length
+    raise TypeError(f"no check for {rule!r}")  # pragma: no cover - a new kind needs one
+
+
+def _rule_text(rule: BaseMetadata) -> str:
+    for kind, sign, attr in ((Gt, ">", "gt"), (Ge, ">=", "ge"), (Lt, "<", "lt"), (Le, "<=", "le")):
+        if isinstance(rule, kind):
+            bound = getattr(rule, attr)
+            return f"{sign} {bound if isinstance(bound, int) else f'{bound:g}'}"
+    if isinstance(rule, MinLen) and rule.min_length == 1:
+        return "non-empty"
+    raise TypeError(f"no text for {rule!r}")  # pragma: no cover
+
+
+def declared_type(dotted: str) -> Any:
+    """The type :class:`Params` declares for the key ``dotted`` (for an entry of a mapping
+    such as ``flows.timeouts_s.default``, the mapping's value type), rules included."""
+    tp: Any = Params
+    for part in dotted.split("."):
+        if dataclasses.is_dataclass(tp):
+            hints = typing.get_type_hints(tp, include_extras=True)
+            if part not in hints:
+                raise KeyError(dotted)
+            tp = hints[part]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            raise KeyError(dotted)
+    return tp
+
+
+def accepts(tp: Any) -> str:
+    """What a key accepts, in the words its errors and the settings reference use:
+    ``float > 0 or 'auto'``, ``int >= 0 and < 4294967296``."""
     if tp is type(None):
         return "null"
+    if typing.get_origin(tp) is Annotated:
+        base, *rules = typing.get_args(tp)
+        texts = [_rule_text(rule) for rule in _flat(rules)]
+        if texts == ["non-empty"]:
+            return f"non-empty {accepts(base)}"
+        return f"{accepts(base)} {' and '.join(texts)}"
     if typing.get_origin(tp) in (Union, types.UnionType):
-        return " or ".join(_type_name(t) for t in typing.get_args(tp))
+        return " or ".join(accepts(t) for t in typing.get_args(tp))
     if typing.get_origin(tp) is Literal:
         return " or ".join(repr(v) for v in typing.get_args(tp))
     if tp is Path:

@@ -2,7 +2,11 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -80,7 +84,7 @@ def test_every_path_dvc_yaml_templates_exists():
         ({"split": {"ratios": {"train": 0.7, "vall": 0.1}}}, "unknown key 'split.ratios.vall'"),
         ({"split": {"seed": "x"}}, "split.seed: expected int"),
         ({"split": {"seed": True}}, "split.seed: expected int"),
-        ({"head": {"lr": "fast"}}, "head.lr: expected float or 'auto'"),
+        ({"head": {"lr": "fast"}}, "head.lr: expected float > 0 or 'auto', got 'fast'"),
         (
             {"split": {"ratios": {"train": 0.5, "val": 0.1, "test": 0.1}}},
             "split.ratios must sum to 1",
@@ -102,7 +106,12 @@ def test_bad_params_fail_with_the_dotted_key(raw, message):
 
 def test_values_are_typed():
     params = params_from(
-        {"head": {"lr": "1e-3"}, "download": {"timeout_s": 5}, "split": {"train_per_class": 30}}
+        {
+            "head": {"lr": "1e-3"},
+            "download": {"timeout_s": 5},
+            "split": {"train_per_class": 30},
+            "validate": {"min_images_per_class": 32},
+        }
     )
     assert params.head.lr == 0.001
     assert params.download.timeout_s == 5.0 and isinstance(params.download.timeout_s, float)
@@ -138,3 +147,115 @@ def test_prefect_yaml_targets_the_pools_params_yaml_names():
     }
     placements = {stage["meta"]["placement"] for stage in dvc_yaml()["stages"].values()}
     assert placements <= set(pools) and placements <= set(deployments)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        # Issue #37's table: each used to give a traceback, or a model at chance level.
+        ({"head": {"lr": -5}}, "head.lr: expected float > 0 or 'auto', got -5"),
+        ({"head": {"batch_size": 0}}, "head.batch_size: expected int >= 1, got 0"),
+        ({"head": {"dropout": 1.5}}, "head.dropout: expected float >= 0 and < 1, got 1.5"),
+        ({"head": {"patience": -1}}, "head.patience: expected int >= 1, got -1"),
+        ({"head": {"hidden": 0}}, "head.hidden: expected int >= 1 and <= 65536, got 0"),
+        ({"head": {"lr": ".nan"}}, "head.lr: expected float > 0 or 'auto', got '.nan'"),
+        (
+            {"download": {"timeout_s": 1e400}},
+            "download.timeout_s: expected a finite float, got inf",
+        ),
+        ({"split": {"seed": -1}}, "split.seed: expected int >= 0 and < 4294967296, got -1"),
+        ({"split": {"ratios": {"val": 0}}}, "split.ratios.val: expected float > 0 and < 1, got 0"),
+        (
+            {"finetune": {"unfreeze_blocks": 0}},
+            "finetune.unfreeze_blocks: expected int >= 1 or 'all'",
+        ),
+        ({"finetune": {"max_grad_norm": 0}}, "finetune.max_grad_norm: expected float > 0 or null"),
+        (
+            {"features": {"augment": {"jitter": 0.7}}},
+            "features.augment.jitter: expected float >= 0",
+        ),
+        ({"export": {"opset": 99}}, "export.opset: expected int >= 17 and <= 23, got 99"),
+        (
+            {"flows": {"timeouts_s": {"default": -1}}},
+            "flows.timeouts_s.default: expected float > 0",
+        ),
+        ({"flows": {"timezone": "Mars/Base"}}, "flows.timezone: expected an IANA time zone"),
+        ({"data": {"source": ""}}, "data.source: expected non-empty str, got ''"),
+        ({"head": {"epochs": 2**70}}, "head.epochs: expected an int of at most 63 bits"),
+        # Rules across keys.
+        ({"validate": {"max_side": 8}}, "validate.max_side: expected >= validate.min_side (16)"),
+        (
+            {"validate": {"max_pixels": 100}},
+            "validate.max_pixels: expected >= validate.min_side squared",
+        ),
+        (
+            {"split": {"train_per_class": 30}},
+            "validate.min_images_per_class: expected >= 32, the fewest images split can share out "
+            "(split.train_per_class: 30), got 5; or set split.drop_small_classes: true",
+        ),
+    ],
+)
+def test_values_outside_what_a_key_accepts_fail_at_load_in_one_line(raw, message):
+    with pytest.raises(ConfigError) as info:
+        parse_params(overlay(repo_params(), raw))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_auto_null_and_the_edges_of_each_range_keep_their_meaning():
+    params = params_from(
+        {
+            "head": {"lr": "auto", "dropout": 0, "label_smoothing": 0.0, "hidden": 1},
+            "finetune": {"epochs": 0, "unfreeze_blocks": "all", "max_grad_norm": None},
+            "split": {"train_per_class": 30, "drop_small_classes": True, "seed": 2**32 - 1},
+            "onnx_check": {"min_top1_agreement": 1, "max_int8_drop": 0},
+            "export": {"opset": 17},
+        }
+    )
+    assert (params.head.lr, params.head.dropout, params.finetune.max_grad_norm) == ("auto", 0, None)
+    assert params.split.train_per_class == 30 and params.onnx_check.min_top1_agreement == 1.0
+
+
+def settings_command(root, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "settings", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+
+
+def test_the_settings_reference_is_generated_from_the_declaration_and_cannot_drift(tmp_path):
+    """docs/settings.md lists every leaf key with its default, what it accepts and the
+    stages that read it; `settings --check` fails once params.yaml says otherwise."""
+    assert settings_command(REPO_ROOT, "--check").returncode == 0
+    page = (REPO_ROOT / "docs" / "settings.md").read_text()
+    assert "| `head.lr` | `0.001` | float > 0 or 'auto' | export, train_head |" in page
+    assert "| `head.dropout` | `0.3` | float >= 0 and < 1 | export, train_head |" in page
+    rows = [line for line in page.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(leaf_keys(repo_params()))
+
+    for name in ("params.yaml", "dvc.yaml", "docs/settings.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO_ROOT / name, tmp_path / name)
+    assert settings_command(tmp_path, "--check").returncode == 0
+    params = tmp_path / "params.yaml"
+    params.write_text(params.read_text().replace("  dropout: 0.3\n", "  dropout: 0.2\n"))
+    checked = settings_command(tmp_path, "--check")
+    assert checked.returncode == 1
+    assert checked.stderr.strip() == (
+        "docs/settings.md: differs from params.yaml and config.py: "
+        "run `python -m pipeline settings --write`"
+    )
+    assert settings_command(tmp_path, "--write").returncode == 0
+    assert "| `head.dropout` | `0.2` |" in (tmp_path / "docs" / "settings.md").read_text()
+
+
+def leaf_keys(mapping: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in mapping.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        keys.extend(leaf_keys(value, dotted) if isinstance(value, dict) else [dotted])
+    return keys

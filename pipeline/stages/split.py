@@ -72,10 +72,6 @@ def target_counts(n: int, cfg: SplitParams) -> dict[str, int]:
     return counts
 
 
-def min_class_size(cfg: SplitParams) -> int:
-    return 3 if cfg.train_per_class is None else cfg.train_per_class + 2
-
-
 def assign(images: pd.DataFrame, cfg: SplitParams) -> tuple[pd.DataFrame, list[str]]:
     """Add ``split`` and ``group`` columns to the usable images (path, label, sha256, phash).
 
@@ -85,12 +81,12 @@ def assign(images: pd.DataFrame, cfg: SplitParams) -> tuple[pd.DataFrame, list[s
     images["group"] = group_keys(images)
     images["rank"] = images["group"].map(lambda g: _rank(cfg.seed, g))
     sizes = images.groupby("label").size()
-    small = sizes[sizes < min_class_size(cfg)]
+    small = sizes[sizes < cfg.min_class_size]
     if len(small):
         listing = ", ".join(f"{label!r} ({n})" for label, n in small.items())
         if not cfg.drop_small_classes:
             raise DataError(
-                f"classes too small to give every split an image (need {min_class_size(cfg)}): "
+                f"classes too small to give every split an image (need {cfg.min_class_size}): "
                 f"{listing}; add images, or set split.drop_small_classes: true"
             )
         log.warning("dropping small classes (split.drop_small_classes): %s", listing)

@@ -9,7 +9,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 # The stages run with this venv's Python (bin/stage, dvc.yaml's command, reads it).
 export PIPELINE_PYTHON := $(abspath $(BIN))/python
 
-.PHONY: run test faults install install-dev lint clean-venv
+.PHONY: run test test-fast faults install install-dev lint clean-venv
 
 # Reinstall whenever pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
@@ -41,8 +41,13 @@ TEST_WORKERS ?= 2
 test: install-dev
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --no-loadscope-reorder
 
+## test-fast: the suite without the slow and fault tests, for the edit-test loop (CI and
+# `make test` still run everything)
+test-fast: install-dev
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --no-loadscope-reorder -m "not slow and not faults"
+
 ## faults: the whole fault-injection suite at the trial counts RELIABILITY.md reports, one
-# process (about 27 min on two cores); FAULTS_ARGS adds pytest options, e.g. a shuffled order:
+# process (about 23 min on two cores); FAULTS_ARGS adds pytest options, e.g. a shuffled order:
 # make faults FAULTS_ARGS="-p randomly --randomly-seed=7"
 FAULTS_ARGS ?=
 faults: install-dev

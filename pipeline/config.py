@@ -23,6 +23,8 @@ import yaml
 from pipeline.errors import ConfigError
 
 PARAMS_FILE = Path("params.yaml")
+# Keys that were renamed: an older params.yaml fails with the new name, not a guess.
+RENAMED = {"paths.feature_cache": "paths.memo"}
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Paths:
     quarantine: Path
     validation_docs: Path
     features: Path
-    feature_cache: Path
+    memo: Path
     head: Path
     model: Path
     checkpoints: Path
@@ -473,6 +475,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [key for key in raw if key not in fields]
+    for key in unknown:
+        if (dotted := _dotted(prefix, str(key))) in RENAMED:
+            raise ConfigError(f"{dotted!r} was renamed to {RENAMED[dotted]!r}: rename it")
     if unknown:
         key = str(unknown[0])
         close = difflib.get_close_matches(key, list(fields), n=1)

@@ -172,7 +172,5 @@ def test_the_renamed_key_says_its_new_name(tmp_path):
     old.write_text(yaml.safe_dump({**raw, "paths": paths}))
     with pytest.raises(ConfigError) as info:
         load_params(old)
-    message = str(info.value)
-    assert message == (f"{old}: 'paths.feature_cache' was renamed to 'paths.memo': rename it"), (
-        message
-    )
+    expected = f"{old}: 'paths.feature_cache' was renamed to 'paths.memo': rename it"
+    assert str(info.value) == expected

@@ -102,7 +102,7 @@ def main() -> None:
         backbone.module,
         pre,
         runtime,
-        params.paths.feature_cache,
+        params.paths.memo,
     )
     dataset = ImageDataset(paths, [0] * len(paths), eval_geometry(pre))
     started = time.perf_counter()

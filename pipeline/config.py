@@ -28,6 +28,8 @@ from annotated_types import BaseMetadata, Ge, GroupedMetadata, Gt, Interval, Le,
 from pipeline.errors import ConfigError
 
 PARAMS_FILE = Path("params.yaml")
+# Keys that were renamed: an older params.yaml fails with the new name, not a guess.
+RENAMED = {"paths.feature_cache": "paths.memo"}
 
 # What a value may be beside its type: each key's type says it once.
 Positive = Annotated[float, Gt(0)]
@@ -53,7 +55,7 @@ class Paths:
     quarantine: Path
     validation_docs: Path
     features: Path
-    feature_cache: Path
+    memo: Path
     head: Path
     model: Path
     checkpoints: Path
@@ -482,6 +484,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [key for key in raw if key not in fields]
+    for key in unknown:
+        if (dotted := _dotted(prefix, str(key))) in RENAMED:
+            raise ConfigError(f"{dotted!r} was renamed to {RENAMED[dotted]!r}: rename it")
     if unknown:
         key = str(unknown[0])
         close = difflib.get_close_matches(key, list(fields), n=1)

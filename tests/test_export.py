@@ -32,6 +32,7 @@ from pipeline.stages import (
     onnx_check,
     train_head,
 )
+from pipeline.system import memo
 from tests.support.exports import counted_calls, counted_exports
 from tests.support.images import colour_images
 from tests.support.project import REPO_ROOT, params_from
@@ -258,12 +259,12 @@ def test_the_pytorch_reference_runs_once_per_backbone(exported, tmp_path, monkey
     params, first = exported
     ws = Path.cwd()
     monkeypatch.chdir(tmp_path)
-    for name in ("models", "data/raw", "data/splits", "data/features", "data/cache", "metrics"):
+    for name in ("models", "data/raw", "data/splits", "data/features", "data/memo", "metrics"):
         shutil.copytree(ws / name, tmp_path / name)
     paths = params.paths
     rows = pd.read_csv(paths.split_file("test"))
     model, card, checkpoint = load_classifier(paths.model)
-    kept = ReferenceFeatures(paths.feature_cache, card, checkpoint["state_dict"], lambda: model)
+    kept = ReferenceFeatures(paths.memo, card, checkpoint["state_dict"], lambda: model)
     stored = kept.lookup(rows["sha256"])
     assert stored is not None and stored.shape == (len(rows), 1280)
     images = torch.from_numpy(np.stack([card.preprocessing(load_rgb(p)) for p in rows["path"]]))
@@ -325,7 +326,7 @@ def test_onnx_check_keeps_each_files_backbone_outputs(exported, tmp_path, monkey
     assert first["backbone_outputs"] == {"onnx": "computed", "int8": "computed"}
     ws = Path.cwd()
     monkeypatch.chdir(tmp_path)
-    for name in ("models", "data/raw", "data/splits", "data/features", "data/cache", "metrics"):
+    for name in ("models", "data/raw", "data/splits", "data/features", "data/memo", "metrics"):
         shutil.copytree(ws / name, tmp_path / name)
     paths = params.paths
     tapped = counted_calls(monkeypatch, onnx_parts.OnnxParts, "tapped")
@@ -342,7 +343,7 @@ def test_onnx_check_keeps_each_files_backbone_outputs(exported, tmp_path, monkey
     new_head = onnx_check.main(params)
     assert tapped == [] and new_head["backbone_outputs"] == {"onnx": "kept", "int8": "kept"}
     assert new_head["passed"] and new_head["top1_agreement"] == 1.0
-    for folder in (paths.feature_cache / onnx_parts.OUTPUTS).iterdir():
+    for folder in (paths.memo / memo.ONNX_OUTPUTS.folder).iterdir():
         shutil.rmtree(folder)
     fresh = onnx_check.main(params)  # every image through both whole files
     assert fresh["backbone_outputs"] == {"onnx": "computed", "int8": "computed"}
@@ -357,7 +358,7 @@ def test_onnx_check_keeps_each_files_backbone_outputs(exported, tmp_path, monkey
     assert checked_figures(whole) == checked_figures(fresh)
     monkeypatch.setattr(onnx_parts.OnnxParts, "head", head)
 
-    for folder in (paths.feature_cache / onnx_parts.OUTPUTS).iterdir():
+    for folder in (paths.memo / memo.ONNX_OUTPUTS.folder).iterdir():
         (folder / "outputs.npy").write_bytes(b"damaged")
     damaged = onnx_check.main(params)
     assert damaged["backbone_outputs"] == {"onnx": "computed", "int8": "computed"}
@@ -374,12 +375,12 @@ def test_export_reuses_the_kept_graphs_of_the_backbone_and_head(exported, tmp_pa
     params, _ = exported
     ws = Path.cwd()
     monkeypatch.chdir(tmp_path)
-    for name in ("models", "data/raw", "data/splits", "data/features", "data/cache", "metrics"):
+    for name in ("models", "data/raw", "data/splits", "data/features", "data/memo", "metrics"):
         shutil.copytree(ws / name, tmp_path / name)
     exported_modules = counted_exports(monkeypatch)
     built = counted_calls(monkeypatch, checkpoints, "build_backbone")
     calibrated = counted_calls(monkeypatch, quantization, "backbone_calibration")
-    graphs = params.paths.feature_cache / "graphs"
+    graphs = params.paths.memo / "graphs"
     before = set(graphs.glob("*.onnx"))
     card, checkpoint = load_checkpoint(params.paths.model)
     state = checkpoint["state_dict"]

@@ -280,7 +280,7 @@ def test_disk_full_during_features_keeps_no_partial_output(
 ):
     paths, reference, index, graphs, fs = features_on_fs(split_images, disk_ws)
     # The onnxruntime engine's graphs (~14 MB for Lite0, and its structure) are kept in the
-    # feature cache; they are on the disk beforehand (test_disk_full_while_the_engine_graph_is_written
+    # memo; they are on the disk beforehand (test_disk_full_while_the_engine_graph_is_written
     # fills the disk with them). Then the stage writes a cache shard (~160 kB) and the features
     # (~155 kB): room below 160 KiB fills while the cache is written, more while the features are.
     graph_kib = kib_on_tmpfs([g.stat().st_size for g in graphs.values()])
@@ -318,7 +318,7 @@ def test_disk_full_during_features_keeps_no_partial_output(
         assert "features failed: disk full (ENOSPC): no space left on device writing fs/" in (
             full.stderr
         ), full.stderr
-        setting = "paths.features" if shards else "paths.feature_cache"
+        setting = "paths.features" if shards else "paths.memo"
         assert f"point {setting} in params.yaml" in full.stderr, full.stderr
         assert roomy.returncode == 0, roomy.stderr
         computed = json.loads(metrics[0].read_text())["computed"]
@@ -330,25 +330,23 @@ def test_disk_full_during_features_keeps_no_partial_output(
         return None
 
     failures = run_trials(
-        "disk full during features (tmpfs on paths.features and feature_cache)", cases, trial
+        "disk full during features (tmpfs on paths.features and memo)", cases, trial
     )
     assert not failures, failures
 
 
 def features_on_fs(split_images: dict, workspace: Path):
     """The reference features run's paths, arrays, index and onnxruntime graphs (by path under
-    the feature cache); then params that put ``paths.features`` and ``paths.feature_cache``
+    the memo); then params that put ``paths.features`` and ``paths.memo``
     under the empty folder ``fs``."""
     paths = params_from(split_images).paths
     reference, index = load_features(paths)
     graphs = {
-        g.relative_to(paths.feature_cache).as_posix(): g
-        for g in sorted((paths.feature_cache / "graphs").rglob("*.onnx"))
+        g.relative_to(paths.memo).as_posix(): g
+        for g in sorted((paths.memo / "graphs").rglob("*.onnx"))
     }
     assert len(graphs) == 4, graphs  # Normalise's and the backbone's, by content and structure
-    write_params(
-        {**split_images, "paths": {"features": "fs/features", "feature_cache": "fs/cache"}}
-    )
+    write_params({**split_images, "paths": {"features": "fs/features", "memo": "fs/cache"}})
     fs = workspace / "fs"
     fs.mkdir()
     return paths, reference, index, graphs, fs
@@ -387,7 +385,7 @@ def test_disk_full_while_the_engine_graph_is_written(tmpfs_works, disk_ws, tmp_p
             f"features failed: disk full (ENOSPC): no space left on device writing "
             f"fs/cache/{structure}" in full.stderr
         ), full.stderr
-        assert "point paths.feature_cache in params.yaml" in full.stderr, full.stderr
+        assert "point paths.memo in params.yaml" in full.stderr, full.stderr
         assert roomy.returncode == 0, roomy.stderr
         assert json.loads((roomy.after / "metrics/features.json").read_text())["computed"] == 30
         for name, graph in graphs.items():

@@ -143,19 +143,22 @@ def test_no_code_path_unpickles():
     assert problems == []
 
 
-def test_feature_cache_shard_with_pickled_objects_is_not_unpickled(tmp_path):
-    """A cache shard holding an object array is refused by numpy (allow_pickle=False)."""
+def test_memo_shard_with_pickled_objects_is_not_unpickled(tmp_path, caplog):
+    """A kept embeddings shard holding an object array is refused by numpy
+    (allow_pickle=False): the memo warns naming it, drops it, and its images count as not
+    kept (they are computed again)."""
     from pipeline.data.featurestore import FeatureCache
 
     sentinel = tmp_path / "PWNED"
-    cache = FeatureCache(tmp_path / "cache", "key")
+    cache = FeatureCache(tmp_path / "memo", "key")
     cache.folder.mkdir(parents=True)
     payload = np.empty(1, dtype=object)
     payload[0] = _Payload(sentinel)
-    np.savez(cache.folder / "shard-1-evil.npz", sha256=np.array(["a" * 64]), features=payload)
-    with pytest.raises(ValueError, match="allow_pickle"):
-        cache.load()
-    assert not sentinel.exists()
+    shard = cache.folder / "shard-1-evil.npz"
+    np.savez(shard, sha256=np.array(["a" * 64]), features=payload)
+    assert cache.load() == {}
+    assert f"{shard} cannot be used" in caplog.text and "allow_pickle" in caplog.text
+    assert not shard.exists() and not sentinel.exists()
 
 
 # ---- ONNX ---------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,10 @@ from pipeline.data.featurestore import load_features
 from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
 from pipeline.modeling import training
-from pipeline.modeling.backbones import BACKBONE_STATES, build_backbone
+from pipeline.modeling.backbones import build_backbone
 from pipeline.modeling.model import classifier_from_head, load_classifier
 from pipeline.stages import evaluate, features, finetune, train_head
+from pipeline.system import memo
 from tests.support.exports import counted_exports
 from tests.support.images import create_image_folder
 from tests.support.project import params_with
@@ -151,7 +151,7 @@ def test_zero_epochs_gives_backbone_plus_head(tiny_run, caplog):
     # A second join takes the backbone's kept weights, and writes the same file; damaged
     # kept weights are built again.
     first = p.paths.model.read_bytes()
-    (kept,) = (p.paths.feature_cache / BACKBONE_STATES).iterdir()
+    (kept,) = (p.paths.memo / memo.BACKBONE_STATES.folder).iterdir()
     caplog.set_level("INFO", logger="pipeline.modeling.backbones")
     finetune.main(p)
     assert "its kept weights" in caplog.text and p.paths.model.read_bytes() == first
@@ -207,7 +207,7 @@ def test_feature_engines_agree_with_the_reference_preprocessing(tiny_run, monkey
     p = tiny_run(features={"engine": "onnxruntime"})
     first = features.main(p)
     assert first["engine"] == "onnxruntime-fp32"
-    folder = p.paths.feature_cache / "graphs"
+    folder = p.paths.memo / "graphs"
     graphs = sorted(folder.glob("*.onnx"))  # by content: Normalise's and the backbone's
     structures = sorted((folder / "structures").glob("*.onnx"))
     assert len(graphs) == len(structures) == 2
@@ -232,9 +232,7 @@ def test_feature_engines_agree_with_the_reference_preprocessing(tiny_run, monkey
     exports = counted_exports(monkeypatch)
 
     def embedded(module) -> np.ndarray:
-        engine = engines.build(
-            "onnxruntime", module, backbone.preprocessing, runtime, p.paths.feature_cache
-        )
+        engine = engines.build("onnxruntime", module, backbone.preprocessing, runtime, p.paths.memo)
         return engine.embed(batch)
 
     batch = torch.from_numpy(np.stack([eval_geometry(backbone.preprocessing)(i) for i in images]))
@@ -366,21 +364,3 @@ def test_model_stages_train_on_cuda(tiny_run):
     assert next(model.parameters()).device.type == "cpu"
     result = evaluate.main(p)
     assert 0 <= result["finetuned"]["top1"] <= 1
-
-
-def test_what_is_kept_for_reuse_keeps_the_recently_used(tmp_path):
-    """Kept graphs and reference features are by content, and every fine-tuned backbone is
-    new content: only the most recently used stay."""
-
-    from pipeline.system.fsutil import keep_recent, touch
-
-    entries = []
-    for i in range(6):
-        entry = tmp_path / f"key{i}"
-        entry.mkdir()
-        (entry / "shard.npz").write_bytes(b"x")
-        os.utime(entry, (1_000 + i, 1_000 + i))
-        entries.append(entry)
-    touch(entries[0])  # the oldest, used again just now
-    keep_recent(entries, 4)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["key0", "key3", "key4", "key5"]

@@ -15,6 +15,7 @@ from torch import nn
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.modeling import engines, graphs, quantization
 from pipeline.modeling.quantization import CalibrationImages
+from pipeline.system import memo
 from tests.support.exports import counted_calls
 from tests.support.images import colour_images
 
@@ -120,7 +121,7 @@ def test_a_new_head_reuses_the_backbones_calibration_and_quantizes_as_afresh(
     int8("first", images=fewer)  # other images: calibrated again
     assert len(calibrated) == 4
 
-    kept = sorted((cache / quantization.CALIBRATIONS).iterdir())
+    kept = sorted((cache / memo.CALIBRATIONS.folder).iterdir())
     assert len(kept) == 3  # first (= new_head's), moved, fewer
     for folder in kept:
         (folder / "ranges.json").write_text("{")  # damaged: calibrated again, same result

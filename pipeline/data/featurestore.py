@@ -1,6 +1,6 @@
 """Embeddings on disk: the per-image cache by content, and the features stage's arrays.
 
-``FeatureCache`` keeps embeddings by image sha256 under one cache key (append-only
+``FeatureCache`` keeps embeddings by image sha256 under one key in the memo (append-only
 shards), so a rerun computes only new images. ``load_features`` and ``labelled`` read the
 arrays the features stage wrote, for the stages that train and score on them.
 """
@@ -8,10 +8,8 @@ arrays the features stage wrote, for the stages that train and score on them.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,32 +18,46 @@ import numpy as np
 from pipeline.config import Paths
 from pipeline.data.splits import read_split
 from pipeline.errors import DataError
-from pipeline.system.diskfull import disk_full_is_an_error, free_bytes
-from pipeline.system.fsutil import atomic_path
+from pipeline.system import memo
+from pipeline.system.diskfull import free_bytes
 
 
 class FeatureCache:
-    """Embeddings by image sha256 for one cache key, as append-only shards of .npz files."""
+    """Embeddings by image sha256 under one key, as append-only shards of .npz files: an
+    entry of the memo's ``kind`` (``features``, or ``reference`` for onnx_check's)."""
 
-    def __init__(self, root: Path, key: str) -> None:
-        self.folder = root / key
+    def __init__(self, root: Path, key: str, kind: memo.Kind = memo.FEATURES) -> None:
+        self.store, self.key = memo.Store(root, kind), key
+
+    @property
+    def folder(self) -> Path:
+        return self.store.path(self.key)
 
     def load(self) -> dict[str, np.ndarray]:
+        """The kept embeddings by sha256 (a damaged shard is warned about and dropped)."""
         found: dict[str, np.ndarray] = {}
-        for shard in sorted(self.folder.glob("shard-*.npz")):
-            with np.load(shard) as data:
-                found.update(zip(data["sha256"].tolist(), data["features"], strict=True))
+        for shas, features in self.store.shards(self.key, read_shard):
+            found.update(zip(shas, features, strict=True))
         return found
 
     def add(self, shas: list[str], features: np.ndarray) -> None:
         if not shas:
             return
-        name = hashlib.sha256("".join(sorted(shas)).encode()).hexdigest()[:16]
-        shard = self.folder / f"shard-{time.time_ns()}-{name}.npz"
-        with disk_full_is_an_error(shard, "paths.feature_cache"):
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with atomic_path(shard) as tmp, open(tmp, "wb") as fh:
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
                 np.savez(fh, sha256=np.asarray(shas), features=features.astype(np.float32))
+
+        self.store.add_shard(self.key, sorted(shas), write)
+
+
+def read_shard(shard: Path) -> tuple[list[str], np.ndarray]:
+    """A shard's sha256s and embeddings; numpy refuses pickled objects (allow_pickle=False)."""
+    with np.load(shard) as data:
+        shas, features = data["sha256"].tolist(), data["features"]
+    if len(shas) != len(features):
+        raise ValueError(f"{len(shas)} sha256s for {len(features)} embeddings")
+    return shas, features
 
 
 def save_array(path: Path, array: np.ndarray) -> None:

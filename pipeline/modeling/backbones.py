@@ -12,7 +12,6 @@ import functools
 import hashlib
 import importlib
 import inspect
-import json
 import logging
 import os
 import sys
@@ -26,14 +25,8 @@ from torch import nn
 from pipeline.config import TIMM, TORCHVISION
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.system.diskfull import disk_full_is_an_error
-from pipeline.system.fsutil import (
-    atomic_path,
-    keep_recent,
-    load_torch_weights,
-    sha256_file,
-    touch,
-)
+from pipeline.system import memo
+from pipeline.system.fsutil import load_torch_weights, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -371,10 +364,6 @@ def build_backbone(name: str, weights: str, resize: str = "squash") -> Backbone:
     return Backbone(name, module, int(dim), pre, blocks, weights_id)
 
 
-BACKBONE_STATES = "backbone_states"  # under paths.feature_cache: built backbones' weights
-KEPT_BACKBONE_STATES = 4  # 13-30 MB each for the registry's backbones
-
-
 def backbone_state_key(name: str, weights: str, weights_id: str) -> str:
     """Everything that changes the state dict ``build_backbone(name, weights)`` gives:
     the weights it loads (``weights_id``, as the feature cache trusts it), this module's
@@ -388,7 +377,7 @@ def backbone_state_key(name: str, weights: str, weights_id: str) -> str:
         "code": hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest(),
         **{package: metadata.version(package) for package in ("torch", "torchvision", "timm")},
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+    return memo.digest(spec)
 
 
 def kept_backbone_state(name: str, weights: str, weights_id: str, cache: Path) -> dict:
@@ -396,24 +385,14 @@ def kept_backbone_state(name: str, weights: str, weights_id: str, cache: Path) -
     (a checkpoint card's), kept in ``cache``: joining a backbone to a new head (with
     ``finetune.epochs: 0``) then needs neither timm (its import took 1.7-2 s on two cores)
     nor a build. A miss builds, and keeps what the build gives under its own weights."""
-    root = cache / BACKBONE_STATES
-    folder = root / backbone_state_key(name, weights, weights_id)
-    try:
-        state = load_torch_weights(folder / "state.pt")
-        touch(folder)
-        log.info("backbone %s (%s): its kept weights (%s)", name, weights_id, folder.name)
+    states = memo.Store(cache, memo.BACKBONE_STATES)
+    key = backbone_state_key(name, weights, weights_id)
+    state = states.get(key, lambda folder: load_torch_weights(folder / "state.pt"))
+    if state is not None:
+        log.info("backbone %s (%s): its kept weights (%s)", name, weights_id, key)
         return state
-    except FileNotFoundError:
-        pass
-    except PipelineError as exc:
-        log.warning("%s; building the backbone again", exc)
     backbone = build_backbone(name, weights)
     state = {k: v.detach().cpu() for k, v in backbone.module.state_dict().items()}
-    folder = root / backbone_state_key(name, weights, backbone.weights_id)
-    with disk_full_is_an_error(folder, "paths.feature_cache"):
-        root.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder) as tmp:
-            tmp.mkdir()
-            torch.save(state, tmp / "state.pt")
-    keep_recent([d for d in root.iterdir() if d.is_dir()], KEPT_BACKBONE_STATES)
+    key = backbone_state_key(name, weights, backbone.weights_id)
+    states.put(key, lambda folder: torch.save(state, folder / "state.pt"))
     return state

@@ -14,8 +14,6 @@ PyTorch fp32 within 1e-5, and PyTorch (bf16 autocast where native) on CUDA.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import tempfile
 import time
@@ -33,15 +31,11 @@ from pipeline.errors import ConfigError
 from pipeline.modeling.graphs import joined
 from pipeline.modeling.runtime import Runtime
 from pipeline.modeling.tensors import tensors_digest
-from pipeline.system.diskfull import disk_full_is_an_error
-from pipeline.system.fsutil import atomic_path, keep_recent, touch
+from pipeline.system import memo
 
 log = logging.getLogger(__name__)
 ENGINES = ("auto", "torch", "onnxruntime")
-KEPT_GRAPHS = 8  # kept_graph by content: every fine-tuned backbone is a new one (13 MB for Lite0)
-KEPT_STRUCTURES = 4  # kept_graph by structure: one per architecture, input and opset
 OPSET = 18
-GRAPHS = "graphs"  # under paths.feature_cache
 
 
 def torch_to_onnx(
@@ -114,7 +108,7 @@ def graph_key(kind: str, example: torch.Tensor, extra: tuple, detail: list) -> s
     ``structure_key``)."""
     spec = [kind, list(example.shape[1:]), str(example.dtype), torch.__version__]
     spec += [[str(e) for e in extra], *detail]
-    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:24]
+    return memo.digest(spec)
 
 
 def content_key(state: dict[str, torch.Tensor], example: torch.Tensor, *extra: object) -> str:
@@ -148,39 +142,27 @@ def version_of(distribution: str) -> str:
         return f"{distribution} (not installed)"
 
 
-def load_kept(path: Path) -> onnx.ModelProto | None:
-    """The graph kept at ``path``, or None when it is missing or damaged (cut short,
-    overwritten): it is then made again."""
-    if not path.exists():
-        return None
-    try:
-        proto = onnx.load(str(path))
-        onnx.checker.check_model(proto)
-    except Exception as exc:  # protobuf's and onnx.checker's own errors
-        log.warning("%s cannot be used (%s); making it again", path, exc)
-        return None
-    touch(path)
+def read_graph(path: Path) -> onnx.ModelProto:
+    """The graph in ``path``, checked (a file cut short or overwritten fails here)."""
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
     return proto
 
 
-def keep(proto: onnx.ModelProto, path: Path, kept: int) -> None:
-    """Write ``proto`` to ``path`` atomically, keeping the ``kept`` most recent beside it."""
-    with disk_full_is_an_error(path, "paths.feature_cache"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(proto.SerializeToString())
-    keep_recent(list(path.parent.glob("*.onnx")), kept)
+def write_graph(proto: onnx.ModelProto) -> Callable[[Path], None]:
+    return lambda path: path.write_bytes(proto.SerializeToString())
 
 
-def content_path(
+def content_graph(
     state: dict[str, torch.Tensor],
     example: torch.Tensor,
     names: tuple[str, str],
     opset: int,
     cache: Path,
-) -> Path:
-    """Where ``kept_graph`` keeps the graph of a module with the tensors ``state``."""
-    return cache / GRAPHS / f"{content_key(state, example, opset, *names)}.onnx"
+) -> onnx.ModelProto | None:
+    """The graph ``kept_graph`` keeps of a module with the tensors ``state``, or None."""
+    key = content_key(state, example, opset, *names)
+    return memo.Store(cache, memo.GRAPHS).get(key, read_graph)
 
 
 def kept_graph(
@@ -190,8 +172,8 @@ def kept_graph(
     opset: int,
     cache: Path,
 ) -> onnx.ModelProto:
-    """``module`` as an optimised ONNX graph, the file a dynamo export gives, kept in
-    ``cache``/graphs.
+    """``module`` as an optimised ONNX graph, the file a dynamo export gives, kept in the
+    memo ``cache`` (``graphs``).
 
     By content: the same tensors load the same file. By structure: new tensors of a kept
     architecture (a fine-tuned backbone, a new head) go into its unoptimised graph
@@ -199,27 +181,29 @@ def kept_graph(
     checked to compute as the module does (``computes_as``); a graph that does not is
     exported again. A damaged file is made again.
     """
-    content = content_path(module.state_dict(), example, names, opset, cache)
-    proto = load_kept(content)
+    content = content_key(module.state_dict(), example, opset, *names)
+    graphs = memo.Store(cache, memo.GRAPHS)
+    proto = graphs.get(content, read_graph)
     if proto is not None:
         return proto
     module = module.cpu().eval()
-    structure_path = (
-        cache / GRAPHS / "structures" / f"{structure_key(module, example, opset, *names)}.onnx"
-    )
-    structure = load_kept(structure_path)
+    structures = memo.Store(cache, memo.GRAPH_STRUCTURES)
+    structure_id = structure_key(module, example, opset, *names)
+    structure = structures.get(structure_id, read_graph)
     if structure is not None:
         proto = optimized_with_tensors(structure, module)
         if not computes_as(proto, module, example):
             log.warning(
-                "%s is not %s's graph; exporting it again", structure_path, type(module).__name__
+                "%s is not %s's graph; exporting it again",
+                structures.path(structure_id),
+                type(module).__name__,
             )
             structure = None
     if structure is None:
         structure = torch_to_onnx(module, example, *names, opset)
-        keep(structure, structure_path, KEPT_STRUCTURES)
+        structures.put(structure_id, write_graph(structure))
         proto = optimized_with_tensors(structure, module)
-    keep(proto, content, KEPT_GRAPHS)
+    graphs.put(content, write_graph(proto))
     return proto
 
 

@@ -15,8 +15,6 @@ the whole file as before. A file without the tensor to split at is checked whole
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,13 +26,8 @@ from pipeline.data.inputs_code import inputs_code_digest
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.modeling.graphs import split
 from pipeline.serving.predict import cpu_session
+from pipeline.system import memo
 from pipeline.system.cpu import cpu_info
-from pipeline.system.diskfull import disk_full_is_an_error
-from pipeline.system.fsutil import atomic_path, keep_recent, touch
-
-log = logging.getLogger(__name__)
-OUTPUTS = "onnx_outputs"  # under paths.feature_cache: the files' kept backbone outputs
-KEPT_OUTPUTS = 16  # two files (fp32, int8) for each of 8 backbones, 9 MB each on Caltech
 
 
 class OnnxParts:
@@ -86,31 +79,23 @@ class OnnxParts:
             "threads": self.threads,
             "cpu": cpu_info().features,
         }
-        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+        return memo.digest(spec)
 
 
-def load_outputs(folder: Path, images: int) -> np.ndarray | None:
-    """The kept backbone output of ``images`` images, or None when missing or damaged."""
-    try:
+def load_outputs(cache: Path, key: str, images: int) -> np.ndarray | None:
+    """The kept backbone output of ``images`` images under ``key`` in the memo ``cache``,
+    or None when missing or damaged."""
+
+    def read(folder: Path) -> np.ndarray:
         outputs = np.load(folder / "outputs.npy", allow_pickle=False)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        log.warning("%s cannot be used (%s); running the backbone part again", folder, exc)
-        return None
-    if outputs.ndim < 2 or len(outputs) != images or outputs.dtype != np.float32:
-        log.warning(
-            "%s holds %s %s; running the backbone part again", folder, outputs.shape, outputs.dtype
-        )
-        return None
-    touch(folder)
-    return outputs
+        if outputs.ndim < 2 or len(outputs) != images or outputs.dtype != np.float32:
+            raise ValueError(f"it holds {outputs.shape} {outputs.dtype}, not {images} rows")
+        return outputs
+
+    return memo.Store(cache, memo.ONNX_OUTPUTS).get(key, read)
 
 
-def keep_outputs(folder: Path, outputs: np.ndarray) -> None:
-    with disk_full_is_an_error(folder, "paths.feature_cache"):
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder) as tmp:
-            tmp.mkdir()
-            save_array(tmp / "outputs.npy", outputs)
-    keep_recent([d for d in folder.parent.iterdir() if d.is_dir()], KEPT_OUTPUTS)
+def keep_outputs(cache: Path, key: str, outputs: np.ndarray) -> None:
+    memo.Store(cache, memo.ONNX_OUTPUTS).put(
+        key, lambda tmp: save_array(tmp / "outputs.npy", outputs)
+    )

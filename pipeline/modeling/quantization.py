@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,17 +30,14 @@ from pipeline.data.images import load_rgb
 from pipeline.data.inputs_code import inputs_code_digest
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.modeling.graphs import split
+from pipeline.system import memo
 from pipeline.system.cpu import cpu_info
-from pipeline.system.diskfull import disk_full_is_an_error
-from pipeline.system.fsutil import atomic_path, keep_recent, touch
 
 log = logging.getLogger(__name__)
 INT8_RECIPE = (
     "int8 static QDQ, u8 activations, per-channel weights: the first GEMM ops 8-bit u8, the "
     "other GEMM ops 7-bit s8, depthwise convolutions 8-bit s8 (exact on every x86-64 CPU)"
 )
-CALIBRATIONS = "calibration"  # under paths.feature_cache: the backbones' kept calibrations
-KEPT_CALIBRATIONS = 8  # as many as kept graphs: every fine-tuned backbone is a new one
 
 
 @dataclass(frozen=True)
@@ -183,37 +179,27 @@ def calibration_key(backbone: onnx.ModelProto, calibration: CalibrationImages, m
         "onnxruntime": onnxruntime.__version__,
         "cpu": cpu_info().features,
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+    return memo.digest(spec)
 
 
-def load_calibration(folder: Path):
-    """A kept backbone calibration (ranges, and the backbone's output batch by batch), or
-    None when it is missing or damaged: it is then taken again."""
+def read_calibration(folder: Path):
+    """A kept backbone calibration: its ranges, and the backbone's output batch by batch."""
     from onnxruntime.quantization.calibrate import load_tensors_data
 
-    if not folder.is_dir():
-        return None
-    try:
-        ranges = load_tensors_data(folder / "ranges.json")
-        with np.load(folder / "outputs.npz") as kept:
-            outputs = [kept[f"batch{i}"] for i in range(len(kept.files))]
-    except Exception as exc:  # json's, numpy's and onnxruntime's own errors
-        log.warning("%s cannot be used (%s); calibrating again", folder, exc)
-        return None
-    touch(folder)
+    ranges = load_tensors_data(folder / "ranges.json")
+    with np.load(folder / "outputs.npz") as kept:
+        outputs = [kept[f"batch{i}"] for i in range(len(kept.files))]
     return ranges, outputs
 
 
-def keep_calibration(folder: Path, ranges, outputs: list[np.ndarray]) -> None:
+def write_calibration(ranges, outputs: list[np.ndarray]) -> Callable[[Path], None]:
     from onnxruntime.quantization.calibrate import save_tensors_data
 
-    with disk_full_is_an_error(folder, "paths.feature_cache"):
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder) as tmp:
-            tmp.mkdir()
-            save_tensors_data(ranges, tmp / "ranges.json")
-            np.savez(tmp / "outputs.npz", **{f"batch{i}": o for i, o in enumerate(outputs)})
-    keep_recent([d for d in folder.parent.iterdir() if d.is_dir()], KEPT_CALIBRATIONS)
+    def write(folder: Path) -> None:
+        save_tensors_data(ranges, folder / "ranges.json")
+        np.savez(folder / "outputs.npz", **{f"batch{i}": o for i, o in enumerate(outputs)})
+
+    return write
 
 
 def backbone_calibration(path: Path, calibration: CalibrationImages, method: str, output: str):
@@ -250,13 +236,14 @@ def calibration_ranges(
         backbone, head = Path(tmp) / "backbone.onnx", Path(tmp) / "head.onnx"
         onnx.save_model(backbone_part, str(backbone))
         onnx.save_model(head_part, str(head))
-        folder = cache / CALIBRATIONS / calibration_key(backbone_part, calibration, method)
-        kept = load_calibration(folder)
+        calibrations = memo.Store(cache, memo.CALIBRATIONS)
+        key = calibration_key(backbone_part, calibration, method)
+        kept = calibrations.get(key, read_calibration)
         if kept is None:
             kept = backbone_calibration(backbone, calibration, method, split_at)
-            keep_calibration(folder, *kept)
+            calibrations.put(key, write_calibration(*kept))
         else:
-            log.info("int8: the backbone's calibration was kept (%s)", folder.name)
+            log.info("int8: the backbone's calibration was kept (%s)", key)
         backbone_ranges, features = kept
         head_ranges = calibrate(head, ({split_at: f} for f in features), method)
     return TensorsData(

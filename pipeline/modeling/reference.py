@@ -13,8 +13,6 @@ a head-only change (the backbone untouched) reuses the pass of the previous mode
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,10 +24,7 @@ from pipeline.data.featurestore import FeatureCache
 from pipeline.data.inputs_code import inputs_code_digest
 from pipeline.modeling.model import Classifier, ModelCard, load_head, part_state
 from pipeline.modeling.tensors import tensors_digest
-from pipeline.system.fsutil import keep_recent, touch
-
-SHARDS = "reference"  # under paths.feature_cache, beside the features stage's cache
-KEPT_MODELS = 8  # the backbones whose features are kept (9 MB each for Caltech's test split)
+from pipeline.system import memo
 
 
 def reference_key(card: ModelCard, state: dict[str, torch.Tensor]) -> str:
@@ -42,7 +37,7 @@ def reference_key(card: ModelCard, state: dict[str, torch.Tensor]) -> str:
         "torch": torch.__version__,
         "compute": "cpu fp32 channels_last",
     }
-    return "ref-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+    return memo.digest(spec)
 
 
 class ReferenceFeatures:
@@ -55,7 +50,7 @@ class ReferenceFeatures:
     def __init__(
         self, root: Path, card: ModelCard, state: dict, build: Callable[[], Classifier]
     ) -> None:
-        self.cache = FeatureCache(root / SHARDS, reference_key(card, state))
+        self.cache = FeatureCache(root, reference_key(card, state), memo.REFERENCE)
         self.head = load_head(card, state)
         self._build, self._backbone = build, None
 
@@ -71,7 +66,6 @@ class ReferenceFeatures:
         known = self.cache.load()
         if not all(sha in known for sha in shas):
             return None
-        touch(self.cache.folder)
         return np.stack([known[sha] for sha in shas]).astype(np.float32)
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
@@ -83,7 +77,6 @@ class ReferenceFeatures:
     def keep(self, shas: pd.Series, features: np.ndarray) -> None:
         unique = ~pd.Series(list(shas)).duplicated().to_numpy()
         self.cache.add([s for s, u in zip(shas, unique, strict=True) if u], features[unique])
-        keep_recent([d for d in self.cache.folder.parent.iterdir() if d.is_dir()], KEPT_MODELS)
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         """The model's fp32 logits from its backbone's features: ``Classifier.forward``'s head."""

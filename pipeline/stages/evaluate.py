@@ -56,7 +56,7 @@ def finetuned_logits(paths: Paths, cfg: EvaluateParams, device: str) -> tuple[di
     model, card, checkpoint = load_classifier(paths.model)
     runtime = resolve(device, cfg.precision)
     reference = (
-        ReferenceFeatures(paths.feature_cache, card, checkpoint["state_dict"], lambda: model)
+        ReferenceFeatures(paths.memo, card, checkpoint["state_dict"], lambda: model)
         if runtime.device.type == "cpu" and not runtime.bf16
         else None
     )

@@ -20,7 +20,7 @@ import torch
 from pipeline.config import Params, Paths
 from pipeline.data.splits import read_split
 from pipeline.errors import DataError, PipelineError
-from pipeline.modeling.engines import content_path, kept_graph, load_kept
+from pipeline.modeling.engines import content_graph, kept_graph
 from pipeline.modeling.graphs import joined
 from pipeline.modeling.model import (
     FEATURES,
@@ -86,8 +86,8 @@ def to_onnx(checkpoint: Path, opset: int, cache: Path) -> onnx.ModelProto:
     size = card.preprocessing.input_size
     example = torch.zeros(2, 3, size, size)
     names = (INPUT, FEATURES)
-    backbone = load_kept(
-        content_path(part_state(data["state_dict"], "backbone"), example, names, opset, cache)
+    backbone = content_graph(
+        part_state(data["state_dict"], "backbone"), example, names, opset, cache
     )
     if backbone is None:
         backbone = kept_graph(load_backbone(card, data["state_dict"]), example, names, opset, cache)
@@ -234,7 +234,7 @@ def run(params: Params) -> dict:
         "producer": "transfer-pipeline export",
     }
     metadata = contract_metadata(card, temperature, provenance)
-    proto = with_metadata(to_onnx(paths.model, cfg.opset, paths.feature_cache), metadata)
+    proto = with_metadata(to_onnx(paths.model, cfg.opset, paths.memo), metadata)
     save_checked(proto, paths.onnx)
     size_mb = paths.onnx.stat().st_size / 1e6
     log.info("wrote %s (%.1f MB, opset %d)", paths.onnx, size_mb, cfg.opset)
@@ -243,9 +243,7 @@ def run(params: Params) -> dict:
         calibration = CalibrationImages(
             rows["path"].tolist(), rows["sha256"].tolist(), card.preprocessing, INPUT
         )
-        int8 = quantize_int8(
-            paths.onnx, calibration, cfg.calibration_method, FEATURES, paths.feature_cache
-        )
+        int8 = quantize_int8(paths.onnx, calibration, cfg.calibration_method, FEATURES, paths.memo)
         save_checked(
             with_metadata(int8, {**metadata, "quantization": INT8_RECIPE}), paths.onnx_int8
         )

@@ -1,4 +1,4 @@
-"""Stage ``features``: the frozen backbone runs once per image; embeddings are cached by content.
+"""Stage ``features``: the frozen backbone runs once per image; embeddings are kept by content.
 
 The cache key of an embedding is (backbone, weights, preprocessing, engine, view) plus
 the image's sha256, so adding or removing a few images computes only those. Outputs, in
@@ -8,7 +8,6 @@ split-CSV row order: ``<split>.npy`` (N, D) float32, ``train_aug.npy`` (N, V, D)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -31,6 +30,7 @@ from pipeline.modeling.datasets import (
     train_geometry,
 )
 from pipeline.modeling.runtime import Runtime, resolve
+from pipeline.system import memo
 from pipeline.system.diskfull import disk_full_is_an_error
 from pipeline.system.fsutil import atomic_path, write_json_atomic
 
@@ -46,7 +46,7 @@ def cache_key(backbone: Backbone, engine: engines.Engine, view: str) -> str:
         "engine": engine.name,
         "view": view,
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+    return memo.digest(spec)
 
 
 def embed(
@@ -118,14 +118,14 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
         backbone.module,
         pre,
         runtime,
-        paths.feature_cache,
+        paths.memo,
     )
     splits = {s: read_split(paths, s) for s in SPLITS}
     classes = sorted(set(splits["train"]["label"]))
     stats = EmbedStats()
     # All splits in one pass: one loader start-up, one cache read.
     everything = pd.concat(list(splits.values()), ignore_index=True)
-    cache = FeatureCache(paths.feature_cache, cache_key(backbone, engine, "eval"))
+    cache = FeatureCache(paths.memo, cache_key(backbone, engine, "eval"))
     all_features = cached_embeddings(
         backbone, engine, runtime, everything, cache, cfg.batch_size, eval_geometry(pre), stats
     )
@@ -150,7 +150,7 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
                         engine,
                         runtime,
                         splits["train"],
-                        FeatureCache(paths.feature_cache, key),
+                        FeatureCache(paths.memo, key),
                         cfg.batch_size,
                         aug,
                         stats,

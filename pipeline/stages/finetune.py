@@ -522,7 +522,7 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FinetuneParams, device: str) 
     state, seconds, images = TrainState(), 0.0, 0
     if cfg.epochs == 0:  # backbone + head as they are: the backbone's weights are kept
         backbone_state = kept_backbone_state(
-            model_cfg.backbone, model_cfg.weights, card.weights_id, paths.feature_cache
+            model_cfg.backbone, model_cfg.weights, card.weights_id, paths.memo
         )
         weights = joined_state(backbone_state, card, head_checkpoint["state_dict"])
     else:

@@ -31,7 +31,7 @@ from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
 from pipeline.modeling.datasets import ImageDataset, make_loader
 from pipeline.modeling.model import FEATURES, ModelCard, load_checkpoint, load_classifier
-from pipeline.modeling.onnx_parts import OUTPUTS, OnnxParts, keep_outputs, load_outputs
+from pipeline.modeling.onnx_parts import OnnxParts, keep_outputs, load_outputs
 from pipeline.modeling.reference import ReferenceFeatures
 from pipeline.modeling.runtime import resolve
 from pipeline.reporting.significance import (
@@ -179,11 +179,8 @@ def collect_outputs(
     stored = reference.lookup(rows["sha256"])
     parts = {name: OnnxParts(s.path, cfg.threads, FEATURES) for name, s in sessions.items()}
     parts = {name: p for name, p in parts.items() if p.splittable}
-    folders = {
-        name: cache / OUTPUTS / p.outputs_key(shas, batch_size, card.preprocessing)
-        for name, p in parts.items()
-    }
-    kept = {name: load_outputs(folder, len(rows)) for name, folder in folders.items()}
+    keys = {name: p.outputs_key(shas, batch_size, card.preprocessing) for name, p in parts.items()}
+    kept = {name: load_outputs(cache, key, len(rows)) for name, key in keys.items()}
     kept = {name: outputs for name, outputs in kept.items() if outputs is not None}
     whole = {name: s for name, s in sessions.items() if name not in parts}
     tapped = {name: p for name, p in parts.items() if name not in kept}
@@ -212,7 +209,7 @@ def collect_outputs(
         )
     for name in tapped:
         if name not in differ:
-            keep_outputs(folders[name], np.concatenate(done.backbone_outputs[name]))
+            keep_outputs(cache, keys[name], np.concatenate(done.backbone_outputs[name]))
     if stored is None:
         stored = np.concatenate(done.reference)
         reference.keep(rows["sha256"], stored)
@@ -334,13 +331,13 @@ def run(params: Params) -> dict:
     if rows.empty:
         raise PipelineError(f"{paths.split_file('test')} has no images to check against")
     reference = ReferenceFeatures(
-        paths.feature_cache,
+        paths.memo,
         card,
         checkpoint["state_dict"],
         lambda: load_classifier(paths.model)[0],
     )
     outputs, first_images, timing_batch, origin = collect_outputs(
-        reference, sessions, card, rows, cfg, paths.feature_cache
+        reference, sessions, card, rows, cfg, paths.memo
     )
     sessions = open_sessions(params)  # for the speed figures, as a service runs them
     cpu = cpu_info()

@@ -158,15 +158,8 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
-def keep_recent(entries: list[Path], count: int) -> None:
-    """Remove all but the ``count`` most recently used of ``entries`` (by mtime: a reused
-    entry is touched). What is kept by content for reuse must not grow with every run."""
-    for old in sorted(entries, key=lambda e: e.stat().st_mtime, reverse=True)[count:]:
-        remove(old)
-
-
 def touch(path: Path) -> None:
-    """Mark ``path`` as used now, for ``keep_recent``."""
+    """Mark ``path`` as used now (its mtime), for the memo's eviction (``system/memo.py``)."""
     with contextlib.suppress(OSError):
         os.utime(path)
 

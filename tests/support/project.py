@@ -126,13 +126,13 @@ def set_params(repo: Path, **sections) -> None:
 # The session's kept graph structures (engines.kept_graph), shared by the projects that
 # copy_project makes: set by tests/conftest.py, None outside a test session.
 SHARED_STRUCTURES: Path | None = None
-STRUCTURES = "data/cache/features/graphs/structures"  # under params.yaml's paths.feature_cache
+STRUCTURES = "data/memo/graphs/structures"  # under params.yaml's paths.memo
 
 
 def copy_project(root: Path, extra: tuple[str, ...] = ()) -> Path:
     """This project's files (code, DVC and params files) copied into a new folder ``root``.
 
-    Its feature cache starts with the session's kept graph structures (``SHARED_STRUCTURES``),
+    Its memo (``paths.memo``) starts with the session's kept graph structures (``SHARED_STRUCTURES``),
     as a user's cache holds them after a first run: each whole-pipeline test would otherwise
     export the same random-weights Lite0 and head again (20 s each on two cores). kept_graph
     checks each reused structure against the module; the first export of each structure,

@@ -3,12 +3,13 @@ one distributed run, in the worker's own clone, with the data coming from and go
 the default DVC remote.
 
 prefect.yaml deploys it once per placement (``pipeline-stages/gpu`` on the GPU pool,
-``pipeline-stages/cpu`` on the CPU pool); the orchestrating flow (``flows.training``)
-starts it with the run's commit and state, and the run's settings (``flows.*``: timeouts,
-retries, the lock's patience) come from the params.yaml in that state. For each stage: check out its inputs at the
-run's dvc.lock (pulling what the local cache lacks), ``dvc repro --single-item --pull``
-(DVC decides whether it runs), push its outputs and then its run-cache entry. The run's
-new state and a record of where each stage ran go back as artifacts of this flow run.
+``pipeline-stages/cpu`` on the CPU pool); the orchestrating flow (``flows.pools``)
+starts it with the run's commit and state, whose params.yaml gives the settings
+(``flows.*``: timeouts, retries, the lock's patience). For each stage: check out its
+inputs at the run's dvc.lock (pulling what the local cache lacks), ``dvc repro
+--single-item --pull`` (DVC decides whether it runs), push its outputs and then its
+run-cache entry. The run's new state and a record of where each stage ran go back as
+artifacts of this flow run.
 """
 
 from __future__ import annotations

@@ -112,7 +112,8 @@ def ensure_crash_detection(silent_s: int) -> None:
     from prefect.events.schemas.automations import EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
 
-    from flows.training import FLOW_NAME, STAGES_FLOW
+    from flows.stages import FLOW_NAME as STAGES_FLOW
+    from flows.training import FLOW_NAME
 
     try:
         Automation.read(name=ZOMBIE_AUTOMATION).delete()

@@ -15,7 +15,10 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.dvcrun import StageFailed
+import yaml
+
+from flows.dvcrun import StageFailed, run_dvc
+from pipeline.config import FlowsParams, Paths, parse_section
 from pipeline.errors import ConfigError
 from pipeline.system.fsutil import write_text_atomic
 
@@ -62,6 +65,12 @@ class RunState:
 
     def paths(self) -> set[str]:
         return {"params.yaml", "dvc.lock", *self.files}
+
+    def settings(self) -> tuple[FlowsParams, Paths]:
+        """The run's ``flows`` and ``paths`` sections (params.yaml with its overrides), read
+        and checked: where the run's flows, on every machine, take their settings from."""
+        raw = yaml.safe_load(self.params)
+        return parse_section(raw, "flows"), parse_section(raw, "paths")
 
 
 def _read(path: Path) -> str | None:
@@ -173,13 +182,7 @@ def default_remote(repo) -> Remote:
             "has none: `dvc remote add -d <name> s3://bucket/path` (credentials from the "
             "environment or `dvc remote modify --local`)"
         )
-    url = str(repo.config["remote"].get(name, {}).get("url", "?"))
-    parts = urllib.parse.urlsplit(url)
-    if parts.username or parts.password:
-        url = parts._replace(
-            netloc=parts.hostname + (f":{parts.port}" if parts.port else "")
-        ).geturl()
-    return Remote(name, url)
+    return Remote(name, redacted(str(repo.config["remote"].get(name, {}).get("url", "?"))))
 
 
 def cache_objects(cache_dir: Path) -> dict[str, int]:
@@ -329,3 +332,25 @@ def push_outputs(
                 f"stages {', '.join(stages)}: pushing outputs to {remote} failed: {exc}"
             ) from exc
         return sent
+
+
+def pull_outputs(workspace: Path, log) -> int:
+    """``dvc pull``: a distributed run's outputs into the orchestrating workspace, so that
+    its dvc.lock and outputs agree (``dvc status`` clean). Returns the bytes fetched."""
+    from dvc.repo import Repo
+
+    with Repo(str(workspace)) as repo:
+        cache_dir = Path(repo.cache.local.path)
+        if not repo.status():  # this workspace already holds the run's outputs
+            return 0
+    before = cache_objects(cache_dir)
+    try:
+        run_dvc(["pull", "--force"], workspace, 7200, "dvc pull", log=log)
+    except StageFailed as exc:
+        with Repo(str(workspace)) as repo:
+            raise StageFailed(
+                f"pulling the run's outputs from {default_remote(repo)}: {exc}"
+            ) from exc
+    pulled = added_bytes(before, cache_objects(cache_dir))
+    log.info("dvc pull: %d B into %s", pulled, workspace)
+    return pulled

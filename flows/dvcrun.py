@@ -1,6 +1,7 @@
-"""Running DVC from a flow: killable child processes, the stage's own error, one run per
-workspace, and what ``dvc repro`` said it did. Shared by the orchestrating flow
-(``flows.training``) and the flow a work pool's worker runs (``flows.stages``)."""
+"""Running DVC from a flow: the stages and their placement from DVC's own graph, killable
+child processes, the stage's own error, one run per workspace, and what ``dvc repro`` said
+it did. Shared by the orchestrating flow (``flows.training``) and the flow a work pool's
+worker runs (``flows.stages``)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from pipeline.errors import PipelineError
+from pipeline.config import FlowsParams
+from pipeline.errors import ConfigError, PipelineError
 
 ERROR_LINE = re.compile(r"(^ERROR[: ].*|\bERROR\b \S+: .*)")
+NETWORK_STAGE = "download"  # the one stage with a nondeterministic input: retried
 
 
 class StageFailed(PipelineError):
@@ -46,6 +50,63 @@ class StageResult:
     host: str = ""
     pulled_bytes: int | None = None
     pushed_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class DvcStage:
+    name: str
+    placement: str  # dvc.yaml's meta.placement: gpu or cpu
+    uncached_outs: tuple[str, ...]  # outputs DVC leaves to git (metrics and the like)
+    gitignores: tuple[str, ...] = ()  # the .gitignore files DVC keeps its outputs out of git in
+
+
+def dvc_stages(workspace: Path) -> list[DvcStage]:
+    """The stages of dvc.yaml in dependency order, from DVC's own graph."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    root = workspace.resolve()
+    with Repo(str(workspace)) as repo:
+        graph = repo.index.graph  # edges point from a stage to what it depends on
+        return [
+            DvcStage(
+                stage.addressing,
+                (stage.meta or {}).get("placement", "cpu"),
+                tuple(
+                    Path(out.fs_path).relative_to(root).as_posix()
+                    for out in stage.outs
+                    if not out.use_cache
+                ),
+                tuple(
+                    (Path(out.fs_path).relative_to(root).parent / ".gitignore").as_posix()
+                    for out in stage.outs
+                    if out.use_cache
+                ),
+            )
+            for stage in nx.topological_sort(graph.reverse(copy=True))
+        ]
+
+
+def stage_order(workspace: Path) -> list[str]:
+    """The stages of dvc.yaml in dependency order, from DVC's own graph."""
+    return [stage.name for stage in dvc_stages(workspace)]
+
+
+def check_timeouts(cfg: FlowsParams, stages: list[DvcStage]) -> None:
+    """``flows.timeouts_s`` names only stages of dvc.yaml (a typo would silently fall back
+    to the default)."""
+    unknown = set(cfg.timeouts_s) - {s.name for s in stages} - {"default", "verify"}
+    if unknown:
+        raise ConfigError(f"flows.timeouts_s names no stage of dvc.yaml: {sorted(unknown)}")
+
+
+def retry_options(stage: str, cfg: FlowsParams) -> dict:
+    """A stage task's Prefect retries: ``flows.download_retries`` for the network stage,
+    the delay doubling from ``flows.retry_delay_s``; none for the deterministic stages."""
+    if stage != NETWORK_STAGE:
+        return {"retries": 0, "retry_delay_seconds": None}
+    delays = [cfg.retry_delay_s * 2**i for i in range(cfg.download_retries)]
+    return {"retries": cfg.download_retries, "retry_delay_seconds": delays}
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -184,7 +245,7 @@ def verify_and_repair(workspace: Path, timeout_s: float, log) -> list[str]:
     return repairs
 
 
-@task(name="verify")
+@task(name="verify", cache_policy=NO_CACHE)
 def verify_outputs(workspace: str, timeout_s: float) -> list[str]:
     """Every run, on every machine, starts here (``verify_and_repair``)."""
     return verify_and_repair(Path(workspace), timeout_s, get_run_logger())

@@ -3,11 +3,13 @@ one distributed run, in the worker's own clone, with the data coming from and go
 the default DVC remote.
 
 prefect.yaml deploys it once per placement (``pipeline-stages/gpu`` on the GPU pool,
-``pipeline-stages/cpu`` on the CPU pool); the orchestrating flow (``flows.training``)
-starts it with the run's commit and state. For each stage: check out its inputs at the
-run's dvc.lock (pulling what the local cache lacks), ``dvc repro --single-item --pull``
-(DVC decides whether it runs), push its outputs and then its run-cache entry. The run's
-new state and a record of where each stage ran go back as artifacts of this flow run.
+``pipeline-stages/cpu`` on the CPU pool); the orchestrating flow (``flows.pools``)
+starts it with the run's commit and state, whose params.yaml gives the settings
+(``flows.*``: timeouts, retries, the lock's patience). For each stage: check out its
+inputs at the run's dvc.lock (pulling what the local cache lacks), ``dvc repro
+--single-item --pull`` (DVC decides whether it runs), push its outputs and then its
+run-cache entry. The run's new state and a record of where each stage ran go back as
+artifacts of this flow run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import Artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
 from flows.databus import (
     RunState,
@@ -33,6 +36,7 @@ from flows.databus import (
 from flows.dvcrun import (
     StageResult,
     reproduce_stage,
+    retry_options,
     up_to_date,
     workspace_lock,
 )
@@ -56,7 +60,7 @@ def worker_name() -> str:
     return os.environ.get("PREFECT__WORKER_NAME", "unknown")  # set by the worker
 
 
-@task
+@task(cache_policy=NO_CACHE)
 def stage_here(
     stage: str,
     placement: str,
@@ -113,33 +117,22 @@ def note_placement(root: Path, run_log: str, record: StageResult) -> None:
 
 
 def run_group(
-    root: Path,
-    pool: str,
-    stages: dict[str, str],
-    incoming: RunState,
-    run_logs: dict[str, str],
-    timeouts_s: dict[str, float],
-    download_retries: int,
-    retry_delay_s: float,
+    root: Path, pool: str, stages: dict[str, str], incoming: RunState
 ) -> tuple[RunState, list[StageResult]]:
-    """The stages in ``root`` (its stages.lock held): the run's state in, their inputs, each stage, the outputs out. Returns the run's state after them and a record
-    per stage."""
+    """The stages in ``root`` (its stages.lock held): the run's state in, their inputs, each
+    stage, the outputs out; timeouts and retries from the run's params (``flows.*``).
+    Returns the run's state after them and a record per stage."""
     logger = get_run_logger()
+    cfg, paths = incoming.settings()
     incoming.write(root)
     cache_dir, runs_dir, pulled = check_out_inputs(root, list(stages))
     records = []
     for stage, placement in stages.items():
-        network = stage == "download"  # the one nondeterministic input: retried
         run = stage_here.with_options(
-            name=stage,
-            tags=[placement, pool],
-            retries=download_retries if network else 0,
-            retry_delay_seconds=[retry_delay_s * 2**i for i in range(download_retries)]
-            if network
-            else None,
+            name=stage, tags=[placement, pool], **retry_options(stage, cfg)
         )
-        timeout = timeouts_s.get(stage, timeouts_s["default"])
-        args = (str(root), str(cache_dir), str(runs_dir), run_logs[stage], timeout, pool)
+        run_log = paths.run_log_file(stage).as_posix()
+        args = (str(root), str(cache_dir), str(runs_dir), run_log, cfg.timeout_for(stage), pool)
         records.append(run(stage, placement, *args, pulled[stage]))
     # Up-to-date stages too: their outputs may never have left this machine.
     quiet = [r.stage for r in records if r.pushed_bytes is None]
@@ -169,16 +162,13 @@ def pipeline_stages(
     repository: str,
     commit: str,
     state: dict,
-    run_logs: dict[str, str],
-    timeouts_s: dict[str, float],
-    lock_timeout_s: float,
-    download_retries: int = 0,
-    retry_delay_s: float = 30,
 ) -> None:
     """Run ``stages`` (name → placement, in order) of a distributed run in this worker's
     workspace, a clone of ``repository`` moved to ``commit``.
 
-    ``state``: the run's RunState so far; ``run_logs``: each stage's run-log path.
+    ``state``: the run's RunState so far; its params.yaml (with the run's overrides) gives
+    the settings: ``flows.timeouts_s``, ``flows.download_retries``, ``flows.retry_delay_s``,
+    ``flows.lock_timeout_s`` and each stage's run log (``paths.run_log``).
     The workspace is the working directory prefect.yaml's pull step sets
     (``TRANSFER_PIPELINE_DIR``).
     """
@@ -196,14 +186,13 @@ def pipeline_stages(
         description=f"Stages {', '.join(stages)} on pool {pool}, worker {worker_name()}",
     ).create()
     incoming = RunState.from_dict(state)
-    with workspace_lock(root, lock_timeout_s, name="stages.lock"):
+    cfg, _ = incoming.settings()  # only its sections: this code may predate the run's
+    with workspace_lock(root, cfg.lock_timeout_s, name="stages.lock"):
         check_out_run_commit(root, repository, commit, incoming.paths())
         get_run_logger().info("workspace %s at %s: %s", root, commit[:12], ", ".join(stages))
         committed_params = (root / "params.yaml").read_text(encoding="utf-8")
         try:
-            outgoing, records = run_group(
-                root, pool, stages, incoming, run_logs, timeouts_s, download_retries, retry_delay_s
-            )
+            outgoing, records = run_group(root, pool, stages, incoming)
         finally:  # the next user of this clone finds its own params.yaml, not this run's
             (root / "params.yaml").write_text(committed_params, encoding="utf-8")
     create_table_artifact(

@@ -473,9 +473,52 @@ def overlay(base: dict, overrides: dict) -> dict:
     return result
 
 
+def apply_overrides(text: str, overrides: dict[str, Any]) -> str:
+    """params.yaml's ``text`` with ``overrides`` (dotted keys: ``{"head.lr": 0.0005}``) set,
+    checked by the same loader as the file: an unknown key or a wrong type raises
+    ConfigError naming the dotted key, before anything runs. Comments and layout survive
+    (a ruamel round trip), so the text can stand in for params.yaml during a run.
+    """
+    from io import StringIO
+
+    from ruamel.yaml import YAML  # imported here: only the flows override params
+
+    round_trip = YAML()
+    data = round_trip.load(text)
+    for dotted, value in overrides.items():
+        node = data
+        *sections, leaf = dotted.split(".")
+        for part in sections:
+            # A missing or non-mapping section becomes one, for the loader to name.
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    buffer = StringIO()
+    round_trip.dump(data, buffer)
+    try:
+        parse_params(yaml.safe_load(buffer.getvalue()))
+    except ConfigError as exc:
+        raise ConfigError(f"overrides {', '.join(overrides)}: {exc}") from None
+    return buffer.getvalue()
+
+
 def parse_params(raw: Any) -> Params:
     """Build :class:`Params` from a plain mapping (what YAML gives)."""
     return _build(Params, raw, "")
+
+
+def parse_section(raw: Any, name: str) -> Any:
+    """The section ``name`` (``flows``) of a params mapping, checked like the whole file,
+    the other sections left unread: for code that may be older than the params it is
+    given (a pool's worker before it checks out a run's commit), which a key added to
+    another section must not stop."""
+    hints = typing.get_type_hints(Params)
+    if name not in hints:
+        raise ConfigError(f"no section {name!r} in params; sections: {', '.join(hints)}")
+    if not isinstance(raw, dict) or name not in raw:
+        raise ConfigError(f"missing key {name!r}")
+    return _coerce(hints[name], raw[name], name)
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline import config, stages
-from pipeline.config import load_params, overlay, parse_params
+from pipeline.config import apply_overrides, load_params, overlay, parse_params, parse_section
 from pipeline.errors import ConfigError
 from tests.support.project import REPO_ROOT, STAGES, dvc_yaml, params_from, repo_params
 
@@ -259,3 +259,53 @@ def leaf_keys(mapping: dict, prefix: str = "") -> list[str]:
         dotted = f"{prefix}.{key}" if prefix else key
         keys.extend(leaf_keys(value, dotted) if isinstance(value, dict) else [dotted])
     return keys
+
+
+def test_an_override_changes_its_value_and_keeps_the_files_comments():
+    text = (REPO_ROOT / "params.yaml").read_text()
+    changed = apply_overrides(text, {"head.lr": 0.0005, "flows.timeouts_s.finetune": 60})
+    params = parse_params(yaml.safe_load(changed))
+    assert params.head.lr == 0.0005
+    assert params.flows.timeout_for("finetune") == 60  # a new entry in a mapping-valued key
+    assert changed.startswith("# The one place for settings")
+    before, after = yaml.safe_load(text), yaml.safe_load(changed)
+    assert {k: v for k, v in after.items() if k not in ("head", "flows")} == {
+        k: v for k, v in before.items() if k not in ("head", "flows")
+    }
+    assert {k: v for k, v in after["head"].items() if k != "lr"} == {
+        k: v for k, v in before["head"].items() if k != "lr"
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"head.lrr": 0.1}, "unknown key 'head.lrr' (did you mean 'head.lr'?)"),
+        ({"heads.lr": 0.1}, "unknown key 'heads' (did you mean 'head'?)"),
+        ({"split.ratios.vall": 0.1}, "unknown key 'split.ratios.vall'"),
+        ({"head.epochs": "many"}, "head.epochs: expected int, got str 'many'"),
+        ({"head.lr.x": 1}, "head.lr: expected float > 0 or 'auto'"),
+        ({"head.lr": -5}, "head.lr: expected float > 0 or 'auto', got -5"),
+        ({"head.dropout": 1.5}, "head.dropout: expected float >= 0 and < 1, got 1.5"),
+        ({"split.ratios.train": 0.9}, "split.ratios must sum to 1"),
+    ],
+)
+def test_a_bad_override_fails_on_one_line_naming_its_dotted_key(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        apply_overrides((REPO_ROOT / "params.yaml").read_text(), overrides)
+    assert message in str(info.value)
+    assert str(info.value).startswith(f"overrides {next(iter(overrides))}: ")
+    assert "\n" not in str(info.value)
+
+
+def test_a_section_reads_alone_and_strictly():
+    """A pool's worker reads the flows section of a run's params with code that may not
+    know a key the run's commit added elsewhere; its own section is still checked."""
+    raw = overlay(repo_params(), {"finetune": {"added_later": 1}})
+    assert parse_section(raw, "flows") == load_params(REPO_ROOT / "params.yaml").flows
+    with pytest.raises(ConfigError, match="unknown key 'finetune.added_later'"):
+        parse_params(raw)
+    with pytest.raises(ConfigError, match=r"flows.retry_delay_s: expected float"):
+        parse_section(overlay(raw, {"flows": {"retry_delay_s": "soon"}}), "flows")
+    with pytest.raises(ConfigError, match="missing key 'flows'"):
+        parse_section({k: v for k, v in raw.items() if k != "flows"}, "flows")

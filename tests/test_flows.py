@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.dvcrun import WorkspaceBusy, stage_error, workspace_lock
-from flows.training import params_overridden, stage_order
+from flows.dvcrun import WorkspaceBusy, retry_options, stage_error, stage_order, workspace_lock
+from flows.training import params_overridden, reproduce
+from pipeline.config import load_params
 from pipeline.errors import ConfigError
 from tests.support.prefect import (
     copy_workspace,
@@ -34,6 +35,42 @@ pytestmark = [pytest.mark.slow, pytest.mark.one_worker]
 
 def test_stage_order_comes_from_dvc():
     assert stage_order(REPO_ROOT) == list(STAGES)
+
+
+def test_every_task_has_prefects_caching_off():
+    """DVC is the one cache (STYLE.md, rule 6): no Prefect task of the flows may skip its
+    work on a cached result, with its options changed per stage or not."""
+    import importlib
+    import pkgutil
+
+    from prefect import Task
+    from prefect.cache_policies import NO_CACHE
+
+    import flows
+
+    tasks = [
+        obj
+        for info in pkgutil.iter_modules(flows.__path__)
+        for obj in vars(importlib.import_module(f"flows.{info.name}")).values()
+        if isinstance(obj, Task)
+    ]
+    names = {t.name for t in tasks}
+    assert {"reproduce", "stage_here", "verify", "dvc-push", "dvc-pull", "dvc-exp-save"} <= names
+    assert sorted(t.name for t in tasks if t.cache_policy is not NO_CACHE) == []
+    cfg = load_params(REPO_ROOT / "params.yaml").flows
+    staged = reproduce.with_options(name="download", **retry_options("download", cfg))
+    assert staged.cache_policy is NO_CACHE
+
+
+def test_only_download_retries_with_doubling_delays():
+    cfg = load_params(REPO_ROOT / "params.yaml").flows
+    delays = [cfg.retry_delay_s * 2**i for i in range(cfg.download_retries)]
+    assert cfg.download_retries > 1 and delays[1] == 2 * delays[0]
+    assert retry_options("download", cfg) == {
+        "retries": cfg.download_retries,
+        "retry_delay_seconds": delays,
+    }
+    assert retry_options("features", cfg) == {"retries": 0, "retry_delay_seconds": None}
 
 
 def test_stage_error_keeps_the_stages_own_message():

@@ -41,14 +41,20 @@ def comments(text: str) -> dict[str, str]:
     found: dict[str, str] = {}
     stack: list[tuple[int, str]] = []
     above: list[str] = []
+    last = None  # the key whose inline comment a deeper-indented comment line continues
     for line in text.splitlines():
         stripped = line.strip()
         if stripped.startswith("#"):
-            above.append(stripped.lstrip("#").strip())
+            words = stripped.lstrip("#").strip()
+            if last is not None and len(line) - len(line.lstrip()) > 8:
+                found[last] = f"{found[last]} {words}"
+            else:
+                above.append(words)
+                last = None
             continue
         match = _KEY.match(line)
         if not match:
-            above = []
+            above, last = [], None
             continue
         indent = len(match["indent"])
         stack = [(i, k) for i, k in stack if i < indent]
@@ -57,6 +63,7 @@ def comments(text: str) -> dict[str, str]:
         rest = match["rest"]
         inline = rest.split(" #", 1)[1].strip() if " #" in rest else ""
         found[dotted] = inline or " ".join(above)
+        last = dotted if inline else None
         above = []
     return found
 

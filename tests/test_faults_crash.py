@@ -32,6 +32,7 @@ import yaml
 
 from pipeline import runner as cli
 from pipeline.errors import PipelineError
+from pipeline.modeling import resume
 from pipeline.modeling.model import load_checkpoint, save_checkpoint
 from pipeline.stages import features, finetune, train_head
 from pipeline.system.fsutil import load_torch_weights, md5_file
@@ -94,7 +95,7 @@ def finetune_until_checkpoint(n: int, cwd: str, log: str, conn) -> None:
     and stop (SIGSTOP) until the test SIGKILLs it."""
     _own_group_logging_to(log)
     os.chdir(cwd)
-    write, saves = finetune.save_training_checkpoint, []
+    write, saves = resume.save_training_checkpoint, []
 
     def save_then_stop(path, payload):
         write(path, payload)
@@ -103,7 +104,7 @@ def finetune_until_checkpoint(n: int, cwd: str, log: str, conn) -> None:
             conn.send(n)
             os.kill(os.getpid(), signal.SIGSTOP)
 
-    finetune.save_training_checkpoint = save_then_stop
+    resume.save_training_checkpoint = save_then_stop
     conn.send(f"finetune ended with {cli.main(['finetune'])} after {len(saves)} checkpoints")
 
 
@@ -114,7 +115,7 @@ def save_forever(path: str, log: str, conn) -> None:
     conn.send("ready")
     for n in itertools.count(1):
         weights = {f"layer{i}.weight": torch.full((1 << 20,), float(n)) for i in range(8)}
-        finetune.save_training_checkpoint(
+        resume.save_training_checkpoint(
             Path(path), {"fingerprint": "crash-test", "n": n, "model": weights}
         )
         sys.stdout.write(f"{n}\n")
@@ -260,7 +261,7 @@ def test_kill_during_checkpoint_save_never_leaves_a_torn_checkpoint(tmp_path):
         else:
             ok = done == 0
         # The resume reader deletes what killed saves left, and never reads it.
-        again = finetune.read_training_checkpoint(path, "crash-test")
+        again = resume.read_training_checkpoint(path, "crash-test")
         ok = ok and (again is None) == (not path.exists())
         ok = ok and not list(path.parent.glob(".finetune.pt.tmp-*"))
         passed += ok
@@ -331,14 +332,14 @@ def test_nan_loss_or_exploding_gradient_in_finetune_keeps_the_last_good_checkpoi
     features.main(p)
     train_head.main(p)
     checkpoint = p.paths.checkpoints / "finetune.pt"
-    save = finetune.save_training_checkpoint
+    save = resume.save_training_checkpoint
 
     def save_then_interrupt(path, payload):
         save(path, payload)
         raise KeyboardInterrupt  # a good run stopped right after its first checkpoint
 
     with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
-        patched.setattr(finetune, "save_training_checkpoint", save_then_interrupt)
+        patched.setattr(resume, "save_training_checkpoint", save_then_interrupt)
         finetune.main(p)
     good_checkpoint, good_head = checkpoint.read_bytes(), p.paths.head.read_bytes()
 

@@ -2,11 +2,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 import yaml
@@ -14,7 +12,15 @@ import yaml
 from pipeline import config, stages
 from pipeline.config import apply_overrides, load_params, overlay, parse_params, parse_section
 from pipeline.errors import ConfigError
-from tests.support.project import REPO_ROOT, STAGES, dvc_yaml, params_from, repo_params
+from pipeline.system.settingsdoc import leaves
+from tests.support.project import (
+    REPO_ROOT,
+    STAGES,
+    dvc_yaml,
+    params_from,
+    pipeline_command,
+    repo_params,
+)
 
 
 def test_repo_params_load_into_typed_values():
@@ -217,14 +223,7 @@ def test_auto_null_and_the_edges_of_each_range_keep_their_meaning():
 
 
 def settings_command(root, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", "settings", *args],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-    )
+    return pipeline_command(root, "settings", *args)
 
 
 def test_the_settings_reference_is_generated_from_the_declaration_and_cannot_drift(tmp_path):
@@ -235,7 +234,7 @@ def test_the_settings_reference_is_generated_from_the_declaration_and_cannot_dri
     assert "| `head.lr` | `0.001` | float > 0 or 'auto' | export, train_head |" in page
     assert "| `head.dropout` | `0.3` | float >= 0 and < 1 | export, train_head |" in page
     rows = [line for line in page.splitlines() if line.startswith("| `")]
-    assert len(rows) == len(leaf_keys(repo_params()))
+    assert len(rows) == len(leaves(repo_params()))
 
     for name in ("params.yaml", "dvc.yaml", "docs/settings.md"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -251,14 +250,6 @@ def test_the_settings_reference_is_generated_from_the_declaration_and_cannot_dri
     )
     assert settings_command(tmp_path, "--write").returncode == 0
     assert "| `head.dropout` | `0.2` |" in (tmp_path / "docs" / "settings.md").read_text()
-
-
-def leaf_keys(mapping: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in mapping.items():
-        dotted = f"{prefix}.{key}" if prefix else key
-        keys.extend(leaf_keys(value, dotted) if isinstance(value, dict) else [dotted])
-    return keys
 
 
 def test_an_override_changes_its_value_and_keeps_the_files_comments():

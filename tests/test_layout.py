@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
@@ -22,6 +21,7 @@ from tests.support.project import (
     dvc_yaml,
     git,
     params_with,
+    pipeline_command,
     set_params,
 )
 
@@ -42,13 +42,7 @@ def direct_imports(file):
 
 
 def deps_command(root, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", "deps", *args],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return pipeline_command(root, "deps", *args)
 
 
 @pytest.mark.parametrize("stage", STAGES)

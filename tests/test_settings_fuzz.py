@@ -21,21 +21,13 @@ from hypothesis import strategies as st
 from pipeline.config import HeadParams, declared_type, parse_params
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.stages import features, train_head
+from pipeline.system.settingsdoc import leaves
 from tests.support.faults import record, trials
 from tests.support.project import repo_params
 
 pytestmark = pytest.mark.faults
 
 SETTINGS = {"database": None, "deadline": None, "derandomize": True}
-
-
-def leaf_keys(mapping: dict, prefix: str = "") -> list[str]:
-    """Every leaf of params.yaml by dotted key (a mapping's entries, not the mapping)."""
-    keys = []
-    for key, value in mapping.items():
-        dotted = f"{prefix}.{key}" if prefix else key
-        keys.extend(leaf_keys(value, dotted) if isinstance(value, dict) else [dotted])
-    return keys
 
 
 def with_value(base: dict, dotted: str, value: Any) -> dict:
@@ -150,7 +142,7 @@ def sweep(dotted: str, values: st.SearchStrategy, examples: int, trial) -> None:
 
 def test_every_key_loads_a_value_or_fails_naming_the_key_in_one_line():
     base = repo_params()
-    keys = leaf_keys(base)
+    keys = [dotted for dotted, _ in leaves(base)]
     tried, bad = [0], []
 
     def loads_or_names_the_key(dotted: str, value: Any) -> None:

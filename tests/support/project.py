@@ -156,3 +156,15 @@ def share_structures(root: Path) -> None:
         SHARED_STRUCTURES.mkdir(parents=True, exist_ok=True)
         (root / STRUCTURES).parent.mkdir(parents=True, exist_ok=True)
         (root / STRUCTURES).symlink_to(SHARED_STRUCTURES, target_is_directory=True)
+
+
+def pipeline_command(root: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m pipeline ARGS`` in the folder ``root``, with this checkout's code."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )

@@ -152,7 +152,7 @@ class DataParams:
 class DownloadParams:
     """How hard to try when fetching, and how much an archive may unpack to."""
 
-    retries: AtLeastOne  # attempts, the first included
+    retries: Count  # further attempts after a failure
     timeout_s: Positive
     max_extracted_bytes: AtLeastOne
     max_files: AtLeastOne

@@ -69,9 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from pipeline.config import load_params
+    from pipeline.config import apply_overrides, load_params
+    from pipeline.errors import ConfigError
 
-    cfg = load_params(Path(getattr(args, "workspace", ".")) / "params.yaml").flows
+    params_file = Path(getattr(args, "workspace", ".")) / "params.yaml"
+    cfg = load_params(params_file).flows
+    overrides = parse_overrides(args.set) if args.command == "run" else {}
+    try:  # a bad --set fails here, in one line, before Prefect starts
+        apply_overrides(params_file.read_text(encoding="utf-8"), overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"python -m flows run: {exc}") from None
     # Before Prefect reads its settings: a run's process that dies (SIGKILL, OOM, a lost
     # machine) stops these heartbeats, and the automation marks the run Crashed.
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(cfg.heartbeat_s))
@@ -82,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "run":
         state = training_pipeline(
-            overrides=parse_overrides(args.set),
+            overrides=overrides,
             push=args.push,
             workspace=args.workspace,
             distributed=args.distributed,

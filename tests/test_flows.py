@@ -97,6 +97,21 @@ def test_overrides_are_checked_applied_and_restored(tmp_path):
     assert (tmp_path / "params.yaml").read_text() == original
 
 
+def test_a_bad_set_fails_in_one_line_naming_the_key_before_prefect_starts():
+    """`python -m flows run --set` holds each key to what it accepts, as params.yaml."""
+    done = subprocess.run(
+        [sys.executable, "-m", "flows", "run", "--set", "head.lr=-5"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "python -m flows run: overrides head.lr: head.lr: expected float > 0 or 'auto', got -5"
+    )
+
+
 def test_a_second_run_waits_for_the_workspace_or_is_refused(tmp_path):
     (tmp_path / ".dvc").mkdir()
     with workspace_lock(tmp_path, timeout_s=0):

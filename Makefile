@@ -47,7 +47,7 @@ test-fast: install-dev
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --no-loadscope-reorder -m "not slow and not faults"
 
 ## faults: the whole fault-injection suite at the trial counts RELIABILITY.md reports, one
-# process (about 23 min on two cores); FAULTS_ARGS adds pytest options, e.g. a shuffled order:
+# process (about 25 min on two cores); FAULTS_ARGS adds pytest options, e.g. a shuffled order:
 # make faults FAULTS_ARGS="-p randomly --randomly-seed=7"
 FAULTS_ARGS ?=
 faults: install-dev

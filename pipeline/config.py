@@ -559,7 +559,7 @@ def _coerce(tp: Any, value: Any, dotted: str) -> Any:
     if origin is Annotated:
         base, *rules = typing.get_args(tp)
         result = _coerce(base, value, dotted)
-        if not all(_holds(rule, result) for rule in _flat(rules)):
+        if not all(_holds(rule, result) for rule in flat_rules(rules)):
             raise ConfigError(f"{dotted}: expected {accepts(tp)}, got {value!r}")
         return result
     if origin in (Union, types.UnionType):
@@ -626,8 +626,9 @@ def _coerce(tp: Any, value: Any, dotted: str) -> Any:
     raise ConfigError(f"{dotted}: expected {accepts(tp)}, got {_kind(value)} {value!r}")
 
 
-def _flat(rules: list[Any]) -> list[BaseMetadata]:
-    """Annotated's rules, a grouped one (``Interval``) as its parts (``Ge``, ``Lt``)."""
+def flat_rules(rules: list[Any]) -> list[BaseMetadata]:
+    """Annotated's rules, a grouped one (``Interval``) as its parts (``Ge``, ``Lt``): what
+    the loader checks, and what the fuzz test draws accepted values from."""
     flat = []
     for rule in rules:
         flat.extend(rule if isinstance(rule, GroupedMetadata) else [rule])
@@ -682,7 +683,7 @@ def accepts(tp: Any) -> str:
         return "null"
     if typing.get_origin(tp) is Annotated:
         base, *rules = typing.get_args(tp)
-        texts = [_rule_text(rule) for rule in _flat(rules)]
+        texts = [_rule_text(rule) for rule in flat_rules(rules)]
         if texts == ["non-empty"]:
             return f"non-empty {accepts(base)}"
         return f"{accepts(base)} {' and '.join(texts)}"

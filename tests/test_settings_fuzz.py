@@ -14,11 +14,11 @@ import typing
 from typing import Annotated, Any, Literal, Union
 
 import pytest
-from annotated_types import Ge, GroupedMetadata, Gt, Le, Lt, MinLen
+from annotated_types import Ge, Gt, Le, Lt, MinLen
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import HeadParams, declared_type, parse_params
+from pipeline.config import HeadParams, declared_type, flat_rules, parse_params
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.stages import features, train_head
 from pipeline.system.settingsdoc import leaves
@@ -46,10 +46,7 @@ def accepted(tp: Any) -> st.SearchStrategy:
     origin = typing.get_origin(tp)
     if origin is Annotated:
         base, *rules = typing.get_args(tp)
-        flat = [
-            r for rule in rules for r in (rule if isinstance(rule, GroupedMetadata) else [rule])
-        ]
-        low = {type(r): r for r in flat}
+        low = {type(r): r for r in flat_rules(rules)}
         if base is int:
             lo = low[Ge].ge if Ge in low else (low[Gt].gt + 1 if Gt in low else 0)
             hi = low[Le].le if Le in low else (low[Lt].lt - 1 if Lt in low else lo + 64)

@@ -231,7 +231,9 @@ class S3Store(Store):
         config = Config(
             connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"}
         )
-        self.client = boto3.client("s3", config=config)
+        # A session of its own: the environment is read now, not when boto3's default
+        # session first was (a long-lived service may be given new credentials).
+        self.client = boto3.session.Session().client("s3", config=config)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key

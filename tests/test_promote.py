@@ -23,9 +23,18 @@ from pipeline.errors import PipelineError
 from pipeline.registry.backends import RegistryError
 from pipeline.registry.store import Registry, parse_ref, resolve
 from pipeline.serving.followed import FollowedModel
-from pipeline.stages import promote, split
+from pipeline.stages import (
+    evaluate,
+    export,
+    features,
+    finetune,
+    onnx_check,
+    promote,
+    split,
+    train_head,
+)
 from tests.support.images import colour_images
-from tests.support.models import colour_model
+from tests.support.models import colour_model, rolled
 from tests.support.project import REPO_ROOT, pipeline_command
 from tests.support.s3 import s3_server
 from tests.support.world import TinyWorld
@@ -234,3 +243,42 @@ def test_promote_on_an_s3_registry(world, tmp_path, monkeypatch):
         with registry.locked(10, 5):
             assert registry.rollback().version == 1
         assert FollowedModel(f"{url}#classifier").current.version == 1
+
+
+@pytest.mark.slow
+def test_models_the_pipeline_exported_first_promoted_kept(tmp_path, monkeypatch):
+    """The stages' own files: Lite0 (ImageNet weights) and a head, exported with int8 and
+    checked; then a head trained from another seed; then that file with its classes'
+    scores rolled (wrong on every image)."""
+    world = TinyWorld.build(
+        tmp_path,
+        monkeypatch,
+        images=colour_images(tmp_path / "images"),
+        model={"weights": "imagenet"},
+        head={"epochs": 20, "patience": 20},
+        finetune={"epochs": 0},
+        export={"calibration_images": 30},
+        onnx_check={"latency_runs": 5, "throughput_batches": 1},
+        promote={"registry": str(tmp_path / "registry")},
+    )
+    world.run(features, train_head, finetune, evaluate, export, onnx_check)
+    first = world.run(promote)
+    assert (first["decision"], first["version"]) == ("first", 1)
+    registry = Registry(world().promote.registry, "classifier")
+    assert set(registry.version(1)["files"]) == {"model.onnx", "model.int8.onnx", "images.parquet"}
+
+    world.run(train_head, finetune, evaluate, export, onnx_check, head={"seed": 1})
+    second = world.run(promote, head={"seed": 1})
+    assert (second["decision"], second["version"], second["production_version"]) == (
+        "promoted",
+        2,
+        2,
+    )
+    assert second["images"] == TEST_IMAGES and second["left_out"] == 0
+    assert second["challenger"]["top1"] >= 0.9 and second["champion"]["top1"] >= 0.9
+
+    onnx_file = world().paths.onnx
+    rolled(onnx_file, onnx_file)
+    worse = world.run(promote, head={"seed": 1})
+    assert (worse["decision"], worse["production_version"]) == ("kept", 2)
+    assert worse["challenger"]["top1"] == 0.0 and worse["p_value"] < 0.05

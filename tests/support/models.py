@@ -71,3 +71,19 @@ def colour_model(
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+def rolled(source: Path, target: Path, shift: int = 1) -> Path:
+    """``source`` (any exported classifier) with its logits' columns rolled by ``shift``
+    after the graph: each class's score goes to another class, every other byte as it was."""
+    model = onnx.load(str(source))
+    output = model.graph.output[0].name
+    inner = f"{output}_before_roll"
+    for node in model.graph.node:
+        node.output[:] = [inner if name == output else name for name in node.output]
+    classes = len(json.loads({p.key: p.value for p in model.metadata_props}["classes"]))
+    order = np.roll(np.arange(classes, dtype=np.int64), shift)
+    model.graph.initializer.append(numpy_helper.from_array(order, "roll_order"))
+    model.graph.node.append(helper.make_node("Gather", [inner, "roll_order"], [output], axis=1))
+    onnx.save(model, str(target))
+    return target

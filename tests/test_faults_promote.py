@@ -177,17 +177,21 @@ def test_two_promoters_at_once_take_turns(world, tmp_path):
     other = tmp_path / "ws2"
     shutil.copytree(world.root, other)
     registry = Registry(world().promote.registry, "classifier")
-    rescored = 0
 
     def trial(n: int) -> None:
-        nonlocal rescored
         colour_model(world.root / "models/model.onnx", seed=2 * n)
         colour_model(other / "models/model.onnx", seed=2 * n + 1)
         before = registry.versions()
-        runs = [promote_command(world.root), promote_command(other)]
-        logs = [run.communicate(timeout=300)[0] for run in runs]
+        # Both score before either may write: the lock is held here until both wait for it.
+        with registry.locked(60, 5):
+            runs = [promote_command(world.root), promote_command(other)]
+            heads = [waited_for_lock(run) for run in runs]
+        logs = [
+            head + run.communicate(timeout=300)[0] for head, run in zip(heads, runs, strict=True)
+        ]
         assert [run.returncode for run in runs] == [0, 0], logs
-        rescored += sum("scoring again" in log for log in logs)
+        # The second to hold the lock found production moved, and scored again.
+        assert sum("scoring again" in log for log in logs) == 1, logs
         new = [v for v in registry.versions() if v not in before]
         assert len(new) == 2, new
         first, second = (registry.version(v) for v in new)
@@ -203,8 +207,17 @@ def test_two_promoters_at_once_take_turns(world, tmp_path):
         consistent(registry.url, tmp_path / "cache")
 
     failures = run_trials("promotion: two promoters at once", list(range(trials(10, 2))), trial)
-    print(f"runs that found production moved under the lock and scored again: {rescored}")  # noqa: T201
     assert failures == []
+
+
+def waited_for_lock(run: subprocess.Popen) -> str:
+    """What ``run`` logged up to the line saying it waits for the registry's lock."""
+    lines = []
+    while line := run.stdout.readline():
+        lines.append(line)
+        if "waiting for" in line and "lock" in line:
+            break
+    return "".join(lines)
 
 
 def test_a_registry_that_is_down_fails_promote_naming_it(world, tmp_path):

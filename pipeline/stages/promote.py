@@ -206,6 +206,11 @@ def run(params: Params) -> dict:
         tmp = Path(folder)
         champion = load_champion(registry, registry.alias(), tmp)
         figures = compare(champion, challenger, test) if champion else None
+        log.info(
+            "promote: scored against production version %s; waiting for %s's lock",
+            champion.alias.version if champion else None,
+            registry.where(),
+        )
         with registry.locked(cfg.lock_timeout_s, cfg.lock_lease_s):
             now = registry.alias()  # another promoter may have moved it meanwhile
             if (now and (now.version, now.sha256)) != (

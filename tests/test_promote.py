@@ -35,7 +35,7 @@ from pipeline.stages import (
 )
 from tests.support.images import colour_images
 from tests.support.models import colour_model, rolled
-from tests.support.project import REPO_ROOT, pipeline_command
+from tests.support.project import REPO_ROOT, params_with, pipeline_command
 from tests.support.s3 import s3_server
 from tests.support.world import TinyWorld
 
@@ -282,3 +282,39 @@ def test_models_the_pipeline_exported_first_promoted_kept(tmp_path, monkeypatch)
     worse = world.run(promote, head={"seed": 1})
     assert (worse["decision"], worse["production_version"]) == ("kept", 2)
     assert worse["challenger"]["top1"] == 0.0 and worse["p_value"] < 0.05
+
+
+def figures(lost: int, gained: int, both: int = 0) -> dict:
+    """promote's figures for images where only the champion (lost), only the challenger
+    (gained) or both (both) are right."""
+    from pipeline.reporting.significance import PairedOutcome
+
+    n = lost + gained + both
+    return {
+        **promote.NOTHING_COMPARED,
+        "images": n,
+        "champion_only_right": lost,
+        "challenger_only_right": gained,
+        "champion": {"top1": (lost + both) / n if n else None},
+        "challenger": {"top1": (gained + both) / n if n else None},
+        "p_value": PairedOutcome(n, lost, gained).worse_p_value(),
+    }
+
+
+@pytest.mark.parametrize(
+    ("lost", "gained", "min_gain", "decision"),
+    [
+        (5, 0, None, "kept"),  # p = 1/32 < 0.05
+        (4, 0, None, "promoted"),  # p = 1/16: no evidence on 4 images
+        (9, 3, None, "promoted"),  # p = 0.073
+        (10, 2, None, "kept"),  # p = 0.019
+        (0, 0, None, "promoted"),  # nothing compared: no evidence either way
+        (0, 0, 0.01, "kept"),  # ... and no gain shown
+        (0, 3, 0.01, "promoted"),
+    ],
+)
+def test_the_rule(lost, gained, min_gain, decision):
+    cfg = params_with(promote={"min_gain": min_gain}).promote
+    got, reason = promote.decide(figures(lost, gained, both=20 if lost + gained else 0), cfg, 4)
+    assert got == decision, reason
+    assert "\n" not in reason and ("version 4" in reason or "min_gain" in reason)

@@ -111,8 +111,15 @@ def resolve_model(model: str, cache: str | None) -> Path:
             ref = parse_ref(model)
         else:  # the project's registry, from params.yaml (yaml imported only here)
             from pipeline.config import load_params
+            from pipeline.errors import ConfigError
 
-            cfg = load_params().promote
+            try:
+                cfg = load_params().promote
+            except ConfigError as exc:
+                raise DataError(
+                    f"--model {model} names the project's registry (promote.registry), but "
+                    f"{exc}; outside the project name it as URL#NAME"
+                ) from None
             ref = ModelRef(cfg.registry, cfg.name, model.removeprefix("registry:"))
         resolved = resolve(ref, Path(cache) if cache else None)
     except PipelineError as exc:

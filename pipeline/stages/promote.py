@@ -45,7 +45,12 @@ from pipeline.registry.store import (
 )
 from pipeline.reporting.significance import paired_outcome
 from pipeline.serving.predict import OnnxClassifier
-from pipeline.system.fsutil import read_json_or_empty, sha256_file, write_json_atomic
+from pipeline.system.fsutil import (
+    atomic_path,
+    read_json_or_empty,
+    sha256_file,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 BATCH = 32  # images decoded and run at a time; every model sees the same decoded images
@@ -89,8 +94,24 @@ def accuracy(right: np.ndarray, labels: list[str]) -> dict[str, float]:
     }
 
 
-def compare(champion: Champion, challenger: OnnxClassifier, test: pd.DataFrame) -> dict:
-    """Both models on the test images the champion never saw, of the classes both know."""
+NOTHING_COMPARED = {
+    "images": 0,
+    "left_out": 0,
+    "left_out_other_classes": 0,
+    "challenger": {"top1": None, "mean_class_accuracy": None},
+    "champion": {"top1": None, "mean_class_accuracy": None},
+    "challenger_only_right": 0,
+    "champion_only_right": 0,
+    "p_value": None,
+    "classes": {"compared": 0, "added": [], "removed": []},
+}
+
+
+def compare(champion: Champion | None, challenger: OnnxClassifier, test: pd.DataFrame) -> dict:
+    """Both models on the test images the champion never saw, of the classes both know
+    (``NOTHING_COMPARED`` when there is no champion)."""
+    if champion is None:
+        return NOTHING_COMPARED
     seen = set(champion.images.loc[champion.images["split"].isin(["train", "val"]), "sha256"])
     old, new = champion.model.contract.classes, challenger.contract.classes
     common = [c for c in new if c in set(old)]
@@ -196,16 +217,52 @@ def load_champion(registry: Registry, alias: Alias | None, tmp: Path) -> Champio
     return Champion(alias, record, OnnxClassifier(model), pd.read_parquet(images))
 
 
+def same_target(a: Alias | None, b: Alias | None) -> bool:
+    return (a and (a.version, a.sha256)) == (b and (b.version, b.sha256))
+
+
+def version_record(
+    params: Params,
+    challenger: OnnxClassifier,
+    champion: Champion | None,
+    figures: dict,
+    decision: str,
+    reason: str,
+) -> dict:
+    """A version's lineage: the decision, the data, what made the model, its figures."""
+    meta = challenger.session.get_modelmeta().custom_metadata_map
+    checked = read_json_or_empty(params.paths.metrics_file("onnx_check"))
+    return {
+        "decision": decision,
+        "reason": reason,
+        "champion_version": champion.alias.version if champion else None,
+        "classes": challenger.contract.classes,
+        "data": data_lineage(params),
+        # what made the file, from its own metadata (export: pipeline/system/provenance.py)
+        "params_sha256": meta.get("params_sha256"),
+        "git_commit": meta.get("git_commit"),
+        "git_dirty": meta.get("git_dirty"),
+        "metrics": {
+            "promote": figures,
+            "onnx_top1": checked.get("onnx_top1"),
+            "evaluate_top1": checked.get("evaluate_top1"),
+            "int8_top1": checked.get("int8", {}).get("top1"),
+        },
+    }
+
+
 def run(params: Params) -> dict:
+    """Score against production → under the registry's lock: re-check production, decide,
+    register the version, move production when promoted → write the outputs."""
     paths, cfg = params.paths, params.promote
     registry = Registry(cfg.registry, cfg.name)
-    registry.check()
+    registry.check()  # a registry that is down fails here, naming it, before any work
     challenger = OnnxClassifier(paths.onnx)
     test = read_split(paths, "test")
     with tempfile.TemporaryDirectory(prefix="promote-") as folder:
         tmp = Path(folder)
         champion = load_champion(registry, registry.alias(), tmp)
-        figures = compare(champion, challenger, test) if champion else None
+        figures = compare(champion, challenger, test)
         log.info(
             "promote: scored against production version %s; waiting for %s's lock",
             champion.alias.version if champion else None,
@@ -213,109 +270,69 @@ def run(params: Params) -> dict:
         )
         with registry.locked(cfg.lock_timeout_s, cfg.lock_lease_s):
             now = registry.alias()  # another promoter may have moved it meanwhile
-            if (now and (now.version, now.sha256)) != (
-                champion and (champion.alias.version, champion.alias.sha256)
-            ):
+            if not same_target(now, champion and champion.alias):
                 log.info(
                     "promote: production moved to version %s meanwhile; scoring again",
                     now and now.version,
                 )
                 champion = load_champion(registry, now, tmp)
-                figures = compare(champion, challenger, test) if champion else None
+                figures = compare(champion, challenger, test)
             if champion is None:
                 decision, reason = "first", "the first version: nothing was in production"
             else:
                 decision, reason = decide(figures, cfg, champion.alias.version)
-            table = tmp / IMAGES_FILE
-            images_table(params).to_parquet(table, index=False)
-            files = {MODEL_FILE: paths.onnx, IMAGES_FILE: table}
+            files = {MODEL_FILE: paths.onnx, IMAGES_FILE: tmp / IMAGES_FILE}
+            images_table(params).to_parquet(files[IMAGES_FILE], index=False)
             if params.export.quantize:
                 files[INT8_FILE] = paths.onnx_int8
-            meta = challenger.session.get_modelmeta().custom_metadata_map
-            checked = read_json_or_empty(paths.metrics_file("onnx_check"))
-            version, _record = registry.register(
-                files,
-                {
-                    "decision": decision,
-                    "reason": reason,
-                    "champion_version": champion.alias.version if champion else None,
-                    "classes": challenger.contract.classes,
-                    "data": data_lineage(params),
-                    "params_sha256": meta.get("params_sha256"),
-                    "git_commit": meta.get("git_commit"),
-                    "git_dirty": meta.get("git_dirty"),
-                    "metrics": {
-                        "promote": figures,
-                        "onnx_top1": checked.get("onnx_top1"),
-                        "evaluate_top1": checked.get("evaluate_top1"),
-                        "int8_top1": checked.get("int8", {}).get("top1"),
-                    },
-                },
-            )
+            record = version_record(params, challenger, champion, figures, decision, reason)
+            version, _ = registry.register(files, record)
             if decision != "kept":
                 registry.set_alias(version, f"{decision}: {reason}")
             production = registry.alias()
-        champion_images = (
-            champion.images
-            if champion
-            else pd.DataFrame({c: pd.Series(dtype=str) for c in IMAGE_COLUMNS})
-        )
-    return finish(
-        params, registry, decision, reason, version, production, champion, figures, champion_images
-    )
-
-
-def finish(
-    params, registry, decision, reason, version, production, champion, figures, champion_images
-) -> dict:
-    """Write the three outputs and say what happened."""
-    paths = params.paths
     metrics = {
         "decision": decision,
         "version": version,
-        "production_version": production.version if production else None,
+        "production_version": production.version,
         "champion_version": champion.alias.version if champion else None,
         "reason": reason,
         "registry": registry.where(),
-        **(
-            figures
-            or {
-                "images": 0,
-                "left_out": 0,
-                "left_out_other_classes": 0,
-                "challenger": {"top1": None, "mean_class_accuracy": None},
-                "champion": {"top1": None, "mean_class_accuracy": None},
-                "challenger_only_right": 0,
-                "champion_only_right": 0,
-                "p_value": None,
-                "classes": {"compared": 0, "added": [], "removed": []},
-            }
-        ),
+        **figures,
     }
-    paths.champion_images.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.champion_images.with_name(f".{paths.champion_images.name}.tmp")
-    champion_images[IMAGE_COLUMNS].to_parquet(tmp, index=False)
-    tmp.replace(paths.champion_images)
+    seen = champion.images if champion else pd.DataFrame(columns=IMAGE_COLUMNS, dtype=str)
+    write_outputs(paths, metrics, seen, production)
+    return metrics
+
+
+def write_outputs(paths, metrics: dict, champion_images: pd.DataFrame, production: Alias) -> None:
+    """metrics/promote.json, the champion's images for the report, and what production is
+    now; then say what happened."""
+    with atomic_path(paths.champion_images) as tmp:
+        champion_images[IMAGE_COLUMNS].to_parquet(tmp, index=False)
     write_json_atomic(
         paths.production,
         {
-            "registry": registry.where(),
-            "version": production.version if production else None,
-            "sha256": production.sha256 if production else None,
-            "this_run": {"version": version, "decision": decision},
+            "registry": metrics["registry"],
+            "version": production.version,
+            "sha256": production.sha256,
+            "this_run": {"version": metrics["version"], "decision": metrics["decision"]},
         },
     )
     write_json_atomic(paths.metrics_file("promote"), metrics)
-    if decision == "kept":
+    if metrics["decision"] == "kept":
         log.warning(
-            "not promoted: %s (version %d registered, production stays at %d)",
-            reason,
-            version,
+            "not promoted: %s (version %d registered, production stays at version %d)",
+            metrics["reason"],
+            metrics["version"],
             production.version,
         )
     else:
-        log.info("promote: version %d is production (%s): %s", version, decision, reason)
-    return metrics
+        log.info(
+            "promote: version %d is production (%s): %s",
+            metrics["version"],
+            metrics["decision"],
+            metrics["reason"],
+        )
 
 
 def main(params: Params) -> dict:

@@ -10,6 +10,7 @@ with the sha256s it records; ``resolve`` (what ``predict --model production`` an
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -86,15 +87,28 @@ def consistent(url: str, cache: Path) -> str:
     return "production moved to the newest version"
 
 
-def crash_trials(url: str, tmp: Path, count: int, lease_s: float, child_env: dict) -> list[str]:
+def crash_trials(
+    where: str, base: str, tmp: Path, count: int, lease_s: float, child_env: dict, remove
+) -> list[str]:
+    """``count`` kills of the looping promoter, each on a registry of its own under
+    ``base`` (``remove(url)`` deletes it afterwards: a trial registers a 4 MB version
+    every few tens of milliseconds)."""
     models = padded_models(tmp / "models")
     images = tmp / "images.parquet"
     images.write_bytes(os.urandom(1024))
     rng = random.Random(SEED)
     cases = [round(rng.uniform(0.0, 1.5), 3) for _ in range(count)]
     states: dict[str, int] = {}
+    numbers = itertools.count()
 
     def trial(delay: float) -> None:
+        url = f"{base}/{next(numbers)}"
+        try:
+            killed_promoter(url, delay)
+        finally:
+            remove(url)
+
+    def killed_promoter(url: str, delay: float) -> None:
         child = subprocess.Popen(
             [sys.executable, "-c", PROMOTER, url, str(lease_s), str(images), *map(str, models)],
             env=child_env,
@@ -119,15 +133,24 @@ def crash_trials(url: str, tmp: Path, count: int, lease_s: float, child_env: dic
         after = registry.alias()
         assert before is None or after.history[-1]["version"] == before.version
         consistent(url, tmp / "cache")
+        if url.startswith("s3://"):  # the lock object is gone once released
+            assert registry.store.read("classifier/lock") is None
 
-    failures = run_trials(f"promotion: SIGKILL of a promoter ({url.split(':')[0]})", cases, trial)
+    failures = run_trials(f"promotion: SIGKILL of a promoter ({where})", cases, trial)
     print(f"where the kills left the registry: {states}")  # noqa: T201
     return failures
 
 
 def test_a_killed_promoter_never_leaves_production_on_a_partial_file(tmp_path):
-    url = str(tmp_path / "registry")
-    failures = crash_trials(url, tmp_path, trials(200, 20), lease_s=5, child_env=env())
+    failures = crash_trials(
+        "folder",
+        str(tmp_path / "registries"),
+        tmp_path,
+        trials(200, 20),
+        lease_s=5,
+        child_env=env(),
+        remove=lambda url: shutil.rmtree(url, ignore_errors=True),
+    )
     assert failures == []
 
 
@@ -137,12 +160,24 @@ def test_a_killed_promoter_on_s3_never_leaves_production_on_a_partial_file(tmp_p
         s3_env = {**s3.env(), "AWS_ENDPOINT_URL": s3.endpoint}
         for key, value in s3_env.items():
             monkeypatch.setenv(key, value)
+        client = s3.client()
+
+        def remove(url: str) -> None:
+            prefix = url.removeprefix(f"s3://{s3.bucket}/") + "/"
+            for key in [k for k in s3.keys() if k.startswith(prefix)]:
+                client.delete_object(Bucket=s3.bucket, Key=key)
+
         # The S3 lock is a lease: a killed holder's lock frees itself after 2 s here.
         failures = crash_trials(
-            f"s3://{s3.bucket}/registry", tmp_path, trials(30, 4), 2, {**env(), **s3_env}
+            "S3",
+            f"s3://{s3.bucket}/registries",
+            tmp_path,
+            trials(30, 4),
+            2,
+            {**env(), **s3_env},
+            remove,
         )
         assert failures == []
-        assert "registry/classifier/lock" not in s3.keys()
 
 
 @pytest.fixture
@@ -165,6 +200,37 @@ def promote_command(workspace: Path, extra_env: dict | None = None) -> subproces
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+@pytest.mark.slow
+def test_the_promote_stage_killed_anywhere_leaves_production_whole(world, tmp_path):
+    """The stage itself (``python -m pipeline promote``) killed at a random moment of its
+    run, from start-up to its last write; then run again to the end."""
+    world.write_params_file()
+    colour_model(world().paths.onnx, pad_bytes=4 << 20)
+    url = world().promote.registry
+    started = time.monotonic()
+    assert promote_command(world.root).wait(timeout=300) == 0  # version 1, production
+    whole = time.monotonic() - started
+    rng = random.Random(SEED)
+    cases = [round(rng.uniform(0, whole), 2) for _ in range(trials(30, 3))]
+
+    def trial(delay: float) -> None:
+        colour_model(world().paths.onnx, pad_bytes=4 << 20, seed=int(delay * 100))
+        run = promote_command(world.root)
+        time.sleep(delay)
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        consistent(url, tmp_path / "cache")
+        again = promote_command(world.root)
+        assert again.wait(timeout=300) == 0, again.stdout.read()
+        consistent(url, tmp_path / "cache")
+        assert Registry(url, "classifier").alias().version == max(
+            Registry(url, "classifier").versions()
+        )
+
+    failures = run_trials("promotion: SIGKILL of the promote stage, then rerun", cases, trial)
+    assert failures == []
 
 
 @pytest.mark.slow

@@ -141,6 +141,7 @@ def crash_trials(
     return failures
 
 
+@pytest.mark.slow
 def test_a_killed_promoter_never_leaves_production_on_a_partial_file(tmp_path):
     failures = crash_trials(
         "folder",

@@ -200,13 +200,15 @@ class Registry:
         self.store.write(
             self.version_key(version, VERSION_FILE), json.dumps(full, indent=1).encode()
         )
-        self.verify(version)
-        return version, full
+        return version, self.verify(version)
 
-    def set_alias(self, version: int, reason: str, alias: str = PRODUCTION) -> Alias:
-        """Point ``alias`` at ``version`` once its files are read back and verified; the
-        previous target joins the history (for rollback)."""
-        record = self.verify(version)
+    def set_alias(
+        self, version: int, reason: str, alias: str = PRODUCTION, verified: dict | None = None
+    ) -> Alias:
+        """Point ``alias`` at ``version`` once its files are read back and verified (here,
+        or by ``register``, which returned ``verified``); the previous target joins the
+        history (for rollback)."""
+        record = verified if verified is not None else self.verify(version)
         previous = self.alias(alias)
         history = () if previous is None else (*previous.history, _entry(previous))
         return self._write_alias(record, reason, history, alias)

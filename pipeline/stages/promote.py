@@ -286,9 +286,9 @@ def run(params: Params) -> dict:
             if params.export.quantize:
                 files[INT8_FILE] = paths.onnx_int8
             record = version_record(params, challenger, champion, figures, decision, reason)
-            version, _ = registry.register(files, record)
+            version, registered = registry.register(files, record)  # read back, verified
             if decision != "kept":
-                registry.set_alias(version, f"{decision}: {reason}")
+                registry.set_alias(version, f"{decision}: {reason}", verified=registered)
             production = registry.alias()
     metrics = {
         "decision": decision,

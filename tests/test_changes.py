@@ -14,13 +14,17 @@ def images(counts: dict[str, int], start: int = 0, split: str = "train") -> pd.D
     """``counts[label]`` distinct images per class, sha256s numbered from ``start``."""
     rows = []
     for label, n in counts.items():
-        rows += [{"sha256": f"{label}-{start + i:05d}", "label": label, "split": split} for i in range(n)]
+        rows += [
+            {"sha256": f"{label}-{start + i:05d}", "label": label, "split": split} for i in range(n)
+        ]
     return pd.DataFrame(rows, columns=["sha256", "label", "split"])
 
 
 def clustered(table: pd.DataFrame, centres: dict[str, np.ndarray], seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return np.stack([centres[label] + rng.standard_normal(len(centres[label])) for label in table["label"]])
+    return np.stack(
+        [centres[label] + rng.standard_normal(len(centres[label])) for label in table["label"]]
+    )
 
 
 def test_added_removed_and_relabelled_images_per_class():
@@ -65,7 +69,10 @@ def test_a_class_mix_shift_has_a_small_p_value_and_an_even_growth_does_not():
     # before 1/3 each; after a 90/210, b and c 60/210 each
     assert shifted.tvd == pytest.approx(90 / 210 - 1 / 3)
     assert shifted.p_value < 0.01
-    assert changes.balance_shift(changes.class_counts(changes.image_sets(champion, champion))).p_value is None
+    assert (
+        changes.balance_shift(changes.class_counts(changes.image_sets(champion, champion))).p_value
+        is None
+    )
 
 
 def test_drifted_added_images_are_flagged_and_like_ones_are_not():
@@ -76,7 +83,9 @@ def test_drifted_added_images_are_flagged_and_like_ones_are_not():
     added = images({"a": 12, "b": 12}, start=100)
     current = pd.concat([champion, added], ignore_index=True)
     x = clustered(current, centres, seed=3)
-    moved = (current["label"] == "b").to_numpy() & current["sha256"].str.endswith(tuple(f"{i:05d}" for i in range(100, 112))).to_numpy()
+    moved = (current["label"] == "b").to_numpy() & current["sha256"].str.endswith(
+        tuple(f"{i:05d}" for i in range(100, 112))
+    ).to_numpy()
     x[moved] += 1.5  # b's new images come from elsewhere
 
     result = changes.since_champion(champion, current, x)

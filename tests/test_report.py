@@ -18,6 +18,7 @@ from pipeline.system.fsutil import sha256_file
 from tests.support.browser import SECTIONS, open_page, section_headings
 from tests.support.images import noise_image
 from tests.support.project import params_from
+from tests.support.promotion import KEPT, PROMOTED
 
 SCRIPT_CLASS = "<script>alert(1)</script>"
 # Names from the data that would run script if they reached the page unescaped.
@@ -286,23 +287,6 @@ def test_paths_under_a_workspace():
     assert paths.metrics_file("evaluate") == Path("/runs/a/metrics/evaluate.json")
 
 
-KEPT = {
-    "decision": "kept", "version": 3, "production_version": 2, "champion_version": 2,
-    "reason": "the challenger is worse: top-1 0.4000 vs 0.9000 <b>(p = 1.2e-05)</b>",
-    "p_value": 1.2e-05, "images": 1234, "left_out": 17,
-    "challenger": {"top1": 0.4, "mean_class_accuracy": 0.38},
-    "champion": {"top1": 0.9, "mean_class_accuracy": 0.88},
-    "challenger_only_right": 5, "champion_only_right": 622,
-    "classes": {"compared": 12, "added": 0, "removed": 0},
-}  # fmt: skip
-PROMOTED = {
-    **KEPT, "decision": "promoted", "version": 2, "production_version": 2, "champion_version": 1,
-    "reason": "not worse than the champion (p = 0.84 for a drop)", "p_value": 0.84,
-    "challenger": {"top1": 0.93, "mean_class_accuracy": 0.91},
-    "champion": {"top1": 0.9, "mean_class_accuracy": 0.88},
-}  # fmt: skip
-
-
 def banner(html: str) -> str:
     return html[html.index('<div class="banner') : html.index("<h1>")]
 
@@ -314,7 +298,10 @@ def test_the_banner_says_not_promoted_and_why_before_anything_else(finished_run)
     top = banner(html)
     assert html.index('id="promotion"') < html.index("<h1>") < html.index('id="headline"')
     assert top.startswith('<div class="banner bad" id="promotion"')
-    assert "not promoted: the challenger is worse: top-1 0.4000 vs 0.9000 &lt;b&gt;(p = 1.2e-05)&lt;/b&gt;" in top
+    assert (
+        "not promoted: the challenger is worse: top-1 0.4000 vs 0.9000 &lt;b&gt;(p = 1.2e-05)&lt;/b&gt;"
+        in top
+    )
     assert "production stays at version 2; this run&#39;s model is version 3" in top
     assert "challenger top-1 0.4000, mean per-class accuracy 0.3800; champion top-1 0.9000" in top
     assert "on 1,234 test images (17 left out" in top and "p = 1.2e-05" in top
@@ -328,10 +315,20 @@ def test_the_banner_says_promoted_and_the_version(finished_run):
     assert 'class="banner good"' in top and "promoted version 2 (was version 1)" in top
     assert "not promoted" not in top and "challenger top-1 0.9300" in top
     Path("metrics/promote.json").write_text(
-        json.dumps({"decision": "first", "version": 1, "production_version": 1, "reason": "no champion yet"})
+        json.dumps(
+            {
+                "decision": "first",
+                "version": 1,
+                "production_version": 1,
+                "reason": "no champion yet",
+            }
+        )
     )
     top = banner(report.build(params))
-    assert "promoted version 1: the first version, now production" in top and "champion top-1" not in top
+    assert (
+        "promoted version 1: the first version, now production" in top
+        and "champion top-1" not in top
+    )
 
 
 def test_without_promote_there_is_no_banner_and_no_champion(finished_run):
@@ -344,10 +341,16 @@ def test_without_promote_there_is_no_banner_and_no_champion(finished_run):
 def write_champion_and_features(root: Path) -> None:
     """A champion that had the train and val images, and 3 cat images since removed; the
     features of this run, where dog's 2 new (test) images sit far from its kept ones."""
-    splits = {s: pd.read_csv(root / f"data/splits/{s}.csv", dtype=str) for s in ("train", "val", "test")}
+    splits = {
+        s: pd.read_csv(root / f"data/splits/{s}.csv", dtype=str) for s in ("train", "val", "test")
+    }
     old = pd.concat([splits["train"].assign(split="train"), splits["val"].assign(split="val")])
-    gone = pd.DataFrame({"sha256": ["gone-0", "gone-1", "gone-2"], "label": "cat", "split": "train"})
-    pd.concat([old[["sha256", "label", "split"]], gone]).to_parquet(root / "data/champion_images.parquet")
+    gone = pd.DataFrame(
+        {"sha256": ["gone-0", "gone-1", "gone-2"], "label": "cat", "split": "train"}
+    )
+    pd.concat([old[["sha256", "label", "split"]], gone]).to_parquet(
+        root / "data/champion_images.parquet"
+    )
     rng = np.random.default_rng(0)
     centres = {label: rng.normal(size=8) * 5 for label in CLASSES}
     (root / "data/features").mkdir(parents=True)

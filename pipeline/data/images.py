@@ -161,7 +161,9 @@ def judge(facts: ImageFacts, max_pixels: int) -> ImageInfo | None:
 
     def refused(reason: str) -> ImageInfo:
         f = facts
-        return ImageInfo(f.format, f.mode, f.width, f.height, f.exif_orientation, False, reason, None)
+        return ImageInfo(
+            f.format, f.mode, f.width, f.height, f.exif_orientation, False, reason, None
+        )
 
     if facts.error is not None and not facts.decoded:
         return refused(facts.error)

@@ -151,9 +151,11 @@ def balance_shift(
     """The class-mix change of ``class_counts``: TVD of the before and after proportions,
     and whether the added and removed images' classes differ from the kept images'."""
     before, after = counts["before"].to_numpy(float), counts["after"].to_numpy(float)
-    tvd = 0.5 * float(np.abs(before / before.sum() - after / after.sum()).sum()) if (
-        before.sum() and after.sum()
-    ) else 1.0
+    tvd = (
+        0.5 * float(np.abs(before / before.sum() - after / after.sum()).sum())
+        if (before.sum() and after.sum())
+        else 1.0
+    )
     groups = counts[["kept", "added", "removed"]].to_numpy(np.int64).T  # (3, K)
     groups = groups[groups.sum(axis=1) > 0]
     if len(groups) < 2:
@@ -255,11 +257,12 @@ def since_champion(
         p = projection(embeddings.shape[1], seed)
         projected = embeddings if p is None else np.asarray(embeddings, np.float64) @ p
         had = set(map(tuple, champion[KEY].drop_duplicates().itertuples(index=False)))
-        is_added = np.array([key not in had for key in zip(current["sha256"], current["label"])])
+        pairs = zip(current["sha256"], current["label"], strict=True)
+        is_added = np.array([pair not in had for pair in pairs], dtype=bool)
         # one row per distinct image: a copy must not count twice
         distinct = ~current.duplicated(KEY).to_numpy()
         labels = current["label"].to_numpy()
-        for label, row in counts.iterrows():
+        for label in counts.index:
             in_class = distinct & (labels == label)
             n_added = int((is_added & in_class).sum())
             if n_added and int(in_class.sum()) - n_added >= 2:

@@ -100,7 +100,9 @@ def promotion(promote: dict) -> Promotion | None:
     reason = promote.get("reason") or ""
     if decision == "kept":
         title = f"not promoted: {reason}" if reason else "not promoted"
-        details = [f"production stays at version {production}; this run's model is version {version}"]
+        details = [
+            f"production stays at version {production}; this run's model is version {version}"
+        ]
     elif decision == "first":
         title = f"promoted version {version}: the first version, now production"
         details = [reason] if reason else []

@@ -194,7 +194,11 @@ def current_images(paths: Paths) -> tuple[pd.DataFrame, np.ndarray | None]:
             continue
         file = paths.features / f"{split}.npy"
         arrays.append(np.load(file, mmap_mode="r") if file.exists() else None)
-    rows = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["sha256", "label"])
+    rows = (
+        pd.concat(tables, ignore_index=True)
+        if tables
+        else pd.DataFrame(columns=["sha256", "label"])
+    )
     if not arrays or any(a is None for a in arrays):
         return rows, None
     return rows, np.concatenate(arrays)

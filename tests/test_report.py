@@ -226,6 +226,8 @@ def test_headline_table_is_the_flow_artifact(finished_run):
 
 def test_report_in_chromium(finished_run, tmp_path):
     params, evaluation = finished_run
+    write_champion_and_features(Path.cwd())
+    Path("metrics/promote.json").write_text(json.dumps(KEPT))
     report.run(params)
     with open_page(params.paths.report, tmp_path / "profile") as visit:
         page = visit.page
@@ -252,6 +254,14 @@ def test_report_in_chromium(finished_run, tmp_path):
         page.locator("input[data-filter=per-class]").fill("dog")
         assert page.locator("#per-class tbody tr:visible").all_inner_texts()[0].startswith("dog")
         assert page.locator("#per-class tbody tr:visible").count() == 1
+        # The decision is the first thing on the page; the changes table sorts like the others.
+        banner = page.locator("#promotion").bounding_box()
+        assert banner["y"] < page.locator("header h1").bounding_box()["y"]
+        assert page.locator("#promotion .title").inner_text().startswith("not promoted: ")
+        assert page.locator("#changes-table tbody tr").count() == len(CLASSES)
+        assert page.locator("#changes-table tbody tr").first.inner_text().startswith("cat")
+        page.locator("#changes-table th", has_text="removed").click()  # ascending: cat's 3 last
+        assert page.locator("#changes-table tbody tr").last.inner_text().startswith("cat")
 
         shot = tmp_path / "report.png"
         page.screenshot(path=str(shot), full_page=True)

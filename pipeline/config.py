@@ -61,6 +61,7 @@ class Paths:
     checkpoints: Path
     calibration: Path
     accepted_classes: Path
+    champion_images: Path
     head_curves: Path
     finetune_curves: Path
     confusion: Path

@@ -60,11 +60,14 @@ def test_runnable_block_runs(block, project):
     env["PATH"] = os.pathsep.join(
         p for p in env["PATH"].split(os.pathsep) if p and Path(p) != bindir
     )
-    command = ["bash", "-e", "-c", block.code] if block.lang == "bash" else [
-        sys.executable, "-c", block.code
-    ]
-    done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True,
-                          timeout=120)
+    command = (
+        ["bash", "-e", "-c", block.code]
+        if block.lang == "bash"
+        else [sys.executable, "-c", block.code]
+    )
+    done = subprocess.run(
+        command, cwd=project, env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, (
         f"{block.where} failed ({done.returncode}):\n{block.code}\n"
         f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"

@@ -65,8 +65,14 @@ def blocks(path: Path) -> list[Block]:
             i += 1
         code = "\n".join(lines[start + 1 : i]) + "\n"
         found.append(
-            Block(path, start + 1, fence.group(2), code, marker is not None,
-                  marker.group(1) if marker else None)
+            Block(
+                path,
+                start + 1,
+                fence.group(2),
+                code,
+                marker is not None,
+                marker.group(1) if marker else None,
+            )
         )
         i += 1
     return found
@@ -101,9 +107,7 @@ def slug(heading: str) -> str:
     hyphens (letters of any script, digits, ``-`` and ``_`` kept)."""
     text = re.sub(r"`|\*\*|__|<[^>]+>", "", heading).strip().lower()
     text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)
-    kept = "".join(
-        c for c in text if c in " -_" or unicodedata.category(c)[0] in "LN"
-    )
+    kept = "".join(c for c in text if c in " -_" or unicodedata.category(c)[0] in "LN")
     return kept.replace(" ", "-")
 
 

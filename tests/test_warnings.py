@@ -10,6 +10,8 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.images import create_image_folder
 from tests.support.project import (
     REPO_ROOT,
@@ -29,6 +31,7 @@ def run_dvc(repo, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # 18-20 s on two cores (three stages through DVC, twice)
 def test_dvc_repro_on_tiny_data_prints_no_project_warning(tmp_path):
     repo = copy_project(tmp_path / "repo")
     git(repo, "init", "-q")

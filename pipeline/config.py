@@ -294,7 +294,7 @@ class FinetuneParams:
     """Backbone + trained head, last blocks (or all) unfrozen, discriminative learning rates.
 
     params.yaml's values come from Caltech-101 runs on the 2-core CPU, chosen on val
-    (BENCHMARKS.md, Accuracy checks behind the defaults).
+    (BENCHMARKS.md, model quality: why the defaults).
     """
 
     epochs: Count  # 0: skip

@@ -1,6 +1,8 @@
-"""A run's summary, as Prefect artifacts: each stage's status, time and place, the run
-report's headline table and the model's path (markdown, ``training-pipeline-summary``),
-and the HTML report as a link (``training-pipeline-report``)."""
+"""A run's summary, as Prefect artifacts: first whether the model was promoted ("promoted
+version N" / "not promoted: <reason>", from ``metrics/promote.json``) and what the data
+stages decoded and embedded, then each stage's status, time and place, the run report's
+headline table and the model's path (markdown, ``training-pipeline-summary``), and the
+HTML report as a link (``training-pipeline-report``)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.dvcrun import StageResult
 from pipeline.config import Paths
-from pipeline.reporting.headline import headline_markdown
+from pipeline.reporting.headline import data_work, headline_markdown, promotion, read_metrics
 
 
 def human_bytes(n: int | None) -> str:
@@ -25,11 +27,20 @@ def human_bytes(n: int | None) -> str:
 def summary_markdown(
     results: list[StageResult], paths: Paths, experiment: str | None, repairs: list[str]
 ) -> str:
-    """The run's artifact: each stage's status, time and place, the report's headline table.
+    """The run's artifact: the promotion decision and the data stages' new work, then each
+    stage's status, time and place, and the report's headline table.
 
     ``paths``: the workspace's, made absolute with ``Paths.under``.
     """
     lines = ["# training-pipeline run", ""]
+    metrics = read_metrics(paths)
+    decision = promotion(metrics["promote"])
+    if decision:
+        lines += [f"## {decision.title}", ""]
+        lines += [f"- {line}" for line in decision.details] + ([""] if decision.details else [])
+    work = data_work(metrics)
+    if work:
+        lines += [f"Data work this run: {'; '.join(work)}.", ""]
     if repairs:
         lines += ["Damaged copies found and repaired before the run (`python -m pipeline verify`):"]
         lines += [f"- {line}" for line in repairs] + [""]

@@ -61,6 +61,7 @@ class Paths:
     checkpoints: Path
     calibration: Path
     accepted_classes: Path
+    champion_images: Path
     head_curves: Path
     finetune_curves: Path
     confusion: Path
@@ -295,7 +296,7 @@ class FinetuneParams:
     """Backbone + trained head, last blocks (or all) unfrozen, discriminative learning rates.
 
     params.yaml's values come from Caltech-101 runs on the 2-core CPU, chosen on val
-    (BENCHMARKS.md, Accuracy checks behind the defaults).
+    (BENCHMARKS.md, model quality: why the defaults).
     """
 
     epochs: Count  # 0: skip

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.support.browser import SECTIONS, browser_available, open_page, section_headings
+from tests.support.docs import blocks_run_by, prose
 from tests.support.httpserver import ServedFiles
 from tests.support.images import create_image_folder
 from tests.support.project import (
@@ -25,6 +26,7 @@ from tests.support.project import (
     copy_project,
     dvc,
     git,
+    project_warnings,
     set_params,
     tool_env,
 )
@@ -115,15 +117,16 @@ def check_benchmarks_run(repo: Path) -> None:
 
 def readme_dvc_commands() -> list[str]:
     """Every DVC command the README tells a user to type (``.venv/bin/dvc ...``), in order:
-    the lines of its shell blocks and the commands quoted in its prose, comments removed."""
-    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    the lines of the blocks marked as run by this test (tests/support/docs.py) and the
+    commands quoted in the README's prose, comments removed."""
+    readme = REPO_ROOT / "README.md"
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.splitlines():
+    for block in blocks_run_by("tests/test_dvc_pipeline.py"):
+        for line in block.code.splitlines():
             if line.startswith(".venv/bin/dvc"):
                 commands.append(line.split("  #")[0].strip())
-    prose = re.sub(r"```.*?```", "", text, flags=re.S)
-    commands += re.findall(r"`(\.venv/bin/dvc [^`]*)`", prose)
+    for _, line in prose(readme, keep_code=True):
+        commands += re.findall(r"`(\.venv/bin/dvc [^`]*)`", line)
     return list(dict.fromkeys(commands))
 
 
@@ -174,7 +177,10 @@ def test_full_pipeline_reruns_only_what_a_head_change_affects(repo, tmp_path):
         # random weights on noise images: int8 may flip a near-chance prediction or two
         onnx_check={"max_int8_drop": 1.0, "latency_runs": 5, "throughput_batches": 1},
     )
-    first = as_typed(repo, repro).stdout
+    first_run = as_typed(repo, repro)
+    first = first_run.stdout
+    # No warning the project causes (#40), e.g. DVC's about an empty dep file.
+    assert project_warnings(first_run.stdout + first_run.stderr, repo) == []
     assert "Running stage 'report'" in first
     assert "Running stage" not in dvc(repo, "repro")
     git(repo, "add", "-A")

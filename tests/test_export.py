@@ -33,6 +33,7 @@ from pipeline.stages import (
     train_head,
 )
 from pipeline.system import memo
+from tests.support.docs import blocks_run_by
 from tests.support.exports import counted_calls, counted_exports
 from tests.support.images import colour_images
 from tests.support.project import REPO_ROOT, params_from
@@ -472,14 +473,13 @@ def test_predict_reports_a_missing_or_foreign_model(tmp_path):
     assert done.returncode == 2 and "metadata_props has no 'classes'" in done.stderr
 
 
-def test_readme_service_snippet_runs_without_this_project(exported, tmp_path):
+def test_docs_service_snippet_runs_without_this_project(exported, tmp_path):
     params, _ = exported
     ws = Path.cwd()
-    readme = (REPO_ROOT / "README.md").read_text()
-    snippet = re.search(r"<!-- service-snippet -->\s*```python\n(.*?)```", readme, re.S)
-    assert snippet, "README.md has no service snippet"
+    snippets = [b for b in blocks_run_by("tests/test_export.py") if b.lang == "python"]
+    assert len(snippets) == 1, "docs/ should hold one service snippet run by this test"
     script = tmp_path / "service.py"
-    script.write_text(snippet.group(1))
+    script.write_text(snippets[0].code)
     (tmp_path / "models").mkdir()
     (tmp_path / "models/model.onnx").write_bytes((ws / params.paths.onnx).read_bytes())
     image = next(Path(params.data.source).glob("green/*.png"))

@@ -18,6 +18,7 @@ from pipeline.system.fsutil import sha256_file
 from tests.support.browser import SECTIONS, open_page, section_headings
 from tests.support.images import noise_image
 from tests.support.project import params_from
+from tests.support.promotion import KEPT, PROMOTED
 
 SCRIPT_CLASS = "<script>alert(1)</script>"
 # Names from the data that would run script if they reached the page unescaped.
@@ -225,6 +226,8 @@ def test_headline_table_is_the_flow_artifact(finished_run):
 
 def test_report_in_chromium(finished_run, tmp_path):
     params, evaluation = finished_run
+    write_champion_and_features(Path.cwd())
+    Path("metrics/promote.json").write_text(json.dumps(KEPT))
     report.run(params)
     with open_page(params.paths.report, tmp_path / "profile") as visit:
         page = visit.page
@@ -251,6 +254,14 @@ def test_report_in_chromium(finished_run, tmp_path):
         page.locator("input[data-filter=per-class]").fill("dog")
         assert page.locator("#per-class tbody tr:visible").all_inner_texts()[0].startswith("dog")
         assert page.locator("#per-class tbody tr:visible").count() == 1
+        # The decision is the first thing on the page; the changes table sorts like the others.
+        banner = page.locator("#promotion").bounding_box()
+        assert banner["y"] < page.locator("header h1").bounding_box()["y"]
+        assert page.locator("#promotion .title").inner_text().startswith("not promoted: ")
+        assert page.locator("#changes-table tbody tr").count() == len(CLASSES)
+        assert page.locator("#changes-table tbody tr").first.inner_text().startswith("cat")
+        page.locator("#changes-table th", has_text="removed").click()  # ascending: cat's 3 last
+        assert page.locator("#changes-table tbody tr").last.inner_text().startswith("cat")
 
         shot = tmp_path / "report.png"
         page.screenshot(path=str(shot), full_page=True)
@@ -284,3 +295,96 @@ def test_paths_under_a_workspace():
     paths = params_from({}).paths.under(Path("/runs/a"))
     assert paths.report == Path("/runs/a/reports/index.html")
     assert paths.metrics_file("evaluate") == Path("/runs/a/metrics/evaluate.json")
+
+
+def banner(html: str) -> str:
+    return html[html.index('<div class="banner') : html.index("<h1>")]
+
+
+def test_the_banner_says_not_promoted_and_why_before_anything_else(finished_run):
+    params, _ = finished_run
+    Path("metrics/promote.json").write_text(json.dumps(KEPT))
+    html = report.build(params)
+    top = banner(html)
+    assert html.index('id="promotion"') < html.index("<h1>") < html.index('id="headline"')
+    assert top.startswith('<div class="banner bad" id="promotion"')
+    assert (
+        "not promoted: the challenger is worse: top-1 0.4000 vs 0.9000 &lt;b&gt;(p = 1.2e-05)&lt;/b&gt;"
+        in top
+    )
+    assert "production stays at version 2; this run&#39;s model is version 3" in top
+    assert "challenger top-1 0.4000, mean per-class accuracy 0.3800; champion top-1 0.9000" in top
+    assert "on 1,234 test images (17 left out" in top and "p = 1.2e-05" in top
+    assert "right only by the challenger 5, only by the champion 622" in top
+
+
+def test_the_banner_says_promoted_and_the_version(finished_run):
+    params, _ = finished_run
+    Path("metrics/promote.json").write_text(json.dumps(PROMOTED))
+    top = banner(report.build(params))
+    assert 'class="banner good"' in top and "promoted version 2 (was version 1)" in top
+    assert "not promoted" not in top and "challenger top-1 0.9300" in top
+    Path("metrics/promote.json").write_text(
+        json.dumps(
+            {
+                "decision": "first",
+                "version": 1,
+                "production_version": 1,
+                "reason": "no champion yet",
+            }
+        )
+    )
+    top = banner(report.build(params))
+    assert (
+        "promoted version 1: the first version, now production" in top
+        and "champion top-1" not in top
+    )
+
+
+def test_without_promote_there_is_no_banner_and_no_champion(finished_run):
+    params, _ = finished_run
+    html = report.build(params)
+    assert 'id="promotion"' not in html
+    assert "No champion yet: promote has not recorded" in html
+
+
+def write_champion_and_features(root: Path) -> None:
+    """A champion that had the train and val images, and 3 cat images since removed; the
+    features of this run, where dog's 2 new (test) images sit far from its kept ones."""
+    splits = {
+        s: pd.read_csv(root / f"data/splits/{s}.csv", dtype=str) for s in ("train", "val", "test")
+    }
+    old = pd.concat([splits["train"].assign(split="train"), splits["val"].assign(split="val")])
+    gone = pd.DataFrame(
+        {"sha256": ["gone-0", "gone-1", "gone-2"], "label": "cat", "split": "train"}
+    )
+    pd.concat([old[["sha256", "label", "split"]], gone]).to_parquet(
+        root / "data/champion_images.parquet"
+    )
+    rng = np.random.default_rng(0)
+    centres = {label: rng.normal(size=8) * 5 for label in CLASSES}
+    (root / "data/features").mkdir(parents=True)
+    for split, rows in splits.items():
+        x = np.stack([centres[label] + rng.normal(size=8) for label in rows["label"]])
+        if split == "test":
+            x[(rows["label"] == "dog").to_numpy()] += 10.0
+        np.save(root / f"data/features/{split}.npy", x.astype(np.float32))
+
+
+def test_since_the_champion_counts_and_flags_per_class(finished_run):
+    params, _ = finished_run
+    write_champion_and_features(Path.cwd())
+    html = report.build(params)
+    section = html[html.index('<section id="changes">') : html.index('<section id="training">')]
+    assert "trained on 99 images; this run has 120: <b>24 added</b> and <b>3 removed</b>" in section
+
+    def row(label: str) -> list[str]:
+        start = section.index(f"<tr><td>{label}</td>")
+        return re.findall(r"<td[^>]*>([^<]*)</td>", section[start : section.index("</tr>", start)])
+
+    cat, dog = row("cat"), row("dog")
+    assert cat[1:5] == ["11", "10", "2", "3"] and dog[1:5] == ["8", "10", "2", "0"]
+    assert float(dog[-1]) < 0.05 and 'class="num flag"' in section
+    assert float(cat[-1]) > 0.05
+    assert "dog" in section[section.index('id="drift-summary"') :].split("</p>")[0]
+    assert re.search(r'id="balance">Class balance: total variation distance .* p = <b', section)

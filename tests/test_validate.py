@@ -135,3 +135,79 @@ def test_a_new_source_or_member_is_a_new_dataset_with_its_own_classes(tmp_path, 
     written = validate.AcceptedClasses(["ant"], inner).to_dict()
     source.write_text(json.dumps(written))
     assert validate.read_accepted_classes(source) == validate.AcceptedClasses(["ant"], inner)
+
+
+def _manifest() -> pd.DataFrame:
+    return pd.read_parquet("data/manifest.parquet")
+
+
+def test_a_rerun_after_new_images_decodes_only_those(workspace, tiny_imagefolder):
+    params = _prepare(workspace, tiny_imagefolder)
+    first = validate.main(params)
+    assert (first["decoded"], first["reused"]) == (30, 0)
+    for c, label in enumerate(("cat", "dog")):
+        for i in range(2):
+            noise_image(900 + 10 * c + i).save(tiny_imagefolder / label / f"new_{i}.png")
+    download.main(params)
+
+    grown = validate.main(params)
+
+    assert (grown["decoded"], grown["reused"], grown["images"]) == (4, 30, 34)
+    incremental = _manifest()
+    shutil.rmtree(params.paths.memo)
+    scratch = validate.main(params)
+    assert (scratch["decoded"], scratch["reused"]) == (34, 0)
+    pd.testing.assert_frame_equal(incremental, _manifest())
+    again = validate.main(params)
+    assert (again["decoded"], again["reused"]) == (0, 34)
+
+
+def test_a_changed_max_pixels_judges_kept_facts_and_decodes_only_what_it_must(
+    workspace, tiny_imagefolder
+):
+    noise_image(5, size=(100, 100)).save(tiny_imagefolder / "cat" / "big.png")
+    params = _prepare(workspace, tiny_imagefolder, max_pixels=5000)
+    first = validate.main(params)
+    assert (first["decoded"], first["quarantined"]) == (31, 1)
+    big = _manifest().set_index("path").loc["data/raw/cat/big.png"]
+    assert big["reason"].endswith("exceeds validate.max_pixels=5000") and pd.isna(big["phash"])
+
+    # A higher bound: big.png was refused from its header, so now it is decoded; only it.
+    raised = validate.main(_prepare(workspace, tiny_imagefolder, max_pixels=20_000))
+    assert (raised["decoded"], raised["reused"], raised["quarantined"]) == (1, 30, 0)
+    big = _manifest().set_index("path").loc["data/raw/cat/big.png"]
+    assert bool(big["decodable"]) and len(big["phash"]) == 16
+
+    # Back to the lower bound: every verdict comes from the kept facts.
+    lowered = validate.main(_prepare(workspace, tiny_imagefolder, max_pixels=9_000))
+    assert (lowered["decoded"], lowered["reused"], lowered["quarantined"]) == (0, 31, 1)
+    reasons = pd.read_csv("metrics/quarantine.csv").set_index("path")["reason"]
+    assert reasons["data/raw/cat/big.png"] == (
+        "decompression bomb: 100x100 pixels exceeds validate.max_pixels=9000"
+    )
+
+
+def test_damaged_kept_facts_are_decoded_again_with_a_warning(workspace, tiny_imagefolder, caplog):
+    params = _prepare(workspace, tiny_imagefolder)
+    validate.main(params)
+    expected = _manifest()
+    [shard] = list(Path(params.paths.memo, "image_facts").glob("*/shard-*.npz"))
+    shard.write_bytes(shard.read_bytes()[:100])  # cut short, as by a crash or a full disk
+
+    with caplog.at_level(logging.WARNING):
+        again = validate.main(params)
+
+    assert f"{shard} cannot be used" in caplog.text and "decoding its images again" in caplog.text
+    assert (again["decoded"], again["reused"]) == (30, 0)
+    pd.testing.assert_frame_equal(expected, _manifest())
+
+
+def test_kept_facts_are_keyed_by_the_decoders(monkeypatch):
+    import PIL
+
+    from pipeline.data import factstore
+
+    key = factstore.facts_key()
+    assert factstore.facts_key() == key
+    monkeypatch.setattr(PIL, "__version__", "0.0.1")
+    assert factstore.facts_key() != key

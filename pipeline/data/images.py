@@ -1,7 +1,8 @@
 """The one way every stage opens an image: decoded fully, EXIF orientation applied, RGB.
 
 ``load_rgb`` is what features, fine-tuning, evaluation and export use; ``probe_image`` is
-what validate uses to decide, file by file, whether ``load_rgb`` will succeed.
+what validate uses to decide, file by file, whether ``load_rgb`` will succeed (in two
+steps it can keep apart: ``probe_facts`` decodes, ``judge`` applies the bounds).
 """
 
 from __future__ import annotations
@@ -107,17 +108,32 @@ class ImageInfo:
     phash: str | None
 
 
-def probe_image(path: str | Path, max_pixels: int) -> ImageInfo:
-    """Decode ``path`` fully, as ``load_rgb`` would, and say whether it is usable.
+@dataclass(frozen=True)
+class ImageFacts:
+    """What opening and decoding one file found, before any bound from params.yaml is
+    applied: validate keeps these by sha256, so a changed ``validate.max_pixels`` judges
+    kept facts again instead of decoding again (``judge``).
 
-    Images larger than ``max_pixels`` are rejected from their header alone, before any
-    pixel is decoded, so a decompression bomb costs nothing.
+    ``decoded``: decoding the pixels was tried (False: refused from the header, or the
+    header itself failed). ``error``: why opening (``decoded`` False) or decoding failed.
     """
+
+    format: str | None
+    mode: str | None
+    width: int | None
+    height: int | None
+    exif_orientation: int | None
+    decoded: bool
+    error: str | None
+    phash: str | None
+
+
+def probe_facts(path: str | Path, max_pixels: int) -> ImageFacts:
+    """Open ``path`` and decode it fully, as ``load_rgb`` would, unless its header alone
+    already refuses it (more than ``max_pixels`` pixels: a decompression bomb costs
+    nothing; a colour mode ``load_rgb`` does not convert)."""
     fmt = mode = width = height = orientation = None
-
-    def refused(reason: str) -> ImageInfo:
-        return ImageInfo(fmt, mode, width, height, orientation, False, reason, None)
-
+    opened = False
     try:
         with warnings.catch_warnings():
             # Pillow's own guard (MAX_IMAGE_PIXELS) becomes an error, caught below.
@@ -126,18 +142,55 @@ def probe_image(path: str | Path, max_pixels: int) -> ImageInfo:
                 fmt, mode = img.format, img.mode
                 width, height = img.size
                 orientation = img.getexif().get(_EXIF_ORIENTATION)
-                if width * height > max_pixels:
-                    return refused(
-                        f"decompression bomb: {width}x{height} pixels exceeds "
-                        f"validate.max_pixels={max_pixels}"
-                    )
-                if mode not in KNOWN_MODES:
-                    return refused(f"unsupported colour mode {mode}")
+                opened = True
+                if width * height > max_pixels or mode not in KNOWN_MODES:
+                    return ImageFacts(fmt, mode, width, height, orientation, False, None, None)
                 img.load()
                 rgb = to_rgb(ImageOps.exif_transpose(img))
     except Exception as exc:  # noqa: BLE001 - any decoder failure means "not usable"
-        return refused(_describe_failure(path, exc))
-    return ImageInfo(fmt, mode, width, height, orientation, True, None, f"{dhash(rgb):016x}")
+        error = _describe_failure(path, exc)
+        return ImageFacts(fmt, mode, width, height, orientation, opened, error, None)
+    phash = f"{dhash(rgb):016x}"
+    return ImageFacts(fmt, mode, width, height, orientation, True, None, phash)
+
+
+def judge(facts: ImageFacts, max_pixels: int) -> ImageInfo | None:
+    """The verdict on a file from its ``facts`` under ``max_pixels``; None when the facts
+    cannot say (the file was refused from its header under a lower bound, and must now be
+    decoded)."""
+
+    def refused(reason: str) -> ImageInfo:
+        f = facts
+        return ImageInfo(
+            f.format, f.mode, f.width, f.height, f.exif_orientation, False, reason, None
+        )
+
+    if facts.error is not None and not facts.decoded:
+        return refused(facts.error)
+    if facts.width * facts.height > max_pixels:
+        return refused(
+            f"decompression bomb: {facts.width}x{facts.height} pixels exceeds "
+            f"validate.max_pixels={max_pixels}"
+        )
+    if facts.mode not in KNOWN_MODES:
+        return refused(f"unsupported colour mode {facts.mode}")
+    if not facts.decoded:
+        return None
+    if facts.error is not None:
+        return refused(facts.error)
+    f = facts
+    return ImageInfo(f.format, f.mode, f.width, f.height, f.exif_orientation, True, None, f.phash)
+
+
+def probe_image(path: str | Path, max_pixels: int) -> ImageInfo:
+    """Decode ``path`` fully, as ``load_rgb`` would, and say whether it is usable.
+
+    Images larger than ``max_pixels`` are rejected from their header alone, before any
+    pixel is decoded, so a decompression bomb costs nothing.
+    """
+    info = judge(probe_facts(path, max_pixels), max_pixels)
+    assert info is not None  # facts gathered under this bound always decide
+    return info
 
 
 def _describe_failure(path: str | Path, exc: Exception) -> str:

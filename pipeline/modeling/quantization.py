@@ -283,8 +283,8 @@ def quantize_int8(
       on the fast u8×s8 kernels;
     - depthwise convolutions 8-bit s8 weights: their kernels widen first on every ISA.
 
-    The logits then agree across ISAs up to float rounding (BENCHMARKS.md: int8 across
-    CPUs), and the test suite checks it under emulated AVX2 and SSE4 CPUs. The ranges come
+    The logits then agree across ISAs up to float rounding (BENCHMARKS.md: int8 per
+    ISA), and the test suite checks it under emulated AVX2 and SSE4 CPUs. The ranges come
     from ``calibration_ranges`` (the backbone's kept in ``cache``).
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static

@@ -1,10 +1,12 @@
 """The few figures a run is judged by: the report's header, the Prefect flow's summary
 artifact and ``python -m pipeline outputs`` (with where each output lives) show the same
-rows."""
+rows; the report's banner and the summary open with the same promotion decision."""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 from pipeline.config import Paths
 from pipeline.reporting.scoring import MODELS
@@ -14,10 +16,12 @@ METRIC_STAGES = (
     "download",
     "validate",
     "split",
+    "features",
     "train_head",
     "finetune",
     "evaluate",
     "onnx_check",
+    "promote",
 )
 
 
@@ -73,6 +77,103 @@ def headline(metrics: dict[str, dict]) -> list[tuple[str, str]]:
                 ("measured on", f"{cpu['model']}; int8 kernels {cpu['onnxruntime_int8_kernel']}")
             )
     return rows
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """promote's decision in words: ``title`` says it in one line ("promoted: version 3",
+    "not promoted: <reason>"), ``details`` give the figures it rests on."""
+
+    decision: str
+    title: str
+    details: list[str]
+    promoted: bool  # production moved to this run's model (a first version too)
+
+
+def promotion(promote: dict) -> Promotion | None:
+    """The decision in ``metrics/promote.json`` (``first``, ``promoted`` or ``kept``);
+    None before promote has run."""
+    decision = promote.get("decision")
+    if not decision:
+        return None
+    version, production = promote.get("version"), promote.get("production_version")
+    reason = promote.get("reason") or ""
+    if decision == "kept":
+        title = f"not promoted: {reason}" if reason else "not promoted"
+        details = [
+            f"production stays at version {production}; this run's model is version {version}"
+        ]
+    elif decision == "first":
+        title = f"promoted version {version}: the first version, now production"
+        details = [reason] if reason else []
+    else:
+        champion = promote.get("champion_version")
+        title = f"promoted version {version}" + (f" (was version {champion})" if champion else "")
+        details = [reason] if reason else []
+    details += _comparison(promote)
+    return Promotion(decision, title, details, decision != "kept")
+
+
+def _comparison(promote: dict) -> list[str]:
+    """The figures of a challenger-champion comparison, where promote made one."""
+    challenger, champion = promote.get("challenger") or {}, promote.get("champion") or {}
+    if not (challenger and champion):
+        return []
+
+    def figures(model: dict) -> str:
+        return (
+            f"top-1 {_number(model.get('top1'))}, "
+            f"mean per-class accuracy {_number(model.get('mean_class_accuracy'))}"
+        )
+
+    lines = [f"challenger {figures(challenger)}; champion {figures(champion)}"]
+    on = f"on {promote['images']:,} test images" if promote.get("images") is not None else ""
+    if promote.get("left_out"):
+        on += f" ({promote['left_out']:,} left out: the champion trained or validated on them)"
+    right = ""
+    if promote.get("challenger_only_right") is not None:
+        right = (
+            f"right only by the challenger {promote['challenger_only_right']:,}, "
+            f"only by the champion {promote.get('champion_only_right', 0):,}"
+        )
+    p_value = f"p = {promote['p_value']:.3g}" if promote.get("p_value") is not None else ""
+    lines.append("; ".join(part for part in (on, right, p_value) if part))
+    classes = promote.get("classes") or {}
+    if classes.get("added") or classes.get("removed"):
+        lines.append(
+            f"compared on {_count(classes.get('compared'))} classes both models know; "
+            f"added {_count(classes.get('added'))}, removed {_count(classes.get('removed'))}"
+        )
+    return [line for line in lines if line]
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "—"
+
+
+def _count(value: Any) -> str:
+    """A class count, whether promote wrote the names or their number."""
+    if isinstance(value, list | tuple):
+        return f"{len(value)} ({', '.join(map(str, value[:10]))}{', …' if len(value) > 10 else ''})"
+    return "—" if value is None else str(value)
+
+
+def data_work(metrics: dict[str, dict]) -> list[str]:
+    """What the data stages did this run: files decoded by validate, images embedded by
+    features, each against what earlier runs' kept work saved."""
+    lines = []
+    validated, embedded = metrics.get("validate", {}), metrics.get("features", {})
+    if "decoded" in validated:
+        lines.append(
+            f"validate decoded {validated['decoded']:,} files "
+            f"({validated.get('reused', 0):,} judged from facts kept by earlier runs)"
+        )
+    if "computed" in embedded:
+        lines.append(
+            f"features embedded {embedded['computed']:,} images "
+            f"({embedded.get('reused', 0):,} embeddings reused)"
+        )
+    return lines
 
 
 def headline_markdown(paths: Paths) -> str:

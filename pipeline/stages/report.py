@@ -1,8 +1,10 @@
 """Stage ``report``: one self-contained HTML page about the run (``reports/index.html``).
 
-A person opens it instead of nine JSON files: what data went in and what was thrown
-out, how the split and the training went, where the model fails, and whether the ONNX
-file is safe to ship. Everything on it comes from files the earlier stages wrote, plus
+A person opens it instead of ten JSON files: whether this run's model was promoted to
+production (a banner at the top, from ``metrics/promote.json``), what data went in and
+what was thrown out, what changed since the production model (the champion), how the
+split and the training went, where the model fails, and whether the ONNX file is safe
+to ship. Everything on it comes from files the earlier stages wrote, plus
 provenance from git, ``dvc.lock`` and the stages' run log. Charts are inline SVG,
 thumbnails inline JPEG data URIs, and the one small script sorts and filters tables, so
 the file opens offline, from disk, mailed or archived. Every name that comes from the
@@ -27,9 +29,10 @@ from markupsafe import Markup
 
 from pipeline.config import Params, Paths, ReportParams
 from pipeline.data.images import load_rgb
-from pipeline.data.splits import SPLITS
-from pipeline.reporting import charts, scoring
-from pipeline.reporting.headline import headline, read_metrics
+from pipeline.data.splits import SPLITS, read_split
+from pipeline.errors import DataError
+from pipeline.reporting import changes, charts, scoring
+from pipeline.reporting.headline import data_work, headline, promotion, read_metrics
 from pipeline.reporting.scoring import MODELS
 from pipeline.system.fsutil import read_json_or_empty, write_text_atomic
 from pipeline.system.provenance import dvc_lock_stages, git_revision
@@ -159,6 +162,64 @@ def split_section(split_rows: dict[str, pd.DataFrame], summary: dict, cfg: Repor
         "duplicate_groups": summary.get("duplicate_groups"),
         "near_duplicate_groups": summary.get("near_duplicate_groups"),
         "dropped_classes": summary.get("dropped_classes", []),
+    }
+
+
+CHAMPION_COLUMNS = ("sha256", "label", "split")
+
+
+def read_champion_images(path: Path) -> pd.DataFrame | None:
+    """The production model's images as promote kept them (``paths.champion_images``);
+    None when there is no such file (promote has not run)."""
+    try:
+        table = pd.read_parquet(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable ({exc}); run the promote stage again") from exc
+    missing = [c for c in CHAMPION_COLUMNS if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: no column {missing}; expected {list(CHAMPION_COLUMNS)}")
+    return table.astype({"sha256": str, "label": str})
+
+
+def current_images(paths: Paths) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """The split tables' rows (in ``SPLITS`` order), and the features stage's embeddings
+    of them in the same order (None where features has not written them all)."""
+    tables, arrays = [], []
+    for split in SPLITS:
+        try:
+            tables.append(read_split(paths, split))
+        except DataError:
+            continue
+        file = paths.features / f"{split}.npy"
+        arrays.append(np.load(file, mmap_mode="r") if file.exists() else None)
+    rows = (
+        pd.concat(tables, ignore_index=True)
+        if tables
+        else pd.DataFrame(columns=["sha256", "label"])
+    )
+    if not arrays or any(a is None for a in arrays):
+        return rows, None
+    return rows, np.concatenate(arrays)
+
+
+def changes_section(paths: Paths) -> dict:
+    """Since the champion: images added and removed per class, the class-mix shift and
+    each class's embedding drift (``changes.since_champion``)."""
+    champion = read_champion_images(paths.champion_images)
+    if champion is None:
+        return {"champion": False}
+    rows, embeddings = current_images(paths)
+    if not len(rows):
+        return {"champion": True, "result": None}
+    result = changes.since_champion(champion, rows, embeddings)
+    return {
+        "champion": True,
+        "result": result,
+        "classes": sorted(result.classes, key=lambda c: (-(c.added + c.removed), c.label)),
+        "alpha": changes.ALPHA,
+        "permutations": changes.PERMUTATIONS,
     }
 
 
@@ -382,8 +443,11 @@ def build(params: Params) -> str:
         {
             "title": f"transfer-pipeline run: {params.model.backbone} on {params.data.source}",
             "headline": headline(metrics),
+            "promotion": promotion(metrics["promote"]),
+            "data_work": data_work(metrics),
             "data": data_section(paths, cfg, metrics, split_rows),
             "split": split_section(split_rows, metrics["split"], cfg),
+            "changes": changes_section(paths),
             "training": training_section(paths, metrics),
             "results": results_section(paths, cfg, metrics["evaluate"], split_rows),
             "export": export_section(paths, metrics["onnx_check"]),

@@ -1,6 +1,8 @@
 """Stage ``validate``: a manifest of every raw file, a quarantine, and a Great Expectations suite.
 
-Each file is decoded once, the way every later stage will load it (``images.load_rgb``).
+Each file is decoded once, the way every later stage will load it (``images.load_rgb``),
+and what decoding found is kept by sha256 in the memo (``factstore``): a rerun after new
+images arrive decodes only those (``decoded`` and ``reused`` in validate.json count both).
 Files that cannot be used are quarantined with their reason (listed, never deleted);
 the rest must pass the suite, whose Data Docs land in ``reports/validation/``.
 
@@ -27,7 +29,15 @@ from tqdm import tqdm
 
 from pipeline.config import DataParams, Params, Paths, ValidateParams
 from pipeline.data.expectations import Check, format_failures, run_suite
-from pipeline.data.images import DEGENERATE_DHASHES, KNOWN_MODES, probe_image
+from pipeline.data.factstore import FactCache
+from pipeline.data.images import (
+    DEGENERATE_DHASHES,
+    KNOWN_MODES,
+    ImageFacts,
+    ImageInfo,
+    judge,
+    probe_facts,
+)
 from pipeline.errors import DataError
 from pipeline.sources.labels import ISSUES as LABEL_ISSUES
 from pipeline.system.fsutil import atomic_path, is_os_litter, sha256_file, write_json_atomic
@@ -72,32 +82,63 @@ def read_label_rows(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
-def _describe_file(item: tuple[str, str], max_pixels: int) -> dict:
-    path, label = item
-    info = probe_image(path, max_pixels)
-    return {
-        "path": path,
-        "label": label,
-        "bytes": os.path.getsize(path),
-        "sha256": sha256_file(Path(path)),
-        **asdict(info),
-    }
+def _size_and_sha256(path: str) -> tuple[int, str]:
+    return os.path.getsize(path), sha256_file(Path(path))
+
+
+def _map(function, items: list, desc: str, workers: int | None) -> list:
+    """``function`` over ``items`` in order, in parallel processes, with a progress bar."""
+    workers = workers or min(len(items) // 256 + 1, os.cpu_count() or 1)
+    progress = dict(total=len(items), unit="img", desc=desc, disable=None)
+    if workers <= 1:
+        return [function(item) for item in tqdm(items, **progress)]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(function, items, chunksize=64), **progress))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The manifest, and the facts decoded to make it (the rest came from kept facts)."""
+
+    table: pd.DataFrame
+    decoded: dict[str, ImageFacts]
+
+    @property
+    def reused(self) -> int:
+        """Files whose verdict came from facts kept by an earlier run."""
+        return int((~self.table["sha256"].isin(self.decoded.keys())).sum())
 
 
 def build_manifest(
-    files: list[tuple[str, str]], max_pixels: int, workers: int | None = None
-) -> pd.DataFrame:
-    """Probe every file (in parallel processes) into one row each."""
-    workers = workers or min(len(files) // 256 + 1, os.cpu_count() or 1)
-    describe = partial(_describe_file, max_pixels=max_pixels)
-    progress = dict(total=len(files), unit="img", desc="validate", disable=None)
-    if workers <= 1:
-        rows = [describe(item) for item in tqdm(files, **progress)]
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            rows = list(tqdm(pool.map(describe, files, chunksize=64), **progress))
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    return manifest.astype({"exif_orientation": "Int64", "width": "Int64", "height": "Int64"})
+    files: list[tuple[str, str]],
+    max_pixels: int,
+    known: dict[str, ImageFacts] | None = None,
+    workers: int | None = None,
+) -> Manifest:
+    """One row per file: every file is hashed; only contents whose facts are not ``known``
+    (by sha256), or cannot be judged under ``max_pixels``, are decoded, once each."""
+    known = known or {}
+    sized = _map(_size_and_sha256, [path for path, _ in files], "hash", workers)
+    verdicts: dict[str, ImageInfo] = {}
+    todo: dict[str, str] = {}  # sha256 → the first file with those bytes
+    for (path, _), (_, sha) in zip(files, sized, strict=True):
+        if sha in verdicts or sha in todo:
+            continue
+        info = judge(known[sha], max_pixels) if sha in known else None
+        if info is None:
+            todo[sha] = path
+        else:
+            verdicts[sha] = info
+    probe = partial(probe_facts, max_pixels=max_pixels)
+    decoded = dict(zip(todo, _map(probe, list(todo.values()), "validate", workers), strict=True))
+    verdicts.update({sha: judge(facts, max_pixels) for sha, facts in decoded.items()})
+    rows = [
+        {"path": path, "label": label, "bytes": size, "sha256": sha, **asdict(verdicts[sha])}
+        for (path, label), (size, sha) in zip(files, sized, strict=True)
+    ]
+    table = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    table = table.astype({"exif_orientation": "Int64", "width": "Int64", "height": "Int64"})
+    return Manifest(table, decoded)
 
 
 def suite_checks(cfg: ValidateParams) -> dict[str, list[Check]]:
@@ -355,7 +396,10 @@ def run(paths: Paths, cfg: ValidateParams, data: DataParams) -> dict:
     accepted, dataset = paths.accepted_classes, dataset_identity(data)
     previous = read_accepted_classes(accepted)
     check_class_change(previous, classes, dataset, cfg.allow_class_change, accepted)
-    manifest = build_manifest(files, cfg.max_pixels)
+    facts = FactCache(paths.memo)
+    built = build_manifest(files, cfg.max_pixels, facts.load())
+    facts.add(built.decoded)  # facts stay true whatever the suite says of them
+    manifest = built.table
     label_rows = read_label_rows(paths.label_rows)
     set_aside = label_rows.loc[label_rows["issue"] != "", ["path", "label", "reason"]]
     quarantine = pd.concat(
@@ -380,14 +424,18 @@ def run(paths: Paths, cfg: ValidateParams, data: DataParams) -> dict:
     with atomic_path(paths.manifest) as tmp:
         manifest.to_parquet(tmp, index=False)
     metrics = summarise(manifest, usable, suite, set_aside)
+    metrics.update(decoded=len(built.decoded), reused=built.reused)
     write_json_atomic(paths.metrics_file("validate"), metrics)
     write_json_atomic(accepted, AcceptedClasses(classes, dataset).to_dict())
     log.info(
-        "validate: %d usable images in %d classes, %d quarantined, %d duplicates",
+        "validate: %d usable images in %d classes, %d quarantined, %d duplicates; "
+        "%d files decoded, %d judged from kept facts",
         metrics["images"],
         metrics["classes"],
         metrics["quarantined"],
         metrics["duplicates"],
+        metrics["decoded"],
+        metrics["reused"],
     )
     return metrics
 

@@ -1,8 +1,8 @@
 """Derived work kept by content under ``paths.memo``: one store per kind, one key rule.
 
-What a stage computes and may need again (embeddings, ONNX graphs, backbone weights, int8
-calibrations, backbone outputs) is kept here under a key of everything that changes it,
-so a later run that changes something else reuses it. None of it is a DVC output: DVC
+What a stage computes and may need again (image facts, embeddings, ONNX graphs, backbone
+weights, int8 calibrations, backbone outputs) is kept here under a key of everything that
+changes it, so a later run that changes something else reuses it. None of it is a DVC output: DVC
 tracks what a stage writes, the memo only makes writing it faster, and any entry may be
 deleted at any time (it is computed again). docs/memo.md tables the kinds.
 
@@ -58,6 +58,9 @@ class Kind:
 # Embeddings by image sha256, append-only shards per backbone, engine and view: all kept,
 # as before the memo (5 kB per image at 1280-d; a rerun computes only new images).
 FEATURES = Kind("features", None, redo="computing its embeddings again")
+# What validate found decoding each image, by sha256, append-only shards per version of the
+# decoding code and Pillow (about 200 B per image): the current and the last 3 versions.
+IMAGE_FACTS = Kind("image_facts", 4, redo="decoding its images again")
 # The fp32 PyTorch reference's backbone features per model, by image sha256 (9 MB each for
 # Caltech's test split): every fine-tuned backbone is a new one.
 REFERENCE = Kind("reference", 8, redo="running the backbone again")
@@ -72,7 +75,16 @@ ONNX_OUTPUTS = Kind("onnx_outputs", 16, redo="running the backbone part again")
 # Built backbones' state dicts: 13-30 MB each for the registry's backbones.
 BACKBONE_STATES = Kind("backbone_states", 4, redo="building the backbone again")
 
-KINDS = (FEATURES, REFERENCE, GRAPHS, GRAPH_STRUCTURES, CALIBRATIONS, ONNX_OUTPUTS, BACKBONE_STATES)
+KINDS = (
+    FEATURES,
+    IMAGE_FACTS,
+    REFERENCE,
+    GRAPHS,
+    GRAPH_STRUCTURES,
+    CALIBRATIONS,
+    ONNX_OUTPUTS,
+    BACKBONE_STATES,
+)
 
 
 def digest(spec: object) -> str:

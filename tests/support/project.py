@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -168,3 +169,22 @@ def pipeline_command(root: Path, *args: str) -> subprocess.CompletedProcess:
         timeout=120,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
+
+
+def project_warnings(output: str, root: Path) -> list[str]:
+    """The lines of a run's output that warn about the tool rather than the data: DVC's
+    ``WARNING`` lines (and any other package's logged ones), and Python warnings (``file:line:
+    XWarning: ...``) raised in this project's files under ``root``. Not counted: another
+    package's Python warning about its own code, and what our stages log at WARNING about
+    the user's data and models (a soft check failed, a temperature fit at its bound): those
+    are findings to read, and the report shows them too."""
+    found = []
+    for line in output.splitlines():
+        # printed by Python, or routed into logging (``WARNING py.warnings: file:line: ...``)
+        python_warning = re.search(r"(?:^|py\.warnings: )(\S+\.py):\d+: \w*Warning: ", line)
+        if python_warning:
+            if Path(python_warning.group(1)).resolve().is_relative_to(root.resolve()):
+                found.append(line)
+        elif "WARNING" in line and not re.search(r"\bWARNING (pipeline|flows)\.", line):
+            found.append(line)
+    return found

@@ -72,7 +72,6 @@ class Paths:
     model_card: Path
     report: Path
     run_log: Path
-    champion_images: Path
     production: Path
 
     def under(self, root: Path) -> Paths:

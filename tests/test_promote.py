@@ -318,3 +318,22 @@ def test_the_rule(lost, gained, min_gain, decision):
     got, reason = promote.decide(figures(lost, gained, both=20 if lost + gained else 0), cfg, 4)
     assert got == decision, reason
     assert "\n" not in reason and ("version 4" in reason or "min_gain" in reason)
+
+
+def test_the_docs_service_snippet_follows_production(world):
+    """docs/registry.md's service, run as written against this registry."""
+    text = (REPO_ROOT / "docs/registry.md").read_text(encoding="utf-8")
+    snippet = text.split("without dropping a request:\n\n```python\n")[1].split("```")[0]
+    candidate(world)
+    url = f"{world().promote.registry}#classifier"
+    namespace: dict = {}
+    exec(snippet.replace("s3://bucket/models#classifier", url), namespace)  # noqa: S102
+    model, handle = namespace["model"], namespace["handle"]
+    try:
+        red = sorted(str(p) for p in (world.images / "red").iterdir())[:4]
+        assert handle(red) == (1, ["red"] * 4)
+        candidate(world, seed=1)
+        assert model.refresh()  # what its poll does every poll_s seconds
+        assert handle(red) == (2, ["red"] * 4)
+    finally:
+        model.stop()

@@ -72,6 +72,7 @@ class Paths:
     model_card: Path
     report: Path
     run_log: Path
+    production: Path
 
     def under(self, root: Path) -> Paths:
         """These paths inside the workspace ``root`` (they are relative to it in params.yaml)."""
@@ -355,6 +356,35 @@ class OnnxCheckParams:
 
 
 @dataclass(frozen=True)
+class PromoteParams:
+    """Champion and challenger (pipeline/stages/promote.py, docs/registry.md): where the
+    model registry lives, and the rule that moves its ``production`` alias.
+
+    The challenger is promoted unless the test images the champion never saw are evidence,
+    at ``alpha``, that it is worse (a paired one-sided exact test on the images only one of
+    them gets right); with ``min_gain`` set, it must also beat the champion's top-1 by that
+    much on those images."""
+
+    # A local folder, file://, or s3://bucket/prefix (endpoint and credentials from the
+    # standard AWS environment variables).
+    registry: Text
+    name: Annotated[str, MinLen(1)]  # the registered model's name: <registry>/<name>/...
+    alpha: Annotated[float, Interval(gt=0, lt=1)]
+    min_gain: Annotated[float, Interval(ge=-1, le=1)] | None
+    # How long a promoter waits for another one's lock, and how long a lock held by a
+    # process that died blocks the registry (S3; a local lock dies with its process).
+    lock_timeout_s: Positive
+    lock_lease_s: Annotated[float, Ge(5)]
+
+    def __post_init__(self) -> None:
+        if "/" in self.name or self.name in (".", "..") or self.name.strip() != self.name:
+            raise ConfigError(
+                f"promote.name: expected a name without '/' or surrounding spaces, got "
+                f"{self.name!r}"
+            )
+
+
+@dataclass(frozen=True)
 class ReportParams:
     """How much of the data the run report (``paths.report``) shows as pictures."""
 
@@ -427,6 +457,7 @@ class Params:
     evaluate: EvaluateParams
     export: ExportParams
     onnx_check: OnnxCheckParams
+    promote: PromoteParams
     report: ReportParams
     flows: FlowsParams
     device: Literal["auto", "cpu", "cuda"]

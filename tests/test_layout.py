@@ -127,6 +127,9 @@ def test_support_packages_import_without_torch():
     """The torch-free paths (the predictor, data checks, reporting figures) stay torch-free."""
     modules = [
         "pipeline.serving.predict",
+        "pipeline.serving.followed",
+        "pipeline.registry.store",
+        "pipeline.registry.cli",
         "pipeline.data.images",
         "pipeline.data.preprocessing",
         "pipeline.data.expectations",
@@ -170,7 +173,15 @@ def test_the_images_a_stage_reads_are_vouched_for_by_its_split_tables():
     listing = [name for name, s in stages.items() if "${paths.raw}" in s.get("deps", [])]
     assert listing == ["validate"]
     readers = {name for name, s in stages.items() if s["meta"].get("reads") == ["${paths.raw}"]}
-    assert readers == {"features", "finetune", "evaluate", "export", "onnx_check", "report"}
+    assert readers == {
+        "features",
+        "finetune",
+        "evaluate",
+        "export",
+        "onnx_check",
+        "promote",
+        "report",
+    }
     assert all("${paths.splits}" in stages[name]["deps"] for name in readers)
 
 
@@ -183,6 +194,8 @@ def test_effort_only_keys_rerun_nothing():
         "download.timeout_s",
         "validate.allow_class_change",
         "finetune.checkpoint_every_steps",
+        "promote.lock_timeout_s",
+        "promote.lock_lease_s",
     ):
         assert key not in listed
     assert all(not key.startswith("flows") for key in listed)  # no stage reads it

@@ -11,7 +11,9 @@ test split is evidence against it at significance ``alpha``:
   for paired proportions (Tango 1998, Statistics in Medicine 17:891), one-sided, on the
   images the two models disagree about;
 - the two models disagree on at most a fraction ``max_rate`` of images: an exact
-  binomial test on the disagreements.
+  binomial test on the disagreements;
+- the candidate is no worse than the reference at all (promote's challenger against the
+  champion): the exact one-sided McNemar test on the images only one gets right.
 
 Both use only the standard library (they run where only onnxruntime is installed).
 """
@@ -87,6 +89,12 @@ class PairedOutcome:
         if variance <= 0:
             return 0.0 if excess > 0 else 1.0
         return normal_sf(excess / math.sqrt(variance))
+
+    def worse_p_value(self) -> float:
+        """How likely this many losses or more among the images the two disagree on are if
+        neither were better: the exact one-sided McNemar test (a binomial at 1/2 on the
+        discordant pairs), for a candidate that must not be worse at all (promote)."""
+        return binomial_sf(self.lost, self.lost + self.gained, 0.5)
 
     def exceeds(self, max_drop: float, alpha: float) -> bool:
         """Whether these images are evidence (at ``alpha``) of a true drop above ``max_drop``."""

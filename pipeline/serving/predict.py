@@ -190,19 +190,43 @@ def predict(
         yield from flush()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def is_registry_ref(model: str) -> bool:
+    """``production``, ``registry:ALIAS`` or ``URL#NAME[@ALIAS]``, and no such file."""
+    if Path(model).is_file():
+        return False
+    return model == "production" or model.startswith("registry:") or "#" in model
+
+
+def main(argv: Sequence[str] | None = None, resolve_model=None) -> int:
+    """``resolve_model(reference, cache) -> Path``: how a registry reference becomes a
+    local file (``followed.resolve_model``, passed in by ``python -m pipeline``, so the
+    stages that import this module do not import the registry)."""
     parser = argparse.ArgumentParser(
         prog="python -m pipeline predict",
         description="Label images with an exported ONNX model; one JSON line per image.",
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    parser.add_argument("--model", default="models/model.onnx", help="default: %(default)s")
+    parser.add_argument(
+        "--model",
+        default="models/model.onnx",
+        help="an ONNX file; or a registry alias: `production` (registry:ALIAS) in the project "
+        "(promote.registry of params.yaml), URL#NAME[@ALIAS] anywhere (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cache", default=None, help="where registry models are kept by sha256 (~/.cache)"
+    )
     parser.add_argument("--top-k", type=int, default=5, help="default: %(default)s")
     parser.add_argument("--batch-size", type=int, default=32, help="default: %(default)s")
     parser.add_argument("--threads", type=int, default=0, help="0: all cores (default)")
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be at least 1")
+    if is_registry_ref(args.model) and resolve_model is not None:
+        try:
+            args.model = str(resolve_model(args.model, args.cache))
+        except DataError as exc:  # PipelineError: a registry or params problem
+            sys.stderr.write(f"predict: {exc}\n")
+            return 2
     if not Path(args.model).is_file():
         sys.stderr.write(
             f"predict: {args.model}: no such model file (run `dvc repro export`)" + "\n"

@@ -21,9 +21,12 @@ from pipeline.errors import ConfigError
 from tests.support.prefect import (
     copy_workspace,
     flows_run,
+    latest_artifact,
     make_repo,
     processes_in,
     run,
+    run_deployment,
+    served,
     stage_statuses,
     start_flow_run,
 )
@@ -147,54 +150,18 @@ def test_a_flow_run_reproduces_every_stage_through_dvc(ran, server):
 
 def test_served_deployment_runs_and_finds_a_finished_run_up_to_date(ran, server, tmp_path):
     repo = copy_workspace(ran, tmp_path / "repo")
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "flows", "serve"],
-        cwd=repo,
-        env=server,
-        stdout=open(tmp_path / "serve.log", "w"),  # noqa: SIM115
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            inspected = run(
-                ["prefect", "deployment", "inspect", "training-pipeline/scheduled"],
-                repo,
-                server,
-                120,
-            )
-            if inspected.returncode == 0:
-                break
-            assert serve.poll() is None, (tmp_path / "serve.log").read_text()
-            assert time.monotonic() < deadline, inspected.stdout + inspected.stderr
-            time.sleep(2)
+    with served(repo, server, tmp_path / "serve.log"):
+        inspected = run(
+            ["prefect", "deployment", "inspect", "training-pipeline/scheduled"], repo, server, 120
+        )
         assert "'cron': '0 2 * * *'" in inspected.stdout and "'timezone': 'UTC'" in inspected.stdout
 
-        done = run(
-            ["prefect", "deployment", "run", "training-pipeline/scheduled", "--watch"], repo, server
-        )
+        done = run_deployment(repo, server)
         assert done.returncode == 0 and "Completed" in done.stdout, done.stdout + done.stderr
         log = (tmp_path / "serve.log").read_text()
         assert stage_statuses(log) == dict.fromkeys(STAGES, "up to date"), log[-3000:]
 
-        artifact = run(
-            [
-                "prefect",
-                "artifact",
-                "inspect",
-                "training-pipeline-summary",
-                "--limit",
-                "1",
-                "-o",
-                "json",
-            ],
-            repo,
-            server,
-            120,
-        )
-        (latest,) = json.loads(artifact.stdout)
-        summary = latest["data"]
+        summary = latest_artifact(repo, server, "training-pipeline-summary")
         for stage in STAGES:
             placement = dvc_yaml()["stages"][stage]["meta"]["placement"]
             assert f"| {stage} | {placement} | up to date |" in summary, summary
@@ -203,28 +170,9 @@ def test_served_deployment_runs_and_finds_a_finished_run_up_to_date(ran, server,
         assert f"ONNX model: `{(repo / 'models/model.onnx').resolve()}`" in summary
         report = (repo / "reports/index.html").resolve()
         assert f"Run report: `{report}`" in summary
-        link = run(
-            [
-                "prefect",
-                "artifact",
-                "inspect",
-                "training-pipeline-report",
-                "--limit",
-                "1",
-                "-o",
-                "json",
-            ],
-            repo,
-            server,
-            120,
-        )
-        (latest_link,) = json.loads(link.stdout)
         # Prefect keeps a link artifact as the markdown "[text](url)"; the CLI's console
         # reads "[text]" as markup and drops it, so only "(url)" is left to compare.
-        assert f"({report.as_uri()})" in latest_link["data"], latest_link
-    finally:
-        serve.terminate()
-        serve.wait(timeout=60)
+        assert f"({report.as_uri()})" in latest_artifact(repo, server, "training-pipeline-report")
 
 
 def test_a_failing_stage_fails_its_task_and_the_flow(server, tmp_path):

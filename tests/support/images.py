@@ -30,13 +30,17 @@ def create_image_folder(
     return root
 
 
-def colour_images(root: Path, per_class: int = 30) -> Path:
-    """Noisy images dominated by one colour per class: easy for ImageNet features."""
-    rng = np.random.default_rng(0)
-    for name, rgb in COLOURS.items():
+def colour_images(
+    root: Path, per_class: int = 30, start: int = 0, classes: tuple[str, ...] = tuple(COLOURS)
+) -> Path:
+    """Noisy images dominated by one colour per class: easy for ImageNet features. ``start``
+    > 0 adds images ``img_<start>``... to ``classes``, distinct from the first ones."""
+    rng = np.random.default_rng(start)
+    for name in classes:
+        rgb = COLOURS[name]
         folder = root / name
-        folder.mkdir(parents=True)
-        for i in range(per_class):
+        folder.mkdir(parents=True, exist_ok=start > 0)
+        for i in range(start, start + per_class):
             noise = rng.integers(-50, 50, size=(24, 32, 3))
             arr = np.clip(np.asarray(rgb) + noise, 0, 255).astype(np.uint8)
             Image.fromarray(arr, "RGB").save(folder / f"img_{i:02d}.png")

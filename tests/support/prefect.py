@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -148,6 +149,51 @@ def prefect_server(tmp: Path) -> Iterator[dict[str, str]]:
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+@contextlib.contextmanager
+def served(repo: Path, env: dict, log: Path) -> Iterator[subprocess.Popen]:
+    """``python -m flows serve`` in ``repo`` until the block ends, once its deployment
+    ``training-pipeline/scheduled`` is on the server; its output goes to ``log``."""
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "flows", "serve"],
+        cwd=repo,
+        env=env,
+        stdout=open(log, "w"),  # noqa: SIM115 (closed with the process)
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            inspected = run(
+                ["prefect", "deployment", "inspect", "training-pipeline/scheduled"], repo, env, 120
+            )
+            if inspected.returncode == 0:
+                break
+            assert serve.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, inspected.stdout + inspected.stderr
+            time.sleep(2)
+        yield serve
+    finally:
+        serve.terminate()
+        serve.wait(timeout=60)
+
+
+def run_deployment(repo: Path, env: dict) -> subprocess.CompletedProcess:
+    """``prefect deployment run training-pipeline/scheduled --watch``, as a user starts it."""
+    return run(
+        ["prefect", "deployment", "run", "training-pipeline/scheduled", "--watch"], repo, env
+    )
+
+
+def latest_artifact(repo: Path, env: dict, key: str) -> str:
+    """The data of the newest artifact ``key`` on the server."""
+    shown = run(
+        ["prefect", "artifact", "inspect", key, "--limit", "1", "-o", "json"], repo, env, 120
+    )
+    (latest,) = json.loads(shown.stdout)
+    return latest["data"]
 
 
 def processes_in(folder: Path) -> list[str]:

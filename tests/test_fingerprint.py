@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,9 @@ def _digest(params, root: Path = Path(".")) -> str:
     return source_fingerprint(params.data, params.download, root)["digest"]
 
 
-def test_a_folder_fingerprint_changes_with_each_kind_of_change_and_only_then(tmp_path, tiny_imagefolder):
+def test_a_folder_fingerprint_changes_with_each_kind_of_change_and_only_then(
+    tmp_path, tiny_imagefolder
+):
     params = params_with(data={"source": str(tiny_imagefolder)})
     first = source_fingerprint(params.data, params.download, tmp_path)
     assert first["source"]["files"] == 30 and first["source"]["kind"] == "folder"
@@ -101,7 +102,9 @@ def test_the_stage_rewrites_its_file_only_when_the_source_changed(workspace, tin
 
 def test_follow_and_a_pin_are_one_or_the_other():
     with pytest.raises(ConfigError, match="data.follow is true, so data.sha256 must be null"):
-        params_with(data={"source": "https://example.org/a.zip", "sha256": "a" * 64, "follow": True})
+        params_with(
+            data={"source": "https://example.org/a.zip", "sha256": "a" * 64, "follow": True}
+        )
     with pytest.raises(ConfigError, match="or set data.follow: true"):
         download.fetch_remote(
             "https://example.org/a.zip", "data.sha256", None, None,
@@ -189,5 +192,3 @@ def test_dvc_reruns_download_exactly_when_a_folder_source_changed(tmp_path, tiny
     assert "Running stage 'download'" in _repro(repo, "download")
     assert (repo / "data/raw/bird/img_05.png").read_bytes() == edited.read_bytes()
     assert "Running stage 'download'" not in _repro(repo, "download")
-
-

@@ -147,6 +147,7 @@ def test_prefect_yaml_targets_the_pools_params_yaml_names():
     pools = repo_params()["flows"]["pools"]
     assert deployments == {
         "scheduled": pools["gpu"],
+        "watch": pools["cpu"],  # the source sensor
         "distributed": pools["cpu"],
         "gpu": pools["gpu"],
         "cpu": pools["cpu"],

@@ -20,7 +20,7 @@ from typing import Any
 from pipeline.config import DataParams, DownloadParams
 from pipeline.sources import locations, objectstore
 from pipeline.sources.fetch import url_validators
-from pipeline.system.fsutil import is_os_litter, lone_folder_chain, sha256_file
+from pipeline.system.fsutil import is_litter_name, lone_folder_chain, sha256_file
 
 FORMAT = 1  # bump when the record's meaning changes: every source then reads as changed
 
@@ -104,9 +104,9 @@ def folder_listing(folder: Path) -> dict[str, Any]:
             entries = sorted(it, key=lambda e: e.name)
         subfolders = []
         for entry in entries:
-            rel = prefix + entry.name
-            if is_os_litter(rel):
+            if is_litter_name(entry.name):
                 continue
+            rel = prefix + entry.name
             if entry.is_symlink():
                 digest.update(f"L\t{rel}\t{os.readlink(entry.path)}\n".encode())
             elif entry.is_dir():

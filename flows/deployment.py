@@ -17,13 +17,14 @@ from pipeline.config import load_params
 
 def settings(params_file: str = "params.yaml") -> dict[str, str]:
     """A prefect.yaml step: ``{{ settings.cron }}``, ``timezone``, ``heartbeat_s`` and
-    ``sensor_interval`` (flows.sensor_interval_s as an ISO 8601 duration)."""
+    ``sensor_rrule`` (flows.sensor_interval_s as an RFC 5545 rule)."""
     cfg = load_params(Path(params_file)).flows
     return {
         "cron": cfg.cron,
         "timezone": cfg.timezone,
         "heartbeat_s": str(cfg.heartbeat_s),
-        "sensor_interval": f"PT{cfg.sensor_interval_s}S",  # ISO 8601: prefect.yaml's interval
+        # prefect deploy checks an `interval` before it fills in templates, an `rrule` after
+        "sensor_rrule": f"FREQ=SECONDLY;INTERVAL={cfg.sensor_interval_s}",
     }
 
 

@@ -67,3 +67,18 @@ def test_the_sensor_starts_one_training_run_when_the_source_changed(server, imag
     # still changed, but a run is already due: no second one
     assert _sense(repo, server) == "source-sensor: Completed pending"
     assert len(_training_runs(server)) == before + 1
+
+
+@pytest.mark.slow
+def test_prefect_deploy_schedules_the_sensor_every_sensor_interval(server, images, tmp_path):
+    """prefect.yaml's ``watch``: the interval is params.yaml's, written once."""
+    repo = make_repo(tmp_path / "repo", images, flows={"sensor_interval_s": 120})
+    pool = run(["prefect", "work-pool", "create", "cpu-pool", "--type", "process"], repo, server)
+    assert pool.returncode == 0 or "already exists" in pool.stdout + pool.stderr, pool.stderr
+    env = {**server, "TRANSFER_PIPELINE_DIR": str(repo)}
+    deployed = run(["prefect", "--no-prompt", "deploy", "--name", "watch"], repo, env, 300)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    deployment = _api(server, "/deployments/name/source-sensor/watch")
+    (schedule,) = deployment["schedules"]
+    assert schedule["schedule"]["rrule"].endswith("\nFREQ=SECONDLY;INTERVAL=120")
+    assert deployment["work_pool_name"] == "cpu-pool"

@@ -84,7 +84,8 @@ def materialise(
         path = fetch_remote(
             source, "data.sha256", data.sha256, data.md5, data, download, downloads_dir, seen
         )
-        return path, {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        taken = (data.sha256 or sha256_file(path)).lower()  # a pin was just checked
+        return path, {"sha256": taken, "bytes": path.stat().st_size}
     if not local.exists():
         raise DataError(f"data.source: {local} does not exist")
     if local.is_dir():

@@ -64,8 +64,7 @@ def repro(root: Path) -> tuple[float, list[str]]:
     ran = [
         line.split("'")[1]
         for line in done.stdout.splitlines()
-        if line.startswith("Running stage '")
-        and line.split("'")[1] not in always_run(root)
+        if line.startswith("Running stage '") and line.split("'")[1] not in always_run(root)
     ]
     return seconds, ran
 

@@ -56,9 +56,10 @@ def cpu_model() -> str:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     except OSError:
         return platform.processor()
-    return next(
-        (l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), ""
-    )  # noqa: E741
+    models = [
+        line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")
+    ]
+    return models[0] if models else ""
 
 
 def main() -> None:

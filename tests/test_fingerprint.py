@@ -192,3 +192,19 @@ def test_dvc_reruns_download_exactly_when_a_folder_source_changed(tmp_path, tiny
     assert "Running stage 'download'" in _repro(repo, "download")
     assert (repo / "data/raw/bird/img_05.png").read_bytes() == edited.read_bytes()
     assert "Running stage 'download'" not in _repro(repo, "download")
+
+
+def test_a_url_is_fingerprinted_by_head_or_a_ranged_get_where_head_is_refused():
+    from pipeline.sources.fetch import url_validators
+    from tests.support.httpserver import Faults, etag_of
+
+    body = b"x" * 1000
+    with ServedFiles({"/a.zip": body}, Faults(fail_with=[503, 405])) as server:
+        seen = url_validators(server.url("/a.zip"), retries=1, backoff_s=0)
+    assert seen == {"etag": etag_of(body), "last_modified": server.last_modified, "size": 1000}
+    # a 503 retried, a refused HEAD, then the first byte asked for
+    assert [(s.method, s.headers.get("Range")) for s in server.seen] == [
+        ("HEAD", None),
+        ("HEAD", None),
+        ("GET", "bytes=0-0"),
+    ]

@@ -124,3 +124,25 @@ def test_an_empty_prefix_fails_naming_it(workspace, s3_env):
     params = workspace(data={"source": f"s3://{s3_env.bucket}/nothing/here/"})
     with pytest.raises(DataError, match="nothing at s3://"):
         fingerprint.run(params.paths, params.data, params.download)
+
+
+@pytest.mark.slow
+def test_dvc_skips_download_until_the_prefix_changes(s3_env, tiny_imagefolder, tmp_path):
+    from tests.support.project import copy_project, dvc, git, set_params
+
+    s3 = s3_env
+    _upload(s3, tiny_imagefolder, "dvc/set/")
+    repo = copy_project(tmp_path / "repo")
+    set_params(repo, data={"source": f"s3://{s3.bucket}/dvc/set/"})
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "project")
+    assert "Running stage 'download'" in dvc(repo, "repro", "download")
+    recorded = (repo / "data/source.json").read_bytes()
+    assert "Running stage 'download'" not in dvc(repo, "repro", "download")
+    assert (repo / "data/source.json").read_bytes() == recorded
+    s3.client().put_object(Bucket=s3.bucket, Key="dvc/set/dog/late.png", Body=_png(900))
+    assert "Running stage 'download'" in dvc(repo, "repro", "download")
+    assert (repo / "data/raw/dog/late.png").read_bytes() == _png(900)
+    metrics = json.loads((repo / "metrics/download.json").read_text())
+    assert metrics["taken"]["fetched"] == 1 and metrics["files"] == 31

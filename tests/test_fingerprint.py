@@ -3,6 +3,7 @@ unchanged source gives the same bytes, so DVC skips download; a changed one reru
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -69,6 +70,8 @@ def test_a_labels_table_in_the_project_is_hashed(workspace, tiny_imagefolder):
     assert [f["place"] for f in record["labels"]["found"]] == ["project:labels.csv"]
     table.write_text("path,label\ncat/img_00.png,dog\n")  # same size: relabelled
     assert _digest(params) != record["digest"]
+    taken = download.main(params)["taken"]
+    assert taken["table_sha256"] == hashlib.sha256(table.read_bytes()).hexdigest()
 
 
 def test_an_archive_is_fingerprinted_by_size_and_time_and_a_builtin_by_name(tmp_path):
@@ -119,8 +122,6 @@ def _zip_of(folder: Path, dest: Path) -> bytes:
 def test_a_pinned_url_that_changed_upstream_fails_naming_the_url_and_both_digests(
     workspace, tmp_path
 ):
-    import hashlib
-
     old = _zip_of(create_image_folder(tmp_path / "v1", {"a": 3, "b": 3}), tmp_path / "v1")
     new = _zip_of(create_image_folder(tmp_path / "v2", {"a": 4, "b": 3}, seed=5), tmp_path / "v2")
     with ServedFiles({"/images.zip": old}) as server:
@@ -138,8 +139,6 @@ def test_a_pinned_url_that_changed_upstream_fails_naming_the_url_and_both_digest
 
 
 def test_a_followed_url_takes_the_new_content_and_records_it(workspace, tmp_path):
-    import hashlib
-
     old = _zip_of(create_image_folder(tmp_path / "v1", {"a": 3, "b": 3}), tmp_path / "v1")
     new = _zip_of(create_image_folder(tmp_path / "v2", {"a": 4, "b": 3}, seed=5), tmp_path / "v2")
     with ServedFiles({"/images.zip": old}) as server:

@@ -491,7 +491,8 @@ def run(paths: Paths, data: DataParams, download: DownloadParams) -> dict:
         "source": data.source,
         "sha256": data.sha256,
         "follow": data.follow,
-        "taken": taken,  # what a remote source held: its sha256, or its objects
+        # what was taken: a remote file's sha256, an s3 prefix's objects, the labels table's
+        "taken": taken if taken_table is None else {**taken, "table_sha256": taken_table},
         "fingerprint": seen.get("digest"),  # paths.source_fingerprint's, when the stage ran
         "classes": len(counts),
         "files": sum(counts.values()),
@@ -503,7 +504,6 @@ def run(paths: Paths, data: DataParams, download: DownloadParams) -> dict:
         issues = Counter(row.issue for row in labelled.rows if row.issue)
         summary["labels"] = {
             "table": data.labels,
-            "table_sha256": taken_table,
             "rows": sum(1 for row in labelled.rows if row.row is not None),
             "duplicate_rows": labelled.duplicate_rows,
             "set_aside": sum(issues.values()),

@@ -145,6 +145,9 @@ def test_a_followed_url_takes_the_new_content_and_records_it(workspace, tmp_path
         params = workspace(data={"source": server.url("/images.zip"), "follow": True})
         fingerprint.run(params.paths, params.data, params.download)
         first = download.main(params)
+        gets = len([s for s in server.seen if s.method == "GET"])
+        assert download.main(params)["taken"] == first["taken"]  # a rerun, nothing new
+        assert len([s for s in server.seen if s.method == "GET"]) == gets  # the kept copy
         server.content = {"/images.zip": new}
         fingerprint.run(params.paths, params.data, params.download)
         second = download.main(params)

@@ -87,8 +87,14 @@ def _place(
         return {"kind": "folder", "path": name, **folder_listing(path)}
     if path.is_file():
         stat = path.stat()
-        return {"kind": "file", "path": name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                "sha256": data.sha256, "md5": data.md5}  # fmt: skip
+        return {
+            "kind": "file",
+            "path": name,
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "sha256": data.sha256,
+            "md5": data.md5,
+        }
     return {"kind": "missing", "path": name}  # download says what is wrong
 
 

@@ -38,8 +38,12 @@ class StoredObject:
     version_id: str | None
 
     def record(self) -> dict[str, Any]:
-        return {"key": self.relative, "size": self.size, "etag": self.etag,
-                "version_id": self.version_id}  # fmt: skip
+        return {
+            "key": self.relative,
+            "size": self.size,
+            "etag": self.etag,
+            "version_id": self.version_id,
+        }
 
 
 def filesystem(timeout_s: float, retries: int) -> Any:
@@ -64,8 +68,16 @@ def split_url(url: str, key: str = "data.source") -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
-def _etag(info: dict) -> str:
-    return str(info.get("ETag") or info.get("etag") or "").strip('"')
+def _stored(url: str, relative: str, info: dict) -> StoredObject:
+    """An object as s3fs describes it; VersionId ``null`` is an unversioned bucket's."""
+    version = info.get("VersionId")
+    return StoredObject(
+        url,
+        relative,
+        int(info["size"]),
+        str(info.get("ETag") or info.get("etag") or "").strip('"'),
+        None if version in (None, "null") else str(version),
+    )
 
 
 def describe(url: str, fs: Any, key: str = "data.source") -> list[StoredObject] | StoredObject:
@@ -80,10 +92,7 @@ def describe(url: str, fs: Any, key: str = "data.source") -> list[StoredObject] 
             except FileNotFoundError:
                 info = {"type": "directory"}
             if info.get("type") == "file":
-                name = PurePosixPath(path).name
-                version = info.get("VersionId")
-                return StoredObject(url, name, int(info["size"]), _etag(info),
-                                    None if version in (None, "null") else str(version))  # fmt: skip
+                return _stored(url, PurePosixPath(path).name, info)
         listing = fs.find(where, detail=True)
     except FileNotFoundError:
         listing = {}
@@ -97,16 +106,7 @@ def describe(url: str, fs: Any, key: str = "data.source") -> list[StoredObject] 
         relative = name[len(prefix) :]
         if is_os_litter(relative) or relative.endswith("/"):
             continue
-        version = info.get("VersionId")
-        objects.append(
-            StoredObject(
-                f"s3://{name}",
-                relative,
-                int(info["size"]),
-                _etag(info),
-                None if version in (None, "null") else str(version),
-            )  # fmt: skip
-        )
+        objects.append(_stored(f"s3://{name}", relative, info))
     if not objects:
         raise DataError(f"{key}: nothing at {url} (no object, and no objects under it)")
     return objects
@@ -144,8 +144,14 @@ def fetch(obj: StoredObject, fs: Any, cache: Path, *, retries: int, backoff_s: f
                     f"giving up on {obj.url} after {failures} failed attempts; last error: {exc}"
                 ) from exc
             delay = min(30.0, backoff_s * 2 ** (failures - 1))
-            log.warning("fetching %s failed (%s); retry %d/%d in %.1fs", obj.url, exc,
-                        failures, retries, delay)  # fmt: skip
+            log.warning(
+                "fetching %s failed (%s); retry %d/%d in %.1fs",
+                obj.url,
+                exc,
+                failures,
+                retries,
+                delay,
+            )
             time.sleep(delay)
 
 

@@ -134,12 +134,18 @@ def fetch_remote(
         tag = (sha256 or md5 or "").lower()[:16]
     dest = downloads_dir / f"{tag}-{name}"
     kept_with = dest.with_name(dest.name + ".seen.json")
-    validators = _validators(seen, url)
-    if dest.exists() and (
-        data.follow or (validators and read_json_or_empty(kept_with) not in ({}, validators))
-    ):
-        log.info("%s changed upstream since %s was kept; fetching it again", url, dest.name)
+    validators, kept = _validators(seen, url), read_json_or_empty(kept_with)
+    # the server still describes the kept file: same ETag or Last-Modified, same size
+    current = (
+        bool(validators)
+        and kept == validators
+        and bool(validators["etag"] or validators["last_modified"])
+    )
+    if dest.exists() and not current and (kept or data.follow):
+        log.info("%s may have changed since %s was kept; fetching it again", url, dest.name)
         remove(dest)
+    if data.follow and dest.exists():
+        return dest  # followed, and unchanged upstream
     if not sha256 and md5 and dest.exists() and md5_file(dest) == md5.lower():
         return dest  # fetch_url reuses a finished download only when it can check a sha256
     with disk_full_is_an_error(downloads_dir, "paths.downloads"):
@@ -195,8 +201,7 @@ def materialise_s3(
         path = objectstore.fetch(obj, fs, downloads_dir, retries=download.retries)
         objectstore.link_or_copy(path, folder / obj.relative)
     records = [obj.record() for obj in found]
-    log.info("s3: %d objects under %s, %d fetched, the rest from the cache",
-             len(found), data.source, fetched)  # fmt: skip
+    log.info("s3: %d objects under %s, %d fetched", len(found), data.source, fetched)
     return folder, {
         "objects": len(records),
         "fetched": fetched,
@@ -405,9 +410,15 @@ def locate_table(
             objectstore.link_or_copy(path, named)
             return named
         return fetch_remote(
-            table, "data.labels_sha256", data.labels_sha256, None, data, download,
-            downloads_dir, seen,
-        )  # fmt: skip
+            table,
+            "data.labels_sha256",
+            data.labels_sha256,
+            None,
+            data,
+            download,
+            downloads_dir,
+            seen,
+        )
     places = [local] if local.is_absolute() else [level / local for level in chain] + [local]
     found = [p for p in places if p.is_file()]
     if not found:

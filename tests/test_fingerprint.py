@@ -210,3 +210,23 @@ def test_a_url_is_fingerprinted_by_head_or_a_ranged_get_where_head_is_refused():
         ("HEAD", None),
         ("GET", "bytes=0-0"),
     ]
+
+
+def test_offline_a_pinned_url_keeps_its_last_record_and_a_followed_one_fails(workspace, tmp_path):
+    from pipeline.sources.fetch import DownloadError
+
+    body = _zip_of(create_image_folder(tmp_path / "v1", {"a": 3}), tmp_path / "v1")
+    with ServedFiles({"/images.zip": body}) as server:
+        url = server.url("/images.zip")
+        pinned = workspace(data={"source": url, "sha256": hashlib.sha256(body).hexdigest()})
+        fingerprint.run(pinned.paths, pinned.data, pinned.download)
+    recorded = Path("data/source.json").read_bytes()
+    offline = params_with(
+        data={"source": url, "sha256": hashlib.sha256(body).hexdigest()},
+        download={"retries": 0, "timeout_s": 2},
+    )
+    fingerprint.run(offline.paths, offline.data, offline.download)  # the server is gone
+    assert Path("data/source.json").read_bytes() == recorded
+    followed = params_with(data={"source": url, "follow": True}, download={"retries": 0})
+    with pytest.raises(DownloadError, match=url):
+        fingerprint.run(followed.paths, followed.data, followed.download)

@@ -96,8 +96,8 @@ def describe(url: str, fs: Any, key: str = "data.source") -> list[StoredObject] 
         listing = fs.find(where, detail=True)
     except FileNotFoundError:
         listing = {}
-    except OSError as exc:
-        raise DataError(f"{key}: cannot list {url}: {exc}") from exc
+    except OSError as exc:  # the store unreachable or refusing: a network failure
+        raise DownloadError(f"{key}: cannot list {url}: {exc}") from exc
     prefix = where + "/"
     objects = []
     for name, info in sorted(listing.items()):

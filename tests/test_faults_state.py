@@ -88,7 +88,10 @@ def damage_targets(repo: Path, cache: Path) -> list[tuple[str, object]]:
     entries, skipped = lock_entries(repo, cache)
     assert skipped == []
     targets = [("workspace", e) for e in entries if not e.is_manifest]
-    return targets + [("cache", e) for e in entries if e.cached]
+    # dvc.lock does not say which outputs are uncached (metrics, the source fingerprint):
+    # those have no cache object to damage
+    stored = [e for e in entries if e.cached and (cache / e.md5[:2] / e.md5[2:]).is_file()]
+    return targets + [("cache", e) for e in stored]
 
 
 def kind_of(target) -> str:

@@ -2,7 +2,10 @@
 
 ``run`` needs no server (Prefect's ephemeral mode, unless ``PREFECT_API_URL`` points at
 one). ``serve`` creates the deployment ``training-pipeline/scheduled`` with the cron
-schedule in params.yaml (``flows.cron``) and runs its flow runs until stopped.
+schedule in params.yaml (``flows.cron``) and the deployment ``source-sensor/watch``, which
+every ``flows.sensor_interval_s`` seconds starts a training run when ``data.source``
+changed (``flows/sensor.py``), and runs their flow runs until stopped. ``sense`` runs the
+sensor once (against a server: ``PREFECT_API_URL``).
 ``crash-detection`` creates the server-side automation that marks a run Crashed when its
 heartbeats stop (``serve`` does it too); workers started from prefect.yaml need it once.
 """
@@ -25,6 +28,7 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 DEPLOYMENT = "scheduled"
+SENSOR_DEPLOYMENT = "watch"
 ZOMBIE_AUTOMATION = "training-pipeline: crash runs whose heartbeats stopped"
 
 
@@ -63,7 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         help="run each stage on the work pool flows.pools names for its placement "
         "(deployments pipeline-stages/gpu and /cpu; data through the default DVC remote)",
     )
-    commands.add_parser("serve", help=f"serve the deployment training-pipeline/{DEPLOYMENT}")
+    commands.add_parser(
+        "serve",
+        help=f"serve the deployments training-pipeline/{DEPLOYMENT} and "
+        f"source-sensor/{SENSOR_DEPLOYMENT}",
+    )
+    sense = commands.add_parser(
+        "sense", help="run the source sensor once: start a training run if data.source changed"
+    )
+    sense.add_argument("--workspace", default=".", help="the repository to fingerprint")
     commands.add_parser(
         "crash-detection", help="create the automation that marks silent runs Crashed"
     )
@@ -83,9 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     # machine) stops these heartbeats, and the automation marks the run Crashed.
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(cfg.heartbeat_s))
 
-    from prefect.schedules import Cron
+    from prefect.schedules import Cron, Interval
 
+    from flows.sensor import source_sensor
     from flows.training import training_pipeline
+
+    if args.command == "sense":
+        state = source_sensor(workspace=args.workspace, return_state=True)
+        outcome = state.result() if state.is_completed() else state.message
+        sys.stdout.write(f"source-sensor: {state.name} {outcome or ''}".rstrip() + "\n")
+        return 0 if state.is_completed() else 1
 
     if args.command == "run":
         state = training_pipeline(
@@ -100,11 +119,21 @@ def main(argv: list[str] | None = None) -> int:
     ensure_crash_detection(cfg.zombie_after_s)
     if args.command == "crash-detection":
         return 0
-    training_pipeline.serve(
-        name=DEPLOYMENT,
-        schedules=[Cron(cfg.cron, timezone=cfg.timezone)],
-        description="Nightly `dvc repro` of the pipeline; DVC skips what is up to date.",
-        tags=["transfer-pipeline"],
+    from prefect import serve
+
+    serve(
+        training_pipeline.to_deployment(
+            name=DEPLOYMENT,
+            schedules=[Cron(cfg.cron, timezone=cfg.timezone)],
+            description="Nightly `dvc repro` of the pipeline; DVC skips what is up to date.",
+            tags=["transfer-pipeline"],
+        ),
+        source_sensor.to_deployment(
+            name=SENSOR_DEPLOYMENT,
+            schedules=[Interval(cfg.sensor_interval_s)],
+            description="Starts training-pipeline/scheduled when data.source changed.",
+            tags=["transfer-pipeline"],
+        ),
     )
     return 0
 

@@ -1,7 +1,8 @@
 """prefect.yaml's steps: what a deployment takes from params.yaml (build), and where a
 worker's flow run works (pull).
 
-The schedule (``flows.cron``, ``flows.timezone``) and the heartbeat (``flows.heartbeat_s``)
+The schedule (``flows.cron``, ``flows.timezone``), the source sensor's period
+(``flows.sensor_interval_s``) and the heartbeat (``flows.heartbeat_s``)
 are written once, in params.yaml; ``python -m flows serve`` reads them directly, and
 prefect.yaml's deployments template them from this step's output.
 """
@@ -15,9 +16,16 @@ from pipeline.config import load_params
 
 
 def settings(params_file: str = "params.yaml") -> dict[str, str]:
-    """A prefect.yaml step: ``{{ settings.cron }}``, ``timezone`` and ``heartbeat_s``."""
+    """A prefect.yaml step: ``{{ settings.cron }}``, ``timezone``, ``heartbeat_s`` and
+    ``sensor_rrule`` (flows.sensor_interval_s as an RFC 5545 rule)."""
     cfg = load_params(Path(params_file)).flows
-    return {"cron": cfg.cron, "timezone": cfg.timezone, "heartbeat_s": str(cfg.heartbeat_s)}
+    return {
+        "cron": cfg.cron,
+        "timezone": cfg.timezone,
+        "heartbeat_s": str(cfg.heartbeat_s),
+        # prefect deploy checks an `interval` before it fills in templates, an `rrule` after
+        "sensor_rrule": f"FREQ=SECONDLY;INTERVAL={cfg.sensor_interval_s}",
+    }
 
 
 def worker_workspace() -> dict[str, str]:

@@ -47,6 +47,7 @@ class Paths:
     """Every file and folder the stages share; dvc.yaml templates them as ``${paths.x}``."""
 
     downloads: Path
+    source_fingerprint: Path
     raw: Path
     label_rows: Path
     manifest: Path
@@ -135,8 +136,17 @@ class DataParams:
     labels: str | None
     labels_sha256: str | None
     label_columns: LabelColumns
+    # true: a remote file (an http(s) URL, an s3:// archive object or table) is taken as it
+    # is now, and what was taken is recorded; false: it must match its pinned sha256.
+    follow: bool
 
     def __post_init__(self) -> None:
+        if self.follow and (self.sha256 or self.md5 or self.labels_sha256):
+            pinned = [k for k in ("sha256", "md5", "labels_sha256") if getattr(self, k)]
+            raise ConfigError(
+                f"data.follow is true, so data.{pinned[0]} must be null: a followed source "
+                "takes whatever its URL holds now; pin a digest or follow, not both"
+            )
         for key, value, digits in (
             ("sha256", self.sha256, 64),
             ("md5", self.md5, 32),
@@ -408,6 +418,8 @@ class FlowsParams:
     push: bool
     heartbeat_s: Annotated[int, Ge(30)]  # Prefect's minimum
     pools: dict[str, Text]  # work pool per placement (dvc.yaml meta.placement), distributed runs
+    # the source sensor's period: fingerprint data.source, start a run when it changed
+    sensor_interval_s: Annotated[int, Ge(10)]
 
     @property
     def zombie_after_s(self) -> int:
@@ -442,7 +454,7 @@ class Params:
     and `validate.max_pixels` >= its square; `split.ratios` sum to 1; unless
     `split.drop_small_classes`, `validate.min_images_per_class` is at least what `split`
     shares out (3, or `split.train_per_class` + 2); `data.labels_sha256` needs `data.labels`;
-    `data.label_columns` names two columns; `model.weights` fits `model.backbone`;
+    `data.label_columns` names two columns; `data.follow` needs no pinned digest; `model.weights` fits `model.backbone`;
     `flows.timeouts_s` has a `default`."""
 
     paths: Paths

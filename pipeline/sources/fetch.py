@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -34,6 +35,9 @@ _CHUNK = 1 << 16
 _MAX_REDIRECTS = 10
 _REDIRECT_CODES = {301, 302, 303, 307, 308}
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# Statuses of a server that does not answer HEAD: ask for the first byte instead.
+_HEAD_REFUSED = {403, 405, 501}
+T = TypeVar("T")
 
 
 class DownloadError(PipelineError):
@@ -129,7 +133,7 @@ def fetch_url(
                 _with_retries,
                 attempt,
                 url,
-                part,
+                functools.partial(_size, part),
                 retries=retries,
                 backoff_s=backoff_s,
                 max_backoff_s=max_backoff_s,
@@ -169,24 +173,91 @@ def fetch_url(
     return dest
 
 
-def _with_retries(
-    attempt: Callable[[], bool],
+def url_validators(
     url: str,
-    part: Path,
+    *,
+    retries: int = 5,
+    backoff_s: float = 1.0,
+    max_backoff_s: float = 30.0,
+    timeout_s: float = 60.0,
+) -> dict[str, str | int | None]:
+    """What the server says about ``url`` now, without its body: ETag, Last-Modified and
+    size, from a HEAD (or, where HEAD is refused, a GET of the first byte), with the same
+    redirect checks, retries and timeouts as :func:`fetch_url`.
+
+    Returns:
+        ``{"etag", "last_modified", "size"}``, each None when the server does not say.
+
+    Raises:
+        DownloadError: a client error (e.g. HTTP 404), an unsafe redirect, or still
+            failing after ``retries`` retries.
+    """
+    if urlsplit(url).scheme.lower() not in ("http", "https"):
+        raise DownloadError(f"cannot check {url!r}: only http and https URLs are supported")
+    with requests.Session() as session:
+        attempt = functools.partial(_validators_once, session, url, timeout_s)
+        return _with_retries(
+            attempt,
+            url,
+            lambda: 0,
+            retries=retries,
+            backoff_s=backoff_s,
+            max_backoff_s=max_backoff_s,
+        )
+
+
+def _validators_once(
+    session: requests.Session, url: str, timeout_s: float
+) -> dict[str, str | int | None]:
+    """One HEAD (or ranged GET) of ``url``: its validators, or raise."""
+    headers = {"Accept-Encoding": "identity"}
+    for method, extra in (("HEAD", {}), ("GET", {"Range": "bytes=0-0"})):
+        try:
+            resp = _get(session, url, {**headers, **extra}, timeout_s, method=method)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+        except requests.RequestException as exc:
+            raise DownloadError(f"cannot request {url}: {exc}") from exc
+        with resp:
+            status = resp.status_code
+            if status == 429 or (status >= 500 and status != 501):
+                raise _Retryable(f"HTTP {status} {resp.reason}", _retry_after(resp))
+            if method == "HEAD" and status in _HEAD_REFUSED:
+                continue
+            if status not in (200, 206):
+                raise DownloadError(f"HTTP {status} {resp.reason} for {url}")
+            length = resp.headers.get("Content-Length")
+            size = int(length) if length and length.isdigit() else None
+            if status == 206:
+                match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
+                size = int(match[3]) if match and match[3] != "*" else None
+            return {
+                "etag": resp.headers.get("ETag"),
+                "last_modified": resp.headers.get("Last-Modified"),
+                "size": size,
+            }
+    raise DownloadError(f"{url}: the server refused both HEAD and a ranged GET")
+
+
+def _with_retries(
+    attempt: Callable[[], T],
+    url: str,
+    progress: Callable[[], int],
     *,
     retries: int,
     backoff_s: float,
     max_backoff_s: float,
-) -> bool:
+) -> T:
     """Call ``attempt`` until it succeeds, sleeping with capped doubling backoff between
-    retryable failures; returns what the successful attempt returned."""
-    failures, furthest = 0, _size(part)
+    retryable failures; returns what the successful attempt returned. A failure after
+    ``progress()`` (bytes so far) grew resets the count."""
+    failures, furthest = 0, progress()
     while True:
         try:
             return attempt()
         except _Retryable as exc:
-            if _size(part) > furthest:
-                furthest, failures = _size(part), 0
+            if progress() > furthest:
+                furthest, failures = progress(), 0
             failures += 1
             if failures > retries:
                 raise DownloadError(
@@ -336,12 +407,17 @@ def _validator(info: dict) -> str | None:
 
 
 def _get(
-    session: requests.Session, url: str, headers: dict[str, str], timeout_s: float
+    session: requests.Session,
+    url: str,
+    headers: dict[str, str],
+    timeout_s: float,
+    method: str = "GET",
 ) -> requests.Response:
-    """GET, following redirects by hand so each hop can be checked."""
+    """GET (or ``method``), following redirects by hand so each hop can be checked."""
     current = url
     for _ in range(_MAX_REDIRECTS + 1):
-        resp = session.get(
+        resp = session.request(
+            method,
             current,
             headers=headers,
             stream=True,

@@ -13,6 +13,7 @@ renamed onto ``data/raw`` only when complete.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -22,11 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
+from tqdm import tqdm
+
 from pipeline.config import DataParams, DownloadParams, Params, Paths
 from pipeline.errors import ConfigError, DataError
-from pipeline.sources import builtin, labels
+from pipeline.sources import builtin, labels, locations, objectstore
 from pipeline.sources.archives import ExtractLimits, archive_kind, extract_archive
 from pipeline.sources.fetch import ChecksumError, fetch_url
+from pipeline.sources.locations import resolve_local
 from pipeline.system.diskfull import disk_full_is_an_error
 from pipeline.system.fsutil import (
     IMAGE_SUFFIXES,
@@ -35,6 +39,7 @@ from pipeline.system.fsutil import (
     is_os_litter,
     lone_folder_chain,
     md5_file,
+    read_json_or_empty,
     remove,
     sha256_file,
     visible_entries,
@@ -53,59 +58,34 @@ class ImageFolder:
     loose_files: int
 
 
-def resolve_local(source: str, key: str = "data.source") -> Path | None:
-    """The local path a source names (a plain path or a ``file://`` URL), else None (a URL to
-    fetch, or a builtin). ``key`` is the params key errors name."""
-    parsed = urlparse(source)
-    if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise ConfigError(f"{key}: file:// URL with a remote host is not supported: {source}")
-        return Path(unquote(parsed.path))
-    if parsed.scheme in ("http", "https") or source.startswith(builtin.PREFIX):
-        return None
-    if parsed.scheme and len(parsed.scheme) > 1:  # C:\ is a drive, not a scheme
-        raise ConfigError(
-            f"{key}: unsupported scheme {parsed.scheme!r} in {source!r}; use an http(s):// "
-            "or file:// URL, a local path, or "
-            + ", ".join(builtin.PREFIX + b for b in builtin.BUILTINS)
-        )
-    return Path(source).expanduser()
-
-
 def materialise(
-    data: DataParams, download: DownloadParams, downloads_dir: Path, workdir: Path
-) -> Path:
-    """Make the source available locally: a file (archive) or a folder of class folders."""
+    data: DataParams,
+    download: DownloadParams,
+    downloads_dir: Path,
+    workdir: Path,
+    seen: dict | None = None,
+) -> tuple[Path, dict]:
+    """Make the source available locally: a file (archive) or a folder of class folders;
+    with what was taken from a remote source (its sha256, or its objects), for the metrics.
+
+    ``seen``: the fingerprint's record of the source (``paths.source_fingerprint``), whose
+    validators tell a pinned download kept from an earlier run from a changed upstream."""
     source = data.source
     if source.startswith(builtin.PREFIX):
         if data.sha256 or data.md5:
             raise ConfigError("data.sha256 and data.md5 must be null for a builtin source")
         target = workdir / "builtin"
         builtin.render_builtin(source, target)
-        return target
+        return target, {}
+    if locations.scheme(source) == "s3":
+        return materialise_s3(data, download, downloads_dir, workdir)
     local = resolve_local(source)
     if local is None:
-        if not (data.sha256 or data.md5):
-            raise ConfigError(
-                f"data.sha256 is required for a remote source ({source}): set it to the file's "
-                "published sha256 (or data.md5 where the publisher gives only an MD5) so a "
-                "corrupted or replaced download is caught"
-            )
-        name = Path(unquote(urlparse(source).path)).name or "download"
-        key = (data.sha256 or data.md5 or "").lower()[:16]
-        dest = downloads_dir / f"{key}-{name}"
-        if not data.sha256 and dest.exists() and md5_file(dest) == (data.md5 or "").lower():
-            return dest  # fetch_url reuses a finished download only when it can check a sha256
-        with disk_full_is_an_error(downloads_dir, "paths.downloads"):
-            path = fetch_url(
-                source,
-                dest,
-                sha256=data.sha256,
-                retries=download.retries,
-                timeout_s=download.timeout_s,
-            )
-        verify_md5(path, data.md5, source, discard=True)
-        return path
+        path = fetch_remote(
+            source, "data.sha256", data.sha256, data.md5, data, download, downloads_dir, seen
+        )
+        taken = (data.sha256 or sha256_file(path)).lower()  # a pin was just checked
+        return path, {"sha256": taken, "bytes": path.stat().st_size}
     if not local.exists():
         raise DataError(f"data.source: {local} does not exist")
     if local.is_dir():
@@ -113,7 +93,7 @@ def materialise(
             raise ConfigError(
                 f"data.sha256/md5 apply to a file, but data.source {local} is a folder"
             )
-        return local
+        return local, {}
     if data.sha256:
         actual = sha256_file(local)
         if actual != data.sha256.lower():
@@ -121,7 +101,113 @@ def materialise(
                 f"{local}: sha256 mismatch: expected {data.sha256.lower()}, got {actual}"
             )
     verify_md5(local, data.md5, source, discard=False)
-    return local
+    return local, {}
+
+
+def fetch_remote(
+    url: str,
+    pin_key: str,
+    sha256: str | None,
+    md5: str | None,
+    data: DataParams,
+    download: DownloadParams,
+    downloads_dir: Path,
+    seen: dict | None,
+) -> Path:
+    """An http(s) file in ``downloads_dir``: checked against its pin (``pin_key``), or, with
+    ``data.follow``, taken as the URL holds it now.
+
+    A pinned file kept from an earlier run is fetched again when the fingerprint saw other
+    validators (ETag, Last-Modified, size) than when it was kept, so a changed upstream
+    fails here, naming the URL and both digests, instead of passing on the old copy."""
+    if not (sha256 or md5 or data.follow):
+        raise ConfigError(
+            f"{pin_key} is required for a remote source ({url}): set it to the file's "
+            "published sha256 (or data.md5 where the publisher gives only an MD5) so a "
+            "corrupted or replaced download is caught; or set data.follow: true to take "
+            "whatever the URL holds now"
+        )
+    name = Path(unquote(urlparse(url).path)).name or "download"
+    if data.follow:
+        tag = "followed-" + hashlib.sha256(url.encode()).hexdigest()[:16]
+    else:
+        tag = (sha256 or md5 or "").lower()[:16]
+    dest = downloads_dir / f"{tag}-{name}"
+    kept_with = dest.with_name(dest.name + ".seen.json")
+    validators, kept = _validators(seen, url), read_json_or_empty(kept_with)
+    # the server still describes the kept file: same ETag or Last-Modified, same size
+    current = (
+        bool(validators)
+        and kept == validators
+        and bool(validators["etag"] or validators["last_modified"])
+    )
+    if dest.exists() and not current and (kept or data.follow):
+        log.info("%s may have changed since %s was kept; fetching it again", url, dest.name)
+        remove(dest)
+    if data.follow and dest.exists():
+        return dest  # followed, and unchanged upstream
+    if not sha256 and md5 and dest.exists() and md5_file(dest) == md5.lower():
+        return dest  # fetch_url reuses a finished download only when it can check a sha256
+    with disk_full_is_an_error(downloads_dir, "paths.downloads"):
+        path = fetch_url(
+            url, dest, sha256=sha256, retries=download.retries, timeout_s=download.timeout_s
+        )
+    verify_md5(path, md5, url, discard=True)
+    if validators:
+        write_json_atomic(kept_with, validators)
+    return path
+
+
+def _validators(seen: dict | None, url: str) -> dict:
+    """The ETag, Last-Modified and size the fingerprint saw at ``url``, if it looked there."""
+    if not seen or seen.get("url") != url:
+        return {}
+    return {k: seen.get(k) for k in ("etag", "last_modified", "size")}
+
+
+def materialise_s3(
+    data: DataParams, download: DownloadParams, downloads_dir: Path, workdir: Path
+) -> tuple[Path, dict]:
+    """An ``s3://`` source: one archive object, fetched like a URL's file, or a prefix of
+    ``<class>/<image>`` objects, linked from the download cache into a folder. Only
+    objects not yet in the cache (by key and ETag) are fetched."""
+    fs = objectstore.filesystem(download.timeout_s, download.retries)
+    found = objectstore.describe(data.source, fs)
+    if isinstance(found, objectstore.StoredObject):
+        if not (data.sha256 or data.md5 or data.follow):
+            raise ConfigError(
+                f"data.sha256 is required for an s3 object ({data.source}), or set "
+                "data.follow: true to take whatever the object holds now"
+            )
+        path = objectstore.fetch(found, fs, downloads_dir, retries=download.retries)
+        if data.sha256 and (actual := sha256_file(path)) != data.sha256.lower():
+            raise ChecksumError(
+                f"sha256 mismatch for {data.source}: expected {data.sha256.lower()}, got "
+                f"{actual}; the object changed upstream (set data.follow: true to take it)"
+            )
+        verify_md5(path, data.md5, data.source, discard=False)
+        # the archive under its own name, so its kind is read from the suffix
+        named = workdir / "s3-object" / found.relative
+        objectstore.link_or_copy(path, named)
+        return named, {"sha256": sha256_file(path), **found.record()}
+    if data.sha256 or data.md5:
+        raise ConfigError(
+            f"data.sha256/md5 apply to a file, but data.source {data.source} is a prefix"
+        )
+    folder = workdir / "s3-prefix"
+    fetched = 0
+    for obj in tqdm(found, desc="s3 objects", unit="obj", disable=None):
+        fetched += not objectstore.cache_path(downloads_dir, obj).is_file()
+        path = objectstore.fetch(obj, fs, downloads_dir, retries=download.retries)
+        objectstore.link_or_copy(path, folder / obj.relative)
+    records = [obj.record() for obj in found]
+    log.info("s3: %d objects under %s, %d fetched", len(found), data.source, fetched)
+    return folder, {
+        "objects": len(records),
+        "fetched": fetched,
+        "bytes": sum(r["size"] for r in records),
+        "listing_sha256": objectstore.listing_digest(records),
+    }
 
 
 def verify_md5(path: Path, expected: str | None, source: str, discard: bool) -> None:
@@ -285,7 +371,11 @@ def write_raw(folder: ImageFolder, target: Path, move: bool) -> None:
 
 
 def locate_table(
-    data: DataParams, download: DownloadParams, downloads_dir: Path, chain: list[Path]
+    data: DataParams,
+    download: DownloadParams,
+    downloads_dir: Path,
+    chain: list[Path],
+    seen: dict | None = None,
 ) -> Path:
     """The ``data.labels`` table: fetched (an http(s) URL, which needs ``data.labels_sha256``),
     or found inside the source (its root or a lone folder below), else in the project (a
@@ -298,20 +388,37 @@ def locate_table(
             raise ConfigError(
                 f"data.labels: {table!r} is not a table; name a CSV, TSV or Parquet file"
             )
-        if not data.labels_sha256:
+        if not (data.labels_sha256 or data.follow):
             raise ConfigError(
                 f"data.labels_sha256 is required for a remote labels table ({table}): set it to "
-                "the table's sha256 so a replaced table cannot relabel the data unnoticed"
+                "the table's sha256 so a replaced table cannot relabel the data unnoticed; or "
+                "set data.follow: true to take whatever the table holds now"
             )
-        dest = downloads_dir / f"{data.labels_sha256.lower()[:16]}-{table_name(table)}"
-        with disk_full_is_an_error(downloads_dir, "paths.downloads"):
-            return fetch_url(
-                table,
-                dest,
-                sha256=data.labels_sha256,
-                retries=download.retries,
-                timeout_s=download.timeout_s,
-            )
+        if locations.scheme(table) == "s3":
+            fs = objectstore.filesystem(download.timeout_s, download.retries)
+            found = objectstore.describe(table, fs, "data.labels")
+            if not isinstance(found, objectstore.StoredObject):
+                raise ConfigError(f"data.labels: {table} is a prefix; name the table's object")
+            path = objectstore.fetch(found, fs, downloads_dir, retries=download.retries)
+            if data.labels_sha256 and (actual := sha256_file(path)) != data.labels_sha256.lower():
+                raise ChecksumError(
+                    f"data.labels_sha256 mismatch for {table}: expected "
+                    f"{data.labels_sha256.lower()}, got {actual}"
+                )
+            named = downloads_dir / "s3-tables" / found.relative
+            remove(named)
+            objectstore.link_or_copy(path, named)
+            return named
+        return fetch_remote(
+            table,
+            "data.labels_sha256",
+            data.labels_sha256,
+            None,
+            data,
+            download,
+            downloads_dir,
+            seen,
+        )
     places = [local] if local.is_absolute() else [level / local for level in chain] + [local]
     found = [p for p in places if p.is_file()]
     if not found:
@@ -338,11 +445,16 @@ def table_name(table: str) -> str:
 
 
 def collect_labelled(
-    folder: Path, data: DataParams, download: DownloadParams, downloads_dir: Path
-) -> tuple[ImageFolder, labels.LabelledFiles]:
-    """The classes a ``data.labels`` table gives the files under ``folder``."""
+    folder: Path,
+    data: DataParams,
+    download: DownloadParams,
+    downloads_dir: Path,
+    seen: dict | None = None,
+) -> tuple[ImageFolder, labels.LabelledFiles, Path]:
+    """The classes a ``data.labels`` table gives the files under ``folder``, and the table
+    used (``seen``: the fingerprint's record of the table)."""
     chain = lone_folder_chain(folder)
-    table = locate_table(data, download, downloads_dir, chain)
+    table = locate_table(data, download, downloads_dir, chain, seen)
     name = table_name(str(data.labels))
     rows = labels.read_table(table, name, data.label_columns)
     root, files, links = labels.choose_root(chain, rows)
@@ -353,7 +465,7 @@ def collect_labelled(
         rows, files, name, data.exclude_classes, table_file=own, links=links
     )
     log.info("labels from %s: %d rows, root %s", table, len(rows), root)
-    return ImageFolder(root, labelled.classes, loose_files=0), labelled
+    return ImageFolder(root, labelled.classes, loose_files=0), labelled, table
 
 
 def run(paths: Paths, data: DataParams, download: DownloadParams) -> dict:
@@ -364,14 +476,20 @@ def run(paths: Paths, data: DataParams, download: DownloadParams) -> dict:
         paths.raw, "paths.raw", "; archives are first unpacked in a temporary folder beside it"
     ):
         workdir = fresh_tempdir(paths.raw.parent, "download")
+        seen = read_json_or_empty(paths.source_fingerprint)
         try:
-            source = materialise(data, download, paths.downloads, workdir)
-            labelled = None
+            source, taken = materialise(
+                data, download, paths.downloads, workdir, seen.get("source")
+            )
+            labelled, taken_table = None, None
             if data.labels is None:
                 folder = collect(unpack(source, data, download, workdir), data.exclude_classes)
             else:
                 opened_folder, _limits = opened(source, data, download, workdir)
-                folder, labelled = collect_labelled(opened_folder, data, download, paths.downloads)
+                folder, labelled, table = collect_labelled(
+                    opened_folder, data, download, paths.downloads, seen.get("labels")
+                )
+                taken_table = sha256_file(table)
             inside_workdir = folder.root.resolve().is_relative_to(workdir.resolve())
             # raw is renamed into place first; label_rows, which describes it, right after.
             with atomic_path(paths.label_rows) as rows_tmp, atomic_path(paths.raw) as tmp:
@@ -383,6 +501,10 @@ def run(paths: Paths, data: DataParams, download: DownloadParams) -> dict:
     summary = {
         "source": data.source,
         "sha256": data.sha256,
+        "follow": data.follow,
+        # what was taken: a remote file's sha256, an s3 prefix's objects, the labels table's
+        "taken": taken if taken_table is None else {**taken, "table_sha256": taken_table},
+        "fingerprint": seen.get("digest"),  # paths.source_fingerprint's, when the stage ran
         "classes": len(counts),
         "files": sum(counts.values()),
         "excluded_classes": sorted(data.exclude_classes),

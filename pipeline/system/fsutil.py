@@ -51,6 +51,12 @@ def is_os_litter(relpath: str | PurePosixPath) -> bool:
     return name in _LITTER_NAMES or name.startswith("._")
 
 
+def is_litter_name(name: str) -> bool:
+    """True for one path component that :func:`is_os_litter` leaves out: the cheap test for
+    a walk that sees one name at a time (100k files)."""
+    return name in _LITTER_NAMES or name in _LITTER_DIRS or name.startswith("._")
+
+
 def visible_entries(folder: Path) -> list[Path]:
     """The entries of ``folder`` that are not OS litter."""
     return [e for e in folder.iterdir() if not is_os_litter(e.name)]

@@ -46,6 +46,34 @@ def repo_params() -> dict:
 
 
 STAGES = tuple(dvc_yaml()["stages"])  # in dvc.yaml's order, which is the DAG's
+# The stages DVC runs on every `dvc repro` (always_changed: the source fingerprint, a cheap
+# look at data.source); `dvc status` always lists them as "always changed".
+ALWAYS_RUN = tuple(
+    name for name, stage in dvc_yaml()["stages"].items() if stage.get("always_changed")
+)
+# What each stage's task reports in a run that finds the pipeline up to date.
+SETTLED = {**dict.fromkeys(STAGES, "up to date"), **dict.fromkeys(ALWAYS_RUN, "ran")}
+
+
+def stages_run(output: str) -> list[str]:
+    """The stages a ``dvc repro`` output says it ran, less those that run every time."""
+    return [s for s in re.findall(r"Running stage '([^']+)'", output) if s not in ALWAYS_RUN]
+
+
+def changed(status: dict) -> dict:
+    """``dvc status --json`` less the stages that are always changed."""
+    return {k: v for k, v in status.items() if v != ["always changed"] or k not in ALWAYS_RUN}
+
+
+def up_to_date(status_text: str) -> bool:
+    """``dvc status`` (text) says nothing needs to run but the stages that run every time."""
+    if "up to date" in status_text:
+        return True
+    lines = [line for line in status_text.splitlines() if line.strip()]
+    heads = {line.rstrip(":") for line in lines if not line.startswith(("\t", " "))}
+    rest = {line.strip() for line in lines if line.startswith(("\t", " "))}
+    return bool(lines) and heads <= set(ALWAYS_RUN) and rest == {"always changed"}
+
 
 # The backbone of the tests that run the whole pipeline through DVC, Prefect or workers:
 # timm's own test model (random weights, 160 px, 256-d features, 0.1 M parameters), so

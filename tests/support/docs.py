@@ -127,9 +127,8 @@ def anchors(path: Path) -> set[str]:
     return found
 
 
-def broken_links(path: Path, pending: frozenset[str] = frozenset()) -> list[str]:
-    """``path``'s relative links whose file or anchor is missing, as ``file:line: target``.
-    ``pending`` names project paths that may be missing (pages another change adds)."""
+def broken_links(path: Path) -> list[str]:
+    """``path``'s relative links whose file or anchor is missing, as ``file:line: target``."""
     problems = []
     for number, line in prose(path):
         for target in _LINK.findall(line):
@@ -139,12 +138,7 @@ def broken_links(path: Path, pending: frozenset[str] = frozenset()) -> list[str]
             dest = (path.parent / file_part).resolve() if file_part else path
             where = f"{path.name}:{number}: {target}"
             if not dest.exists():
-                try:
-                    name = dest.relative_to(REPO_ROOT).as_posix()
-                except ValueError:
-                    name = str(dest)
-                if name not in pending:
-                    problems.append(f"{where} (no such file)")
+                problems.append(f"{where} (no such file)")
                 continue
             if anchor and dest.suffix == ".md" and anchor not in anchors(dest):
                 problems.append(f"{where} (no heading #{anchor} in {dest.name})")

@@ -29,7 +29,6 @@ from pipeline.registry.store import Registry, parse_ref, resolve, sha256_of
 from pipeline.serving.followed import FollowedModel
 from pipeline.serving.predict import OnnxClassifier
 from tests.support.faults import SEED, record, run_trials, trials
-from tests.support.images import colour_images
 from tests.support.models import colour_model
 from tests.support.project import REPO_ROOT
 from tests.support.s3 import s3_server
@@ -183,13 +182,7 @@ def test_a_killed_promoter_on_s3_never_leaves_production_on_a_partial_file(tmp_p
 
 @pytest.fixture
 def world(tmp_path, monkeypatch) -> TinyWorld:
-    return TinyWorld.build(
-        tmp_path,
-        monkeypatch,
-        images=colour_images(tmp_path / "images"),
-        export={"quantize": False},
-        promote={"registry": str(tmp_path / "registry")},
-    )
+    return TinyWorld.for_promotion(tmp_path, monkeypatch)
 
 
 def promote_command(workspace: Path, extra_env: dict | None = None) -> subprocess.Popen:

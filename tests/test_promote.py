@@ -44,14 +44,7 @@ TEST_IMAGES = 18  # 3 colours x 30 images, 20% test
 
 @pytest.fixture
 def world(tmp_path, monkeypatch) -> TinyWorld:
-    """Colour images split into train/val/test, a folder registry, no int8 file."""
-    return TinyWorld.build(
-        tmp_path,
-        monkeypatch,
-        images=colour_images(tmp_path / "images"),
-        export={"quantize": False},
-        promote={"registry": str(tmp_path / "registry")},
-    )
+    return TinyWorld.for_promotion(tmp_path, monkeypatch)
 
 
 def candidate(world: TinyWorld, **model) -> dict:

@@ -212,12 +212,7 @@ def _validators_once(
     """One HEAD (or ranged GET) of ``url``: its validators, or raise."""
     headers = {"Accept-Encoding": "identity"}
     for method, extra in (("HEAD", {}), ("GET", {"Range": "bytes=0-0"})):
-        try:
-            resp = _get(session, url, {**headers, **extra}, timeout_s, method=method)
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
-        except requests.RequestException as exc:
-            raise DownloadError(f"cannot request {url}: {exc}") from exc
+        resp = _request(session, url, {**headers, **extra}, timeout_s, method)
         with resp:
             status = resp.status_code
             if status == 429 or (status >= 500 and status != 501):
@@ -318,12 +313,7 @@ def _attempt(
     else:
         log.info("downloading %s", url)
 
-    try:
-        resp = _get(session, url, headers, timeout_s)
-    except (requests.ConnectionError, requests.Timeout) as exc:
-        raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
-    except requests.RequestException as exc:
-        raise DownloadError(f"cannot request {url}: {exc}") from exc
+    resp = _request(session, url, headers, timeout_s)
     with resp:
         status = resp.status_code
         if status == 429 or status >= 500:
@@ -404,6 +394,19 @@ def _validator(info: dict) -> str | None:
     if etag and not etag.startswith("W/"):
         return etag
     return info.get("last_modified")
+
+
+def _request(
+    session: requests.Session, url: str, headers: dict, timeout_s: float, method: str = "GET"
+) -> requests.Response:
+    """``_get``, with its failures sorted: a dropped or stalled connection is worth another
+    attempt, any other request error is not."""
+    try:
+        return _get(session, url, headers, timeout_s, method=method)
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+    except requests.RequestException as exc:
+        raise DownloadError(f"cannot request {url}: {exc}") from exc
 
 
 def _get(

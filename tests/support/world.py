@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import Params
 from pipeline.stages import download, split, validate
-from tests.support.images import create_image_folder
+from tests.support.images import colour_images, create_image_folder
 from tests.support.project import merged, params_with, write_params
 
 # Fast settings for stages that only need to run, not to learn: random weights, CPU,
@@ -74,3 +74,15 @@ class TinyWorld:
         for stage in (download, validate, split):
             stage.main(params)
         return world
+
+    @classmethod
+    def for_promotion(cls, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TinyWorld:
+        """Colour images split into train/val/test, a folder registry, no int8 file: what
+        the promote tests export their colour models into."""
+        return cls.build(
+            tmp_path,
+            monkeypatch,
+            images=colour_images(tmp_path / "images"),
+            export={"quantize": False},
+            promote={"registry": str(tmp_path / "registry")},
+        )

@@ -196,6 +196,26 @@ def test_dvc_reruns_download_exactly_when_a_folder_source_changed(tmp_path, tiny
     assert "Running stage 'download'" not in _repro(repo, "download")
 
 
+@pytest.mark.slow
+def test_offline_dvc_repro_of_a_pinned_url_finds_download_up_to_date(tmp_path):
+    """DVC deletes a stage's outputs before running it unless they persist: the last
+    record must survive into the offline run for the pin to vouch for it."""
+    body = _zip_of(create_image_folder(tmp_path / "v1", {"a": 3, "b": 3}), tmp_path / "v1")
+    repo = copy_project(tmp_path / "repo")
+    git(repo, "init", "-q")
+    with ServedFiles({"/images.zip": body}) as server:
+        set_params(
+            repo,
+            data={"source": server.url("/images.zip"), "sha256": hashlib.sha256(body).hexdigest()},
+            download={"retries": 0, "timeout_s": 2},
+        )
+        assert "Running stage 'download'" in _repro(repo, "download")
+    recorded = (repo / "data/source.json").read_bytes()
+    offline = _repro(repo, "download")  # the server is gone
+    assert "Running stage 'download'" not in offline
+    assert (repo / "data/source.json").read_bytes() == recorded
+
+
 def test_a_url_is_fingerprinted_by_head_or_a_ranged_get_where_head_is_refused():
     from pipeline.sources.fetch import url_validators
     from tests.support.httpserver import Faults, etag_of

@@ -14,7 +14,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.sources.fetch import ChecksumError
 from pipeline.stages import download
 from tests.support.httpserver import Faults, ServedFiles
-from tests.support.images import create_image_folder
+from tests.support.images import create_image_folder, noise_image
 
 
 def _tar_gz(folder: Path, dest: Path, top: str) -> Path:
@@ -44,6 +44,35 @@ def test_local_folder_is_copied_and_excluded_classes_dropped(workspace, tiny_ima
     assert summary["classes"] == 3 and summary["files"] == 30
     assert json.loads(Path("metrics/download.json").read_text())["class_counts"]["cat"] == 10
     assert (tiny_imagefolder / "cat" / "img_00.png").exists()  # the source is untouched
+
+
+def test_a_rerun_links_the_unchanged_files_and_writes_only_what_changed(
+    workspace, tiny_imagefolder, tmp_path
+):
+    """Same inode and mtime for an unchanged image is what spares DVC reading it again."""
+    _run(workspace, source=str(tiny_imagefolder))
+    raw = Path("data/raw")
+    before = {f: (raw / f).stat() for f in _raw_files()}
+    noise_image(4242).save(tiny_imagefolder / "cat" / "added.png")
+    noise_image(77).save(tiny_imagefolder / "bird" / "img_05.png")  # edited in place
+    (tiny_imagefolder / "dog" / "img_03.png").unlink()
+    summary = _run(workspace, source=str(tiny_imagefolder))
+    after = {f: (raw / f).stat() for f in _raw_files()}
+    assert summary["files"] == 30 and summary["reused"] == 28
+    assert set(after) == set(before) - {"dog/img_03.png"} | {"cat/added.png"}
+    for name in set(before) & set(after) - {"bird/img_05.png"}:
+        assert (after[name].st_ino, after[name].st_mtime_ns) == (
+            before[name].st_ino,
+            before[name].st_mtime_ns,
+        ), name
+    assert after["bird/img_05.png"].st_ino != before["bird/img_05.png"].st_ino
+    edited = (tiny_imagefolder / "bird" / "img_05.png").read_bytes()
+    assert (raw / "bird/img_05.png").read_bytes() == edited
+    # from an archive too: its extracted files are compared byte for byte
+    archive = _tar_gz(tiny_imagefolder, tmp_path / "images.tar.gz", "images")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert _run(workspace, source=str(archive), sha256=digest)["reused"] == 30
+    assert _raw_files() == set(after)
 
 
 def test_archive_top_folder_is_unwrapped(workspace, tiny_imagefolder, tmp_path):

@@ -8,7 +8,9 @@ tell the two apart.
 folder, or ``builtin:NAME``. Archives (zip, tar, tar.gz/tgz, tar.bz2, tar.xz) are
 extracted safely, one nested archive deep (Caltech's ``caltech-101.zip`` holds
 ``101_ObjectCategories.tar.gz``). The result is written to a temporary folder and
-renamed onto ``data/raw`` only when complete.
+renamed onto ``data/raw`` only when complete; files the last run's ``data/raw`` already
+held are hard-linked from it, so a run after a small growth writes, and DVC hashes, only
+what changed.
 """
 
 from __future__ import annotations
@@ -358,16 +360,50 @@ def _class_files(folder: Path) -> list[tuple[PurePosixPath, Path]]:
     return [(PurePosixPath(rel), path) for rel, path in sorted(labels.files_under(folder).items())]
 
 
-def write_raw(folder: ImageFolder, target: Path, move: bool) -> None:
-    """Lay the classes out as ``target/<class>/<file>`` (moving files out of a temp extract)."""
+def write_raw(folder: ImageFolder, target: Path, move: bool, previous: Path | None = None) -> int:
+    """Lay the classes out as ``target/<class>/<file>`` (moving files out of a temp extract).
+
+    A file the ``previous`` tree already holds at the same place with the same bytes is
+    hard-linked from it instead: it keeps its inode and mtime, so after a small growth DVC
+    finds its hash in its state database instead of reading it again, and the disk does
+    not hold it twice while the new tree is built. Returns how many files were kept so.
+    """
+    kept = 0
     for name, files in folder.classes.items():
         for rel, path in files:
             dest = target / name / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            if move:
+            if previous is not None and _link_if_same(previous / name / rel, path, dest):
+                kept += 1
+            elif move:
                 os.replace(path, dest)
             else:
                 shutil.copyfile(path, dest)
+    return kept
+
+
+def _link_if_same(old: Path, new: Path, dest: Path) -> bool:
+    """Hard-link ``old`` to ``dest`` when it holds exactly ``new``'s bytes."""
+    try:
+        if not (os.path.samefile(old, new) or same_bytes(old, new)):
+            return False
+        os.link(old, dest)
+    except OSError:  # no old file, or a filesystem without hard links: write it anew
+        return False
+    return True
+
+
+def same_bytes(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
+    """True when two files hold the same bytes (sizes first, then the contents)."""
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            block = fa.read(chunk)
+            if block != fb.read(chunk):
+                return False
+            if not block:
+                return True
 
 
 def locate_table(
@@ -492,8 +528,9 @@ def run(paths: Paths, data: DataParams, download: DownloadParams) -> dict:
                 taken_table = sha256_file(table)
             inside_workdir = folder.root.resolve().is_relative_to(workdir.resolve())
             # raw is renamed into place first; label_rows, which describes it, right after.
+            previous = paths.raw if paths.raw.is_dir() else None  # DVC keeps it: persist
             with atomic_path(paths.label_rows) as rows_tmp, atomic_path(paths.raw) as tmp:
-                write_raw(folder, tmp, move=inside_workdir)
+                reused = write_raw(folder, tmp, move=inside_workdir, previous=previous)
                 labels.write_label_rows(rows_tmp, labelled.rows if labelled else [])
         finally:
             remove(workdir)
@@ -507,6 +544,8 @@ def run(paths: Paths, data: DataParams, download: DownloadParams) -> dict:
         "fingerprint": seen.get("digest"),  # paths.source_fingerprint's, when the stage ran
         "classes": len(counts),
         "files": sum(counts.values()),
+        # files the last run's data/raw already held, byte for byte: linked, not written
+        "reused": reused,
         "excluded_classes": sorted(data.exclude_classes),
         "ignored_loose_files": folder.loose_files,
         "class_counts": counts,

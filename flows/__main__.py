@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from prefect.schedules import Cron, Interval
 
-    from flows.sensor import source_sensor
-    from flows.training import training_pipeline
+    from flows.sensor import SENSOR_FLOW, source_sensor
+    from flows.training import FLOW_NAME, training_pipeline
 
     if args.command == "sense":
         state = source_sensor(workspace=args.workspace, return_state=True)
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from prefect import serve
 
+    forget_pool_deployments([f"{FLOW_NAME}/{DEPLOYMENT}", f"{SENSOR_FLOW}/{SENSOR_DEPLOYMENT}"])
     serve(
         training_pipeline.to_deployment(
             name=DEPLOYMENT,
@@ -136,6 +137,29 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     return 0
+
+
+def forget_pool_deployments(names: list[str]) -> None:
+    """Delete the deployments of these names that ``prefect deploy`` made for a work pool.
+
+    ``serve`` updates a same-named deployment in place and keeps its work pool and pull
+    steps, so its runs would pull that deployment's code storage and crash; served, the
+    deployment must be the one ``serve`` would create on a fresh server."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                deployment = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            if deployment.work_pool_name or deployment.pull_steps:
+                sys.stderr.write(
+                    f"flows serve: replacing {name}, which `prefect deploy` made for work pool "
+                    f"{deployment.work_pool_name!r}; `prefect deploy` makes it again\n"
+                )
+                client.delete_deployment(deployment.id)
 
 
 def ensure_crash_detection(silent_s: int) -> None:

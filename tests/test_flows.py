@@ -299,6 +299,32 @@ def test_prefect_deploy_takes_the_schedule_from_params_yaml(server, images, tmp_
     heartbeat = yaml.safe_load((repo / "params.yaml").read_text())["flows"]["heartbeat_s"]
     assert env_vars["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(heartbeat)
 
+    # then served from the same project: the pool's deployment, with pull steps that fetch
+    # its code storage, gives way to the served one (served runs crashed on those steps)
+    assert deployment["pull_steps"], deployment
+    with served(repo, server, tmp_path / "serve.log"):
+        deadline = time.monotonic() + 120
+        while deployment["work_pool_name"] is not None:
+            assert time.monotonic() < deadline, deployment
+            time.sleep(1)
+            shown = run(
+                [
+                    "prefect",
+                    "deployment",
+                    "inspect",
+                    "training-pipeline/scheduled",
+                    "--output",
+                    "json",
+                ],
+                repo,
+                server,
+                120,
+            )
+            if shown.returncode == 0:
+                deployment = json.loads(shown.stdout)
+    assert not deployment["pull_steps"], deployment
+    assert "replacing training-pipeline/scheduled" in (tmp_path / "serve.log").read_text()
+
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the stage's process")
 def test_a_cancelled_run_kills_its_stage_and_the_next_run_finishes(ran, server, tmp_path):

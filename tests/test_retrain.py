@@ -21,7 +21,6 @@ from tests.support.prefect import (
     flows_run,
     latest_artifact,
     make_repo,
-    prefect_server,
     run_deployment,
     served,
 )
@@ -44,15 +43,7 @@ def metrics(repo: Path, stage: str) -> dict:
     return json.loads((repo / "metrics" / f"{stage}.json").read_text())
 
 
-def test_a_served_deployment_retrains_on_new_images_and_keeps_a_worse_model_out(tmp_path):
-    # its own server: a deployment of the same name that another test made with `prefect
-    # deploy` keeps that test's code storage, which `serve` does not replace
-    (tmp_path / "prefect").mkdir()
-    with prefect_server(tmp_path / "prefect") as server:
-        served_loop(server, tmp_path)
-
-
-def served_loop(server: dict, tmp_path: Path) -> None:
+def test_a_served_deployment_retrains_on_new_images_and_keeps_a_worse_model_out(server, tmp_path):
     """Three runs of the served deployment: first, after new images, after a worse change."""
     images = colour_images(tmp_path / "images", per_class=PER_CLASS)
     repo = make_repo(tmp_path / "repo", images, **LEARNT)

@@ -18,13 +18,12 @@ from pipeline.serving.followed import FollowedModel
 from pipeline.serving.predict import OnnxClassifier
 from tests.support.images import colour_images
 from tests.support.prefect import (
-    flows_run,
     latest_artifact,
     make_repo,
     run_deployment,
     served,
 )
-from tests.support.project import git, set_params
+from tests.support.project import dvc, git, set_params
 from tests.support.s3 import s3_server
 
 # each test builds its own project; the Prefect server is the worker's session one
@@ -106,17 +105,15 @@ def upload(s3, folder: Path, prefix: str) -> None:
         client.upload_file(str(path), s3.bucket, key)
 
 
-def test_an_s3_source_and_registry_with_a_service_that_follows_production(
-    server, tmp_path, monkeypatch
-):
+def test_an_s3_source_and_registry_with_a_service_that_follows_production(tmp_path, monkeypatch):
     """Objects added to the bucket between runs are trained on; a running service moves
-    from version 1 to 2 by itself, and each of its answers is one whole version's."""
+    from version 1 to 2 by itself, and each of its answers is one whole version's. The runs
+    are `dvc repro`: the Prefect path of the same loop is the served test's above."""
     (tmp_path / "s3").mkdir()
     with s3_server(tmp_path / "s3") as s3:
         aws = {**s3.env(), "AWS_ENDPOINT_URL": s3.endpoint}
         for key, value in aws.items():
-            monkeypatch.setenv(key, value)  # the service below reads the standard variables
-        env = {**server, **aws}
+            monkeypatch.setenv(key, value)  # DVC's stages and the service read these
         images = colour_images(tmp_path / "images", per_class=PER_CLASS)
         upload(s3, images, "images/")
         repo = make_repo(tmp_path / "repo", images, **LEARNT)
@@ -126,12 +123,11 @@ def test_an_s3_source_and_registry_with_a_service_that_follows_production(
         )
         git(repo, "commit", "-qam", "images and registry in the bucket")
 
-        def flow_run() -> dict:
-            done = flows_run(repo, env)
-            assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        def scheduled_run() -> dict:
+            dvc(repo, "repro")
             return metrics(repo, "promote")
 
-        assert flow_run()["decision"] == "first"
+        assert scheduled_run()["decision"] == "first"
 
         service = FollowedModel(f"{registry_url}#classifier", poll_s=0.2, threads=1)
         pre = service.current.model.contract.preprocessing
@@ -151,7 +147,7 @@ def test_an_s3_source_and_registry_with_a_service_that_follows_production(
         try:
             colour_images(tmp_path / "more", per_class=ADDED, start=PER_CLASS, classes=("blue",))
             upload(s3, tmp_path / "more", "images/")
-            second = flow_run()
+            second = scheduled_run()
             assert (second["decision"], second["version"]) == ("promoted", 2), second
             assert metrics(repo, "download")["taken"]["fetched"] == ADDED
             assert metrics(repo, "validate")["decoded"] == ADDED

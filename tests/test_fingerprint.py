@@ -15,6 +15,7 @@ from pipeline.errors import ConfigError
 from pipeline.sources.fetch import ChecksumError
 from pipeline.sources.fingerprint import fingerprint_text, source_fingerprint
 from pipeline.stages import download, fingerprint
+from tests.support.faults import record
 from tests.support.httpserver import ServedFiles
 from tests.support.images import create_image_folder, noise_image
 from tests.support.project import copy_project, dvc, git, params_with, set_params
@@ -197,6 +198,7 @@ def test_dvc_reruns_download_exactly_when_a_folder_source_changed(tmp_path, tiny
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_offline_dvc_repro_of_a_pinned_url_finds_download_up_to_date(tmp_path):
     """DVC deletes a stage's outputs before running it unless they persist: the last
     record must survive into the offline run for the pin to vouch for it."""
@@ -214,6 +216,7 @@ def test_offline_dvc_repro_of_a_pinned_url_finds_download_up_to_date(tmp_path):
     offline = _repro(repo, "download")  # the server is gone
     assert "Running stage 'download'" not in offline
     assert (repo / "data/source.json").read_bytes() == recorded
+    record("network down: `dvc repro` of a pinned URL keeps the last fingerprint", 1, 1)
 
 
 def test_a_url_is_fingerprinted_by_head_or_a_ranged_get_where_head_is_refused():

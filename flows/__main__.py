@@ -67,10 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         help="run each stage on the work pool flows.pools names for its placement "
         "(deployments pipeline-stages/gpu and /cpu; data through the default DVC remote)",
     )
-    commands.add_parser(
+    serve_command = commands.add_parser(
         "serve",
         help=f"serve the deployments training-pipeline/{DEPLOYMENT} and "
         f"source-sensor/{SENSOR_DEPLOYMENT}",
+    )
+    serve_command.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace same-named deployments that `prefect deploy` made for a work pool",
     )
     sense = commands.add_parser(
         "sense", help="run the source sensor once: start a training run if data.source changed"
@@ -121,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from prefect import serve
 
-    forget_pool_deployments([f"{FLOW_NAME}/{DEPLOYMENT}", f"{SENSOR_FLOW}/{SENSOR_DEPLOYMENT}"])
+    names = [f"{FLOW_NAME}/{DEPLOYMENT}", f"{SENSOR_FLOW}/{SENSOR_DEPLOYMENT}"]
+    if message := replace_pool_deployments(names, replace=args.replace):
+        raise SystemExit(message)
     serve(
         training_pipeline.to_deployment(
             name=DEPLOYMENT,
@@ -139,27 +146,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def forget_pool_deployments(names: list[str]) -> None:
-    """Delete the deployments of these names that ``prefect deploy`` made for a work pool.
+def replace_pool_deployments(names: list[str], replace: bool) -> str | None:
+    """The deployments of these names that ``prefect deploy`` made for a work pool: deleted
+    with ``replace``, else the one-line refusal to serve (``None``: nothing in the way).
 
-    ``serve`` updates a same-named deployment in place and keeps its work pool and pull
-    steps, so its runs would pull that deployment's code storage and crash; served, the
-    deployment must be the one ``serve`` would create on a fresh server."""
+    ``serve`` would update such a deployment in place and keep its work pool and pull
+    steps, so its runs would pull that deployment's code storage and crash; deleting one
+    also deletes its scheduled runs, so it is never done unasked."""
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
+        found = []
         for name in names:
             try:
                 deployment = client.read_deployment_by_name(name)
             except ObjectNotFound:
                 continue
             if deployment.work_pool_name or deployment.pull_steps:
-                sys.stderr.write(
-                    f"flows serve: replacing {name}, which `prefect deploy` made for work pool "
-                    f"{deployment.work_pool_name!r}; `prefect deploy` makes it again\n"
-                )
-                client.delete_deployment(deployment.id)
+                found.append((name, deployment))
+        if found and not replace:
+            listing = ", ".join(f"{n} (work pool {d.work_pool_name!r})" for n, d in found)
+            return (
+                f"python -m flows serve: {listing} exists on this Prefect server, made by "
+                "`prefect deploy` for workers; serving would run that deployment's pull steps. "
+                "Pass --replace to replace it (its scheduled runs go with it), or serve "
+                "against another server"
+            )
+        for name, deployment in found:
+            sys.stderr.write(f"flows serve: replacing {name} (made by `prefect deploy`)\n")
+            client.delete_deployment(deployment.id)
+    return None
 
 
 def ensure_crash_detection(silent_s: int) -> None:

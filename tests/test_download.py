@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 import unicodedata
 import zipfile
@@ -55,12 +56,17 @@ def test_a_rerun_links_the_unchanged_files_and_writes_only_what_changed(
     before = {f: (raw / f).stat() for f in _raw_files()}
     noise_image(4242).save(tiny_imagefolder / "cat" / "added.png")
     noise_image(77).save(tiny_imagefolder / "bird" / "img_05.png")  # edited in place
+    same_size = tiny_imagefolder / "cat" / "img_01.png"  # one byte changed, same size
+    body = bytearray(same_size.read_bytes())
+    body[-20] ^= 0xFF
+    same_size.write_bytes(bytes(body))
     (tiny_imagefolder / "dog" / "img_03.png").unlink()
     summary = _run(workspace, source=str(tiny_imagefolder))
     after = {f: (raw / f).stat() for f in _raw_files()}
-    assert summary["files"] == 30 and summary["reused"] == 28
+    assert summary["files"] == 30 and summary["reused"] == 27
     assert set(after) == set(before) - {"dog/img_03.png"} | {"cat/added.png"}
-    for name in set(before) & set(after) - {"bird/img_05.png"}:
+    assert (raw / "cat/img_01.png").read_bytes() == bytes(body)
+    for name in set(before) & set(after) - {"bird/img_05.png", "cat/img_01.png"}:
         assert (after[name].st_ino, after[name].st_mtime_ns) == (
             before[name].st_ino,
             before[name].st_mtime_ns,
@@ -72,6 +78,13 @@ def test_a_rerun_links_the_unchanged_files_and_writes_only_what_changed(
     archive = _tar_gz(tiny_imagefolder, tmp_path / "images.tar.gz", "images")
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     assert _run(workspace, source=str(archive), sha256=digest)["reused"] == 30
+    fifo = raw / "cat" / "img_02.png"  # a FIFO where an image was must not block the run
+    fifo.unlink()
+    os.mkfifo(fifo)
+    assert _run(workspace, source=str(archive), sha256=digest)["reused"] == 29
+    assert (raw / "cat" / "img_02.png").read_bytes() == (
+        tiny_imagefolder / "cat/img_02.png"
+    ).read_bytes()
     assert _raw_files() == set(after)
 
 

@@ -250,6 +250,10 @@ def test_offline_a_pinned_url_keeps_its_last_record_and_a_followed_one_fails(wor
     )
     fingerprint.run(offline.paths, offline.data, offline.download)  # the server is gone
     assert Path("data/source.json").read_bytes() == recorded
+    other = url.replace("/images.zip", "/other.zip")  # a record of another URL stands for nothing
+    moved = params_with(data={"source": other, "sha256": "0" * 64}, download={"retries": 0})
+    with pytest.raises(DownloadError, match="other.zip"):
+        fingerprint.run(moved.paths, moved.data, moved.download)
     followed = params_with(data={"source": url, "follow": True}, download={"retries": 0})
     with pytest.raises(DownloadError, match=url):
         fingerprint.run(followed.paths, followed.data, followed.download)

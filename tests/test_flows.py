@@ -299,30 +299,23 @@ def test_prefect_deploy_takes_the_schedule_from_params_yaml(server, images, tmp_
     heartbeat = yaml.safe_load((repo / "params.yaml").read_text())["flows"]["heartbeat_s"]
     assert env_vars["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(heartbeat)
 
-    # then served from the same project: the pool's deployment, with pull steps that fetch
-    # its code storage, gives way to the served one (served runs crashed on those steps)
+    # then served from the same project: refused unasked (deleting the pool's deployment
+    # drops its scheduled runs); with --replace, the served one takes its place, without
+    # the pull steps that fetch the pool's code storage (served runs crashed on them)
     assert deployment["pull_steps"], deployment
-    with served(repo, server, tmp_path / "serve.log"):
-        deadline = time.monotonic() + 120
-        while deployment["work_pool_name"] is not None:
-            assert time.monotonic() < deadline, deployment
-            time.sleep(1)
-            shown = run(
-                [
-                    "prefect",
-                    "deployment",
-                    "inspect",
-                    "training-pipeline/scheduled",
-                    "--output",
-                    "json",
-                ],
-                repo,
-                server,
-                120,
-            )
-            if shown.returncode == 0:
-                deployment = json.loads(shown.stdout)
-    assert not deployment["pull_steps"], deployment
+    refused = run([sys.executable, "-m", "flows", "serve"], repo, server, 120)
+    assert refused.returncode != 0
+    assert "training-pipeline/scheduled (work pool 'gpu-pool') exists" in refused.stderr
+    assert "--replace" in refused.stderr
+    with served(repo, server, tmp_path / "serve.log", replace=True):
+        shown = run(
+            ["prefect", "deployment", "inspect", "training-pipeline/scheduled", "--output", "json"],
+            repo,
+            server,
+            120,
+        )
+    deployment = json.loads(shown.stdout)
+    assert deployment["work_pool_name"] is None and not deployment["pull_steps"], deployment
     assert "replacing training-pipeline/scheduled" in (tmp_path / "serve.log").read_text()
 
 

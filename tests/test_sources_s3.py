@@ -142,7 +142,14 @@ def test_dvc_skips_download_until_the_prefix_changes(s3_env, tiny_imagefolder, t
     assert "Running stage 'download'" not in dvc(repo, "repro", "download")
     assert (repo / "data/source.json").read_bytes() == recorded
     s3.client().put_object(Bucket=s3.bucket, Key="dvc/set/dog/late.png", Body=_png(900))
+    raw = sorted((repo / "data/raw").rglob("*.png"))
+    # each image its own file, not a link of the download cache: DVC would copy every
+    # linked file of the persisted data/raw before the next download (unprotect)
+    assert {p.stat().st_nlink for p in raw} == {1}
+    inodes = {p: p.stat().st_ino for p in raw}
     assert "Running stage 'download'" in dvc(repo, "repro", "download")
     assert (repo / "data/raw/dog/late.png").read_bytes() == _png(900)
     metrics = json.loads((repo / "metrics/download.json").read_text())
     assert metrics["taken"]["fetched"] == 1 and metrics["files"] == 31
+    assert metrics["reused"] == 30 and all(p.stat().st_ino == i for p, i in inodes.items())
+    assert {p.stat().st_nlink for p in (repo / "data/raw").rglob("*.png")} == {1}

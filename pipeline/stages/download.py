@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -375,9 +376,11 @@ def write_raw(folder: ImageFolder, target: Path, move: bool, previous: Path | No
             dest.parent.mkdir(parents=True, exist_ok=True)
             if previous is not None and _link_if_same(previous / name / rel, path, dest):
                 kept += 1
-            elif move:
+            elif move and path.stat().st_nlink == 1:
                 os.replace(path, dest)
             else:
+                # a file with other links (an s3 object's download cache entry) is copied:
+                # DVC copies a persisted output's linked files before each rerun (unprotect)
                 shutil.copyfile(path, dest)
     return kept
 
@@ -394,9 +397,10 @@ def _link_if_same(old: Path, new: Path, dest: Path) -> bool:
 
 
 def same_bytes(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
-    """True when two files hold the same bytes (sizes first, then the contents)."""
-    if a.stat().st_size != b.stat().st_size:
-        return False
+    """True when two regular files hold the same bytes (sizes first, then the contents)."""
+    sa, sb = a.lstat(), b.lstat()
+    if not (stat.S_ISREG(sa.st_mode) and stat.S_ISREG(sb.st_mode)) or sa.st_size != sb.st_size:
+        return False  # a FIFO or device where an image was would block a read
     with open(a, "rb") as fa, open(b, "rb") as fb:
         while True:
             block = fa.read(chunk)

@@ -34,10 +34,11 @@ def run(paths: Paths, data: DataParams, download: DownloadParams, root: Path = P
     except DownloadError as exc:
         # Offline with a pinned source: its pins say what the data is, so the last record
         # stands and a cached download still serves. A followed one cannot be vouched for.
-        if data.follow or before is None:
+        kept = _record_of(before, data)
+        if data.follow or kept is None:
             raise
         log.warning("fingerprint: %s; the source is pinned, so the last record stands", exc)
-        return json.loads(before)
+        return kept
     text = fingerprint_text(record)
     if before == text:
         log.info("fingerprint: %s unchanged (%s)", data.source, record["digest"][:12])
@@ -45,6 +46,20 @@ def run(paths: Paths, data: DataParams, download: DownloadParams, root: Path = P
         write_text_atomic(target, text)
         log.info("fingerprint: %s changed → %s", data.source, record["digest"][:12])
     return record
+
+
+def _record_of(text: str | None, data: DataParams) -> dict | None:
+    """The last record, when it describes this ``data.source`` and ``data.labels``: one of
+    a source the params no longer name vouches for nothing."""
+    try:
+        record = json.loads(text) if text else None
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    source, labels = record.get("source") or {}, record.get("labels") or {}
+    named = (source.get("url") or source.get("path"), labels.get("url") or labels.get("path"))
+    return record if named == (data.source, data.labels) else None
 
 
 def main(params: Params) -> dict:

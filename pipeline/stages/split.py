@@ -199,7 +199,7 @@ def run(paths: Paths, cfg: SplitParams) -> dict:
 
 def summarise(assigned: pd.DataFrame) -> dict:
     groups = assigned.groupby("group")
-    near_dup = groups.filter(lambda g: g["sha256"].nunique() > 1)
+    near_dup = assigned[groups["sha256"].transform("nunique") > 1]  # groups of look-alikes
     per_class = assigned.groupby(["label", "split"]).size().unstack(fill_value=0)
     return {
         "counts": {s: int((assigned["split"] == s).sum()) for s in SPLITS},

@@ -152,30 +152,27 @@ def prefect_server(tmp: Path) -> Iterator[dict[str, str]]:
 
 
 @contextlib.contextmanager
-def served(repo: Path, env: dict, log: Path) -> Iterator[subprocess.Popen]:
-    """``python -m flows serve`` in ``repo`` until the block ends, once its deployment
-    ``training-pipeline/scheduled`` is on the server; its output goes to ``log``."""
+def served(repo: Path, env: dict, log: Path, replace: bool = True) -> Iterator[subprocess.Popen]:
+    """``python -m flows serve`` in ``repo`` until the block ends, once it serves its
+    deployments (applied to the server: a same-named one of an earlier test is replaced);
+    its output goes to ``log``. ``replace``: pass ``--replace``, since the tests on one
+    server also ``prefect deploy`` the same names for work pools."""
     serve = subprocess.Popen(
-        [sys.executable, "-m", "flows", "serve"],
+        [sys.executable, "-m", "flows", "serve", *(["--replace"] if replace else [])],
         cwd=repo,
         # the runner looks for scheduled runs every 10 s by default: every 2 s here, so a
-        # test's `prefect deployment run` starts sooner
-        env={**env, "PREFECT_RUNNER_POLL_FREQUENCY": "2"},
+        # test's `prefect deployment run` starts sooner; unbuffered, so the log is live
+        env={**env, "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PYTHONUNBUFFERED": "1"},
         stdout=open(log, "w"),  # noqa: SIM115 (closed with the process)
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 240
-        while True:
-            inspected = run(
-                ["prefect", "deployment", "inspect", "training-pipeline/scheduled"], repo, env, 120
-            )
-            if inspected.returncode == 0:
-                break
-            assert serve.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, inspected.stdout + inspected.stderr
-            time.sleep(2)
+        while "being served" not in log.read_text(errors="replace"):  # Prefect's start message
+            assert serve.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
         yield serve
     finally:
         serve.terminate()

@@ -19,7 +19,6 @@ import hashlib
 import logging
 import os
 import shutil
-import stat
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from pipeline.system.fsutil import (
     md5_file,
     read_json_or_empty,
     remove,
+    same_bytes,
     sha256_file,
     visible_entries,
     write_json_atomic,
@@ -394,20 +394,6 @@ def _link_if_same(old: Path, new: Path, dest: Path) -> bool:
     except OSError:  # no old file, or a filesystem without hard links: write it anew
         return False
     return True
-
-
-def same_bytes(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
-    """True when two regular files hold the same bytes (sizes first, then the contents)."""
-    sa, sb = a.lstat(), b.lstat()
-    if not (stat.S_ISREG(sa.st_mode) and stat.S_ISREG(sb.st_mode)) or sa.st_size != sb.st_size:
-        return False  # a FIFO or device where an image was would block a read
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            block = fa.read(chunk)
-            if block != fb.read(chunk):
-                return False
-            if not block:
-                return True
 
 
 def locate_table(

@@ -20,20 +20,6 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 
-def pytest_configure(config) -> None:
-    """With at least as many xdist workers as cores, each worker (and every process it
-    starts: stages, DVC, servers) keeps to its own core. Torch and onnxruntime size their
-    thread pools from the cores they may use, so two workers no longer run four busy
-    threads on two cores, which spin-waiting thread pools pay for twice."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if not worker.startswith("gw") or not hasattr(os, "sched_setaffinity"):
-        return
-    cores = sorted(os.sched_getaffinity(0))
-    if count >= len(cores) > 1:
-        os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
-
-
 def pytest_collection_modifyitems(config, items) -> None:
     """Longest work first, for ``make test``'s workers, which take work in this order: the
     modules marked ``one_worker`` (largest first), then the other slow tests, then the rest;

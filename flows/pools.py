@@ -32,6 +32,13 @@ def pool_groups(stages: list[DvcStage], pools: dict[str, str]) -> list[list[DvcS
     return [list(group) for _, group in groupby(stages, key=lambda s: s.placement)]
 
 
+def group_run_key(parent_id: str, attempt: int, deployment: str, names: list[str]) -> str:
+    """The idempotency key of one run of stages: Prefect's client resends a create request
+    whose answer it lost (a read timeout, a 503 while SQLite is locked), and without a key
+    the server makes a second flow run that works the same stages beside the first."""
+    return f"{parent_id}:{attempt}:{deployment}:{','.join(names)}"
+
+
 def read_artifact(flow_run_id, kind: str) -> dict | None:
     """The data of the artifact of type ``kind`` a pool's flow run left, if any."""
     from prefect.client.orchestration import get_client
@@ -105,6 +112,7 @@ def run_group_on_pool(group: list[DvcStage], pool: str, url: str, commit: str, s
     """One run of same-placement stages as a flow run of ``pipeline-stages/<placement>``;
     the finished flow run, or StageFailed naming the stage, pool and worker."""
     from prefect.deployments import run_deployment
+    from prefect.runtime import flow_run
 
     deployment = f"{STAGES_FLOW}/{group[0].placement}"
     names = [s.name for s in group]
@@ -127,6 +135,7 @@ def run_group_on_pool(group: list[DvcStage], pool: str, url: str, commit: str, s
                 "state": state.to_dict(),
             },
             flow_run_name=f"{names[0]}…{names[-1]}" if len(names) > 1 else names[0],
+            idempotency_key=group_run_key(flow_run.id, flow_run.run_count, deployment, names),
             poll_interval=1,
         )
     except Exception as exc:

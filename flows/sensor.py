@@ -97,10 +97,18 @@ def pending_runs(deployment: str, horizon_s: float) -> list[str]:
 
 @task(name="start-training", cache_policy=NO_CACHE)
 def start_training(deployment: str) -> str:
-    """A run of ``deployment``, created now and not waited for."""
+    """A run of ``deployment``, created now and not waited for; one per sensor run, even
+    when the client resends a create request whose answer it lost."""
     from prefect.deployments import run_deployment
+    from prefect.runtime import flow_run
 
-    run = run_deployment(deployment, timeout=0, tags=[SENSOR_FLOW], as_subflow=False)
+    run = run_deployment(
+        deployment,
+        timeout=0,
+        tags=[SENSOR_FLOW],
+        as_subflow=False,
+        idempotency_key=f"{SENSOR_FLOW}:{flow_run.id}:{flow_run.run_count}",
+    )
     return run.name
 
 

@@ -59,6 +59,8 @@ def test_every_stage_runs_on_its_placements_pool_and_a_fresh_clone_pulls_the_mod
 
     # From the server's records: each run of stages went to its placement's pool, and
     # every stage ran (DVC ran its command) on the worker of that pool.
+    # One flow run per run of stages (a resent create request makes no second one).
+    assert [c["work_pool_name"] for c in children] == ["cpu-pool", "gpu-pool", "cpu-pool"]
     placed = {}
     for child in children:
         assert child["state_type"] == "COMPLETED", child
@@ -76,7 +78,6 @@ def test_every_stage_runs_on_its_placements_pool_and_a_fresh_clone_pulls_the_mod
         stage: (POOLS[PLACEMENT[stage]], f"{POOLS[PLACEMENT[stage]]}-worker", "ran")
         for stage in STAGES
     }, placed
-    assert [c["work_pool_name"] for c in children] == ["cpu-pool", "gpu-pool", "cpu-pool"]
 
     # Each clone holds only what its stages needed: the GPU machine never ran export.
     gpu_clone, cpu_clone = cluster.clones["gpu-pool"], cluster.clones["cpu-pool"]

@@ -147,3 +147,77 @@ def test_a_killed_flow_run_ends_crashed_and_the_next_run_finishes(server, images
     assert states == ["CRASHED"], runs
     assert "no heartbeat for 90 s" in runs[0]["message"]
     assert finished, again.stdout + again.stderr
+
+
+# The orchestrator loses the server's answer to "create this pool's flow run". -------------
+LOST_ANSWER = """
+import json, threading, time, uuid
+import httpx
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+from prefect.states import Completed
+
+from flows.databus import RunState
+from flows.dvcrun import DvcStage
+from flows.pools import run_group_on_pool
+from flows.stages import FLOW_NAME
+
+placement = f"lost-answer-{uuid.uuid4().hex[:8]}"
+with get_client(sync_client=True) as client:
+    flow_id = client.create_flow_from_name(FLOW_NAME)
+    deployment = client.create_deployment(flow_id=flow_id, name=placement)
+
+lost = []
+for cls in (httpx.Client, httpx.AsyncClient):  # the request reaches the server; its answer not
+    def lose_first_answer(send):
+        def sending(self, request, **kwargs):
+            answer = send(self, request, **kwargs)
+            if request.url.path.endswith("/create_flow_run") and not lost:
+                lost.append(str(request.url))
+                raise httpx.ReadTimeout("the answer was lost", request=request)
+            return answer
+        async def asending(self, request, **kwargs):
+            answer = await send(self, request, **kwargs)
+            if request.url.path.endswith("/create_flow_run") and not lost:
+                lost.append(str(request.url))
+                raise httpx.ReadTimeout("the answer was lost", request=request)
+            return answer
+        return asending if cls is httpx.AsyncClient else sending
+    cls.send = lose_first_answer(cls.send)
+
+def runs_of_the_deployment(client):
+    only = DeploymentFilter(id=DeploymentFilterId(any_=[deployment]))
+    return client.read_flow_runs(deployment_filter=only)
+
+def pool_worker(stop):  # finishes each flow run of the deployment, as a worker would
+    with get_client(sync_client=True) as client:
+        while not stop.is_set():
+            for run in runs_of_the_deployment(client):
+                if not run.state.is_final():
+                    client.set_flow_run_state(run.id, Completed(), force=True)
+            time.sleep(0.5)
+
+@flow
+def orchestrate():
+    run_group_on_pool([DvcStage("train", placement, ())], "a-pool", "file:///repo", "0" * 40, RunState("", None))
+
+stop = threading.Event()
+threading.Thread(target=pool_worker, args=(stop,), daemon=True).start()
+orchestrate()
+stop.set()
+with get_client(sync_client=True) as client:
+    print(json.dumps({"lost": lost, "runs": [r.name for r in runs_of_the_deployment(client)]}))
+"""
+
+
+def test_a_lost_answer_to_create_a_pools_flow_run_makes_one_run_not_two(server):  # noqa: F811
+    """Prefect's client resends a POST whose answer it lost (a read timeout, or a 503 while
+    the server's SQLite is locked): the pool's stages must still run once. Seen in CI: a
+    second flow run on the GPU pool found the first one's stages up to date."""
+    done = run([sys.executable, "-c", LOST_ANSWER], REPO_ROOT, server, 180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    record("pool flow run created, answer lost", 1, int(len(found["runs"]) == 1))
+    assert len(found["lost"]) == 1, found
+    assert found["runs"] == ["train"], found

@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shlex
 import shutil
 import subprocess
@@ -281,8 +282,9 @@ def test_disk_full_during_features_keeps_no_partial_output(
     paths, reference, index, graphs, fs = features_on_fs(split_images, disk_ws)
     # The onnxruntime engine's graphs (~14 MB for Lite0, and its structure) are kept in the
     # memo; they are on the disk beforehand (test_disk_full_while_the_engine_graph_is_written
-    # fills the disk with them). Then the stage writes a cache shard (~160 kB) and the features
-    # (~155 kB): room below 160 KiB fills while the cache is written, more while the features are.
+    # fills the disk with them). Then the stage reserves the features' files (~155 kB) and
+    # writes a cache shard (~160 kB): little room fills while the features are reserved, more
+    # while the cache is written.
     graph_kib = kib_on_tmpfs([g.stat().st_size for g in graphs.values()])
     runs = itertools.count()
     rng = random.Random(SEED + 2)
@@ -318,7 +320,8 @@ def test_disk_full_during_features_keeps_no_partial_output(
         assert "features failed: disk full (ENOSPC): no space left on device writing fs/" in (
             full.stderr
         ), full.stderr
-        setting = "paths.features" if shards else "paths.memo"
+        written = re.search(r"writing fs/(\w+)", full.stderr).group(1)
+        setting = {"features": "paths.features", "cache": "paths.memo"}[written]
         assert f"point {setting} in params.yaml" in full.stderr, full.stderr
         assert roomy.returncode == 0, roomy.stderr
         computed = json.loads(metrics[0].read_text())["computed"]

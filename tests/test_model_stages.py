@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.data.featurestore import load_features
+from pipeline.data.featurestore import FeatureCache, load_features
 from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
 from pipeline.modeling import training
@@ -45,6 +47,62 @@ def test_features_are_cached_by_content(tiny_run):
     assert (second["computed"], second["reused"]) == (2, 30)
     again, _ = load_features(p.paths)
     assert np.array_equal(again["test"], arrays["test"])
+
+
+def test_features_stream_the_cache_in_shards_and_fill_copies(tiny_run, monkeypatch):
+    """The stage never holds every embedding: the cache is written and read a shard at a
+    time, the arrays are memory-mapped files. Same bytes as one shard, copies included."""
+    p = tiny_run()
+    test_csv = p.paths.split_file("test")
+    train, test = pd.read_csv(p.paths.split_file("train")), pd.read_csv(test_csv)
+    pd.concat([test, train.iloc[[0]]]).to_csv(test_csv, index=False)  # a copy in two splits
+    whole = features.main(p)
+    one_shard, _ = load_features(p.paths)
+    one_shard = {name: np.array(a) for name, a in one_shard.items()}
+
+    monkeypatch.setattr(FeatureCache, "shard_rows", 8)
+    shutil.rmtree(p.paths.memo / memo.FEATURES.folder)
+    assert features.main(p)["computed"] == whole["computed"] == 30
+    shards = sorted((p.paths.memo / memo.FEATURES.folder).rglob("shard-*.npz"))
+    assert [len(np.load(s)["sha256"]) for s in shards] == [8, 8, 8, 6]
+    again = features.main(p)
+    assert (again["computed"], again["reused"]) == (0, 31)
+    arrays, _ = load_features(p.paths)
+    assert all(isinstance(a, np.memmap) for a in arrays.values())
+    assert np.array_equal(arrays["test"][-1], arrays["train"][0])
+    for name, array in one_shard.items():
+        assert np.array_equal(arrays[name], array), name
+
+
+def test_a_features_run_cut_short_keeps_the_embeddings_of_its_whole_shards(
+    tiny_run, monkeypatch
+):
+    """At a million images the stage embeds for hours: a crash keeps what is done, a
+    shard at a time, and the next run computes only the rest."""
+    p = tiny_run(features={"batch_size": 4})
+    monkeypatch.setattr(FeatureCache, "shard_rows", 8)
+    real_build = features.engines.build
+
+    def failing_after_four_batches(*args, **kwargs):
+        engine, calls = real_build(*args, **kwargs), []
+        real_embed = engine.embed
+
+        def embed(images):
+            calls.append(len(images))
+            if len(calls) > 4:
+                raise RuntimeError("the machine went away")
+            return real_embed(images)
+
+        return dataclasses.replace(engine, embed=embed)
+
+    monkeypatch.setattr(features.engines, "build", failing_after_four_batches)
+    with pytest.raises(RuntimeError, match="went away"):
+        features.main(p)
+    assert not p.paths.features.exists()
+    shards = sorted((p.paths.memo / memo.FEATURES.folder).rglob("shard-*.npz"))
+    assert [len(np.load(s)["sha256"]) for s in shards] == [8, 8]
+    monkeypatch.setattr(features.engines, "build", real_build)
+    assert features.main(p)["computed"] == 30 - 16
 
 
 def test_augmented_views_are_cached_for_training(tiny_run):
@@ -176,7 +234,7 @@ def test_zero_epochs_gives_backbone_plus_head(tiny_run, caplog):
         ]
     )
     with torch.no_grad():
-        direct = model.head(torch.from_numpy(arrays["test"]))
+        direct = model.head(torch.tensor(arrays["test"]))
         full = model(x)
     assert torch.allclose(full, direct, atol=1e-4)  # onnxruntime fp32 features = PyTorch fp32
 

@@ -1,8 +1,9 @@
 """Embeddings on disk: the per-image cache by content, and the features stage's arrays.
 
 ``FeatureCache`` keeps embeddings by image sha256 under one key in the memo (append-only
-shards), so a rerun computes only new images. ``load_features`` and ``labelled`` read the
-arrays the features stage wrote, for the stages that train and score on them.
+shards), so a rerun computes only new images. ``RowArrays`` writes the features stage's
+arrays as memory-mapped files, so the stage's memory does not grow with the dataset;
+``load_features`` and ``labelled`` map them for the stages that train and score on them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +23,14 @@ from pipeline.errors import DataError
 from pipeline.system import memo
 from pipeline.system.diskfull import free_bytes
 
+SHARD_ROWS = 32_768  # embeddings per cache shard: 160 MB at 1,280 float32 dimensions
+
 
 class FeatureCache:
     """Embeddings by image sha256 under one key, as append-only shards of .npz files: an
     entry of the memo's ``kind`` (``features``, or ``reference`` for onnx_check's)."""
+
+    shard_rows = SHARD_ROWS
 
     def __init__(self, root: Path, key: str, kind: memo.Kind = memo.FEATURES) -> None:
         self.store, self.key = memo.Store(root, kind), key
@@ -36,19 +42,26 @@ class FeatureCache:
     def load(self) -> dict[str, np.ndarray]:
         """The kept embeddings by sha256 (a damaged shard is warned about and dropped)."""
         found: dict[str, np.ndarray] = {}
-        for shas, features in self.store.shards(self.key, read_shard):
+        for shas, features in self.shards():
             found.update(zip(shas, features, strict=True))
         return found
 
+    def shards(self) -> Iterator[tuple[list[str], np.ndarray]]:
+        """The kept (sha256s, embeddings) one shard at a time, oldest first."""
+        return self.store.each_shard(self.key, read_shard)
+
     def add(self, shas: list[str], features: np.ndarray) -> None:
-        if not shas:
-            return
+        """Keep ``features`` (one row per sha256), in shards of at most ``shard_rows`` rows:
+        reading the cache back never needs more than a shard in memory."""
+        for start in range(0, len(shas), self.shard_rows):
+            part = shas[start : start + self.shard_rows]
+            rows = np.asarray(features[start : start + self.shard_rows], dtype=np.float32)
 
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, sha256=np.asarray(shas), features=features.astype(np.float32))
+            def write(tmp: Path, part=part, rows=rows) -> None:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, sha256=np.asarray(part), features=rows)
 
-        self.store.add_shard(self.key, sorted(shas), write)
+            self.store.add_shard(self.key, sorted(part), write)
 
 
 def read_shard(shard: Path) -> tuple[list[str], np.ndarray]:
@@ -75,13 +88,57 @@ def save_array(path: Path, array: np.ndarray) -> None:
         raise
 
 
+def allocated_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A new float32 ``.npy`` file at ``path``, memory-mapped for writing, its blocks
+    reserved first: a full disk is an ENOSPC here, never a SIGBUS on a later write into
+    the mapping."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    return array
+
+
+class RowArrays:
+    """Arrays that read as one: row ``r`` of the whole is a row of the array it falls in
+    (the features stage's splits, each its own file, in split-CSV order)."""
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        self.arrays = arrays
+        self.starts = np.cumsum([0] + [len(a) for a in arrays])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _parts(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for i, array in enumerate(self.arrays):
+            here = np.flatnonzero(which == i)
+            if here.size:
+                yield array, here, rows[here] - self.starts[i]
+
+    def put(self, rows: np.ndarray, values: np.ndarray) -> None:
+        for array, here, local in self._parts(np.asarray(rows)):
+            array[local] = values[here]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows)
+        out = np.empty((len(rows), *self.arrays[0].shape[1:]), dtype=np.float32)
+        for array, here, local in self._parts(rows):
+            out[here] = array[local]
+        return out
+
+
 def load_features(paths: Paths) -> tuple[dict[str, np.ndarray], dict]:
-    """The features stage's arrays by split (plus ``train_aug`` when present) and its index."""
+    """The features stage's arrays by split (plus ``train_aug`` when present), memory-mapped
+    read-only, and its index."""
     folder = paths.features
     if not (folder / "index.json").exists():
         raise DataError(f"{folder}/index.json does not exist: run the features stage first")
     index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
-    arrays = {p.stem: np.load(p) for p in folder.glob("*.npy")}
+    arrays = {p.stem: np.load(p, mmap_mode="r") for p in folder.glob("*.npy")}
     return arrays, index
 
 

@@ -43,7 +43,7 @@ def head_logits(paths: Paths, classes: list[str]) -> dict[str, tuple[np.ndarray,
     for split in ("val", "test"):
         data = labelled(paths, arrays, classes, split)
         with torch.inference_mode():
-            out[split] = (head(torch.from_numpy(data.x)).numpy(), data.y)
+            out[split] = (head(torch.tensor(data.x)).numpy(), data.y)
     return out
 
 

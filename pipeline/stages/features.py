@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.config import FeaturesParams, ModelParams, Params, Paths
-from pipeline.data.featurestore import FeatureCache, save_array
+from pipeline.data.featurestore import FeatureCache, RowArrays, allocated_array
 from pipeline.data.splits import SPLITS, read_split
 from pipeline.modeling import engines
 from pipeline.modeling.backbones import Backbone, build_backbone
@@ -51,22 +52,21 @@ def cache_key(backbone: Backbone, engine: engines.Engine, view: str) -> str:
 
 def embed(
     engine: engines.Engine,
-    feature_dim: int,
     dataset: ImageDataset,
     runtime: Runtime,
     batch_size: int,
     desc: str,
+    put: Callable[[np.ndarray, np.ndarray], None],
     view: int = 0,
-) -> np.ndarray:
-    """Run the frozen backbone over a dataset of uint8 images; workers decode meanwhile."""
-    out = np.empty((len(dataset), feature_dim), dtype=np.float32)
+) -> None:
+    """Run the frozen backbone over a dataset of uint8 images (workers decode meanwhile);
+    ``put(indices, embeddings)`` takes each batch as it is computed."""
     sampler = RoundSampler(len(dataset), seed=0, shuffle=False, round_=view)
     loader = make_loader(dataset, runtime, batch_size, sampler=sampler)
     with tqdm(total=len(dataset), unit="img", desc=desc, disable=None) as bar:
         for images, _labels, index in loader:
-            out[index.numpy()] = engine.embed(images)
+            put(index.numpy(), engine.embed(images))
             bar.update(len(index))
-    return out
 
 
 @dataclass
@@ -80,31 +80,59 @@ class EmbedStats:
 
 
 def cached_embeddings(
-    backbone: Backbone,
     engine: engines.Engine,
     runtime: Runtime,
     rows: pd.DataFrame,
     cache: FeatureCache,
+    out: RowArrays,
     batch_size: int,
     transform,
     stats: EmbedStats,
     view: int | None = None,
     seed: int = 0,
     desc: str = "features",
-) -> np.ndarray:
-    """Embeddings for ``rows`` (in order), computing only sha256s missing from the cache."""
-    known = cache.load()
-    todo = rows.drop_duplicates("sha256")
-    todo = todo[~todo["sha256"].isin(known.keys())]
+) -> None:
+    """Embeddings for ``rows`` into ``out`` (row for row), computing only the sha256s
+    missing from the cache. The cache is read a shard at a time and written into ``out``
+    (memory-mapped): memory holds a shard or a batch, never every embedding."""
+    codes, shas = pd.factorize(rows["sha256"])  # an image's first row stands for its copies
+    first = np.full(len(shas), len(codes), dtype=np.int64)
+    np.minimum.at(first, codes, np.arange(len(codes)))
+    filled = np.zeros(len(shas), dtype=bool)
+    lookup = pd.Index(shas)
+    for kept_shas, kept in cache.shards():
+        found = lookup.get_indexer(kept_shas)
+        wanted = np.flatnonzero(found >= 0)
+        wanted = wanted[~filled[found[wanted]]]
+        out.put(first[found[wanted]], kept[wanted])
+        filled[found[wanted]] = True
+    todo = np.flatnonzero(~filled)
     if len(todo):
-        keys = None if view is None else todo["sha256"].tolist()
-        dataset = ImageDataset(todo["path"].tolist(), [0] * len(todo), transform, keys, seed)
+        todo_rows = first[todo]
+        paths = rows["path"].to_numpy()[todo_rows].tolist()
+        keys = None if view is None else shas[todo].tolist()
+        dataset = ImageDataset(paths, [0] * len(todo), transform, keys, seed)
+        kept_upto = 0  # the images before it are in the cache: a crash later keeps them
+
+        def keep(upto: int) -> None:
+            nonlocal kept_upto
+            for start in range(kept_upto, upto, cache.shard_rows):
+                part = todo[start : min(start + cache.shard_rows, upto)]
+                cache.add(shas[part].tolist(), out.take(first[part]))
+            kept_upto = upto
+
+        def put(index: np.ndarray, embeddings: np.ndarray) -> None:
+            out.put(todo_rows[index], embeddings)  # batches come in order (no shuffling)
+            done = int(index[-1]) + 1
+            keep(done - done % cache.shard_rows)
+
         started = time.perf_counter()
-        fresh = embed(engine, backbone.feature_dim, dataset, runtime, batch_size, desc, view or 0)
+        embed(engine, dataset, runtime, batch_size, desc, put, view or 0)
         stats.add(len(todo), time.perf_counter() - started)
-        cache.add(todo["sha256"].tolist(), fresh)
-        known.update(zip(todo["sha256"].tolist(), fresh, strict=True))
-    return np.stack([known[sha] for sha in rows["sha256"]]).astype(np.float32)
+        keep(len(todo))
+    copies = np.flatnonzero(first[codes] != np.arange(len(codes)))
+    if len(copies):
+        out.put(copies, out.take(first[codes[copies]]))
 
 
 def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) -> dict:
@@ -125,41 +153,46 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
     stats = EmbedStats()
     # All splits in one pass: one loader start-up, one cache read.
     everything = pd.concat(list(splits.values()), ignore_index=True)
-    cache = FeatureCache(paths.memo, cache_key(backbone, engine, "eval"))
-    all_features = cached_embeddings(
-        backbone, engine, runtime, everything, cache, cfg.batch_size, eval_geometry(pre), stats
-    )
+    dim = backbone.feature_dim
     # A full disk is reported after atomic_path has removed its temporary folder.
     with (
         disk_full_is_an_error(paths.features, "paths.features"),
         atomic_path(paths.features) as tmp,
     ):
         tmp.mkdir()
-        offset = 0
-        for split, rows in splits.items():
-            save_array(tmp / f"{split}.npy", all_features[offset : offset + len(rows)])
-            offset += len(rows)
+        arrays = [allocated_array(tmp / f"{s}.npy", (len(rows), dim)) for s, rows in splits.items()]
+        cached_embeddings(
+            engine,
+            runtime,
+            everything,
+            FeatureCache(paths.memo, cache_key(backbone, engine, "eval")),
+            RowArrays(arrays),
+            cfg.batch_size,
+            eval_geometry(pre),
+            stats,
+        )
         if cfg.augmented_views:
             aug = train_geometry(pre, cfg.augment)
-            views = []
+            shape = (len(splits["train"]), cfg.augmented_views, dim)
+            views = allocated_array(tmp / "train_aug.npy", shape)
+            arrays.append(views)
             for view in range(cfg.augmented_views):
                 key = cache_key(backbone, engine, f"aug{view}:seed{cfg.seed}:{cfg.augment}")
-                views.append(
-                    cached_embeddings(
-                        backbone,
-                        engine,
-                        runtime,
-                        splits["train"],
-                        FeatureCache(paths.memo, key),
-                        cfg.batch_size,
-                        aug,
-                        stats,
-                        view,
-                        cfg.seed,
-                        desc=f"train view {view + 1}",
-                    )
+                cached_embeddings(
+                    engine,
+                    runtime,
+                    splits["train"],
+                    FeatureCache(paths.memo, key),
+                    RowArrays([views[:, view]]),
+                    cfg.batch_size,
+                    aug,
+                    stats,
+                    view,
+                    cfg.seed,
+                    desc=f"train view {view + 1}",
                 )
-            save_array(tmp / "train_aug.npy", np.stack(views, axis=1))
+        for array in arrays:
+            array.flush()
         index = {
             "classes": classes,
             "backbone": backbone.name,

@@ -74,7 +74,7 @@ def find_lr(
 def evaluate_head(head: nn.Module, data: Labelled, criterion: nn.Module) -> tuple[float, float]:
     head.eval()
     with torch.inference_mode():
-        logits = head(torch.from_numpy(data.x))
+        logits = head(torch.tensor(data.x))
         y = torch.tensor(data.y)
         return criterion(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -133,20 +133,26 @@ class Store:
         return path
 
     def shards(self, key: str, read: Callable[[Path], T]) -> list[T]:
-        """``read`` of each shard of the append-only entry ``key``, oldest first; the entry
-        is marked as used. A shard ``read`` fails on is warned about and removed (it would
-        never be overwritten): what it held is computed again."""
+        """``read`` of each shard of the append-only entry ``key``, oldest first
+        (``each_shard``, held together)."""
+        return list(self.each_shard(key, read))
+
+    def each_shard(self, key: str, read: Callable[[Path], T]) -> Iterator[T]:
+        """``read`` of each shard of the append-only entry ``key``, oldest first, one at a
+        time (an entry may be larger than memory); the entry is marked as used. A shard
+        ``read`` fails on is warned about and removed (it would never be overwritten): what
+        it held is computed again."""
         entry = self.path(key)
-        found = []
+        found = False
         for shard in sorted(entry.glob(SHARD)):
             ok, value = self._read(shard, read)
             if ok:
-                found.append(value)
+                found = True
+                yield value
             else:
                 remove(shard)
         if found:
             touch(entry)
-        return found
 
     def add_shard(self, key: str, content: object, write: Callable[[Path], None]) -> Path:
         """Write a new shard into the entry ``key`` with ``write(tmp)``, atomically; its

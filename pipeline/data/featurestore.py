@@ -1,8 +1,8 @@
 """Embeddings on disk: the per-image cache by content, and the features stage's arrays.
 
 ``FeatureCache`` keeps embeddings by image sha256 under one key in the memo (append-only
-shards), so a rerun computes only new images. ``RowArrays`` writes the features stage's
-arrays as memory-mapped files, so the stage's memory does not grow with the dataset;
+shards), so a rerun computes only new images. ``NpyRows`` writes the features stage's
+arrays row by row in place, so the stage's memory does not grow with the dataset;
 ``load_features`` and ``labelled`` map them for the stages that train and score on them.
 """
 
@@ -88,46 +88,84 @@ def save_array(path: Path, array: np.ndarray) -> None:
         raise
 
 
-def allocated_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """A new float32 ``.npy`` file at ``path``, memory-mapped for writing, its blocks
-    reserved first: a full disk is an ENOSPC here, never a SIGBUS on a later write into
-    the mapping."""
-    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
-    return array
+class NpyRows:
+    """Rows of a float32 ``.npy`` file, written and read in place (``pwrite``/``pread``),
+    not through a mapping: a mapped file's written pages count as the process's memory
+    until the kernel writes them back, so filling a 5 GB array through one would take 5 GB
+    of RSS. ``create`` makes the file; ``view(v)`` addresses ``[:, v]`` of a 3-d one."""
+
+    def __init__(self, name: str, fd: int, shape: tuple[int, ...], base: int, stride: int) -> None:
+        self.name, self.fd, self.shape, self.base, self.stride = name, fd, shape, base, stride
+        self.row_shape = shape[1:]
+
+    @classmethod
+    def create(cls, path: Path, shape: tuple[int, ...]) -> NpyRows:
+        """A new file of ``shape``, its blocks reserved first: a full disk is an ENOSPC
+        here, not a failure halfway."""
+        with open(path, "wb") as fh:
+            header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+            np.lib.format.write_array_header_1_0(fh, header)
+            base = fh.tell()
+        stride = int(np.prod(shape[1:], dtype=np.int64)) * 4
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, base + shape[0] * stride)
+        except OSError:
+            os.close(fd)
+            raise
+        return cls(str(path), fd, shape, base, stride)
+
+    def view(self, v: int) -> NpyRows:
+        shape = (self.shape[0], *self.shape[2:])
+        base = self.base + v * self.stride // self.shape[1]
+        return NpyRows(self.name, self.fd, shape, base, self.stride)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def put(self, rows: np.ndarray, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values, dtype="<f4")
+        for row, value in zip(rows.tolist(), values, strict=True):
+            if os.pwrite(self.fd, value.data, self.base + row * self.stride) != value.nbytes:
+                raise OSError(errno.EIO, f"short write into {self.name}")
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), *self.row_shape), dtype="<f4")
+        size = out[0].nbytes if len(rows) else 0
+        for i, row in enumerate(rows.tolist()):
+            out[i] = np.frombuffer(
+                os.pread(self.fd, size, self.base + row * self.stride), "<f4"
+            ).reshape(self.row_shape)
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class RowArrays:
-    """Arrays that read as one: row ``r`` of the whole is a row of the array it falls in
+    """Row files that read as one: row ``r`` of the whole is a row of the file it falls in
     (the features stage's splits, each its own file, in split-CSV order)."""
 
-    def __init__(self, arrays: list[np.ndarray]) -> None:
-        self.arrays = arrays
-        self.starts = np.cumsum([0] + [len(a) for a in arrays])
+    def __init__(self, files: list[NpyRows]) -> None:
+        self.files = files
+        self.starts = np.cumsum([0] + [len(f) for f in files])
 
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def _parts(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def _parts(self, rows: np.ndarray) -> Iterator[tuple[NpyRows, np.ndarray, np.ndarray]]:
         which = np.searchsorted(self.starts, rows, side="right") - 1
-        for i, array in enumerate(self.arrays):
+        for i, file in enumerate(self.files):
             here = np.flatnonzero(which == i)
             if here.size:
-                yield array, here, rows[here] - self.starts[i]
+                yield file, here, rows[here] - self.starts[i]
 
     def put(self, rows: np.ndarray, values: np.ndarray) -> None:
-        for array, here, local in self._parts(np.asarray(rows)):
-            array[local] = values[here]
+        for file, here, local in self._parts(np.asarray(rows)):
+            file.put(local, values[here])
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows)
-        out = np.empty((len(rows), *self.arrays[0].shape[1:]), dtype=np.float32)
-        for array, here, local in self._parts(rows):
-            out[here] = array[local]
+        out = np.empty((len(rows), *self.files[0].row_shape), dtype=np.float32)
+        for file, here, local in self._parts(rows):
+            out[here] = file.take(local)
         return out
 
 

@@ -8,6 +8,7 @@ split-CSV row order: ``<split>.npy`` (N, D) float32, ``train_aug.npy`` (N, V, D)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.config import FeaturesParams, ModelParams, Params, Paths
-from pipeline.data.featurestore import FeatureCache, RowArrays, allocated_array
+from pipeline.data.featurestore import FeatureCache, NpyRows, RowArrays
 from pipeline.data.splits import SPLITS, read_split
 from pipeline.modeling import engines
 from pipeline.modeling.backbones import Backbone, build_backbone
@@ -94,7 +95,7 @@ def cached_embeddings(
 ) -> None:
     """Embeddings for ``rows`` into ``out`` (row for row), computing only the sha256s
     missing from the cache. The cache is read a shard at a time and written into ``out``
-    (memory-mapped): memory holds a shard or a batch, never every embedding."""
+    (files, row by row): memory holds a shard or a batch, never every embedding."""
     codes, shas = pd.factorize(rows["sha256"])  # an image's first row stands for its copies
     first = np.full(len(shas), len(codes), dtype=np.int64)
     np.minimum.at(first, codes, np.arange(len(codes)))
@@ -158,15 +159,21 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
     with (
         disk_full_is_an_error(paths.features, "paths.features"),
         atomic_path(paths.features) as tmp,
+        contextlib.ExitStack() as opened,
     ):
         tmp.mkdir()
-        arrays = [allocated_array(tmp / f"{s}.npy", (len(rows), dim)) for s, rows in splits.items()]
+        files = [
+            opened.enter_context(
+                contextlib.closing(NpyRows.create(tmp / f"{s}.npy", (len(rows), dim)))
+            )
+            for s, rows in splits.items()
+        ]
         cached_embeddings(
             engine,
             runtime,
             everything,
             FeatureCache(paths.memo, cache_key(backbone, engine, "eval")),
-            RowArrays(arrays),
+            RowArrays(files),
             cfg.batch_size,
             eval_geometry(pre),
             stats,
@@ -174,8 +181,9 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
         if cfg.augmented_views:
             aug = train_geometry(pre, cfg.augment)
             shape = (len(splits["train"]), cfg.augmented_views, dim)
-            views = allocated_array(tmp / "train_aug.npy", shape)
-            arrays.append(views)
+            views = opened.enter_context(
+                contextlib.closing(NpyRows.create(tmp / "train_aug.npy", shape))
+            )
             for view in range(cfg.augmented_views):
                 key = cache_key(backbone, engine, f"aug{view}:seed{cfg.seed}:{cfg.augment}")
                 cached_embeddings(
@@ -183,7 +191,7 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
                     runtime,
                     splits["train"],
                     FeatureCache(paths.memo, key),
-                    RowArrays([views[:, view]]),
+                    RowArrays([views.view(view)]),
                     cfg.batch_size,
                     aug,
                     stats,
@@ -191,8 +199,6 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
                     cfg.seed,
                     desc=f"train view {view + 1}",
                 )
-        for array in arrays:
-            array.flush()
         index = {
             "classes": classes,
             "backbone": backbone.name,

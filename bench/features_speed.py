@@ -106,7 +106,8 @@ def main() -> None:
     )
     dataset = ImageDataset(paths, [0] * len(paths), eval_geometry(pre))
     started = time.perf_counter()
-    embed(engine, backbone.feature_dim, dataset, runtime, cfg.batch_size, "stage")
+    out = np.empty((len(paths), backbone.feature_dim), dtype=np.float32)
+    embed(engine, dataset, runtime, cfg.batch_size, "stage", out.__setitem__)
     stage = len(paths) / (time.perf_counter() - started)
     ceiling = forward_only(engine, paths, pre, cfg.batch_size, args.forward_batches)
     result = {

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.data.featurestore import FeatureCache, load_features
+from pipeline.data.featurestore import FeatureCache, NpyRows, load_features
 from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
 from pipeline.modeling import training
@@ -74,9 +74,26 @@ def test_features_stream_the_cache_in_shards_and_fill_copies(tiny_run, monkeypat
         assert np.array_equal(arrays[name], array), name
 
 
-def test_a_features_run_cut_short_keeps_the_embeddings_of_its_whole_shards(
-    tiny_run, monkeypatch
-):
+def test_rows_written_in_place_are_the_file_np_save_writes(tmp_path):
+    rng = np.random.default_rng(0)
+    for shape in [(7, 3, 5), (4, 5), (0, 5)]:
+        array = rng.standard_normal(shape, dtype=np.float32)
+        file = NpyRows.create(tmp_path / "rows.npy", shape)
+        parts = [file.view(v) for v in range(shape[1])] if len(shape) == 3 else [file]
+        for v, part in enumerate(parts):  # rows in any order
+            order = rng.permutation(shape[0])
+            part.put(order, array[order, v] if len(shape) == 3 else array[order])
+            assert np.array_equal(
+                part.take(order), array[order, v] if len(shape) == 3 else array[order]
+            )
+        with pytest.raises(ValueError, match=r"rows of shape \(4,\)"):
+            parts[0].put(np.arange(1), np.zeros((1, 4), np.float32))
+        file.close()
+        np.save(tmp_path / "saved.npy", array)
+        assert (tmp_path / "rows.npy").read_bytes() == (tmp_path / "saved.npy").read_bytes()
+
+
+def test_a_features_run_cut_short_keeps_the_embeddings_of_its_whole_shards(tiny_run, monkeypatch):
     """At a million images the stage embeds for hours: a crash keeps what is done, a
     shard at a time, and the next run computes only the rest."""
     p = tiny_run(features={"batch_size": 4})

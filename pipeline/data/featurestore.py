@@ -88,6 +88,19 @@ def save_array(path: Path, array: np.ndarray) -> None:
         raise
 
 
+def reserve(fd: int, size: int) -> None:
+    """The file's blocks, up to ``size`` bytes, taken now where the system can
+    (``posix_fallocate``); elsewhere (macOS, a filesystem that refuses it) its size only."""
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+    os.ftruncate(fd, size)
+
+
 class NpyRows:
     """Rows of a float32 ``.npy`` file, written and read in place (``pwrite``/``pread``),
     not through a mapping: a mapped file's written pages count as the process's memory
@@ -102,6 +115,7 @@ class NpyRows:
     def create(cls, path: Path, shape: tuple[int, ...]) -> NpyRows:
         """A new file of ``shape``, its blocks reserved first: a full disk is an ENOSPC
         here, not a failure halfway."""
+        shape = tuple(int(n) for n in shape)  # the header holds their repr
         with open(path, "wb") as fh:
             header = {"descr": "<f4", "fortran_order": False, "shape": shape}
             np.lib.format.write_array_header_1_0(fh, header)
@@ -109,7 +123,7 @@ class NpyRows:
         stride = int(np.prod(shape[1:], dtype=np.int64)) * 4
         fd = os.open(path, os.O_RDWR)
         try:
-            os.posix_fallocate(fd, 0, base + shape[0] * stride)
+            reserve(fd, base + shape[0] * stride)
         except OSError:
             os.close(fd)
             raise
@@ -125,6 +139,8 @@ class NpyRows:
 
     def put(self, rows: np.ndarray, values: np.ndarray) -> None:
         values = np.ascontiguousarray(values, dtype="<f4")
+        if values.shape[1:] != self.row_shape:
+            raise ValueError(f"rows of shape {values.shape[1:]} for {self.name}'s {self.row_shape}")
         for row, value in zip(rows.tolist(), values, strict=True):
             if os.pwrite(self.fd, value.data, self.base + row * self.stride) != value.nbytes:
                 raise OSError(errno.EIO, f"short write into {self.name}")

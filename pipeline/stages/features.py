@@ -132,8 +132,9 @@ def cached_embeddings(
         stats.add(len(todo), time.perf_counter() - started)
         keep(len(todo))
     copies = np.flatnonzero(first[codes] != np.arange(len(codes)))
-    if len(copies):
-        out.put(copies, out.take(first[codes[copies]]))
+    for start in range(0, len(copies), cache.shard_rows):
+        part = copies[start : start + cache.shard_rows]
+        out.put(part, out.take(first[codes[part]]))
 
 
 def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) -> dict:
@@ -168,6 +169,11 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
             )
             for s, rows in splits.items()
         ]
+        if cfg.augmented_views:  # every file reserved before any work: a full disk fails now
+            shape = (len(splits["train"]), cfg.augmented_views, dim)
+            views = opened.enter_context(
+                contextlib.closing(NpyRows.create(tmp / "train_aug.npy", shape))
+            )
         cached_embeddings(
             engine,
             runtime,
@@ -180,10 +186,6 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
         )
         if cfg.augmented_views:
             aug = train_geometry(pre, cfg.augment)
-            shape = (len(splits["train"]), cfg.augmented_views, dim)
-            views = opened.enter_context(
-                contextlib.closing(NpyRows.create(tmp / "train_aug.npy", shape))
-            )
             for view in range(cfg.augmented_views):
                 key = cache_key(backbone, engine, f"aug{view}:seed{cfg.seed}:{cfg.augment}")
                 cached_embeddings(

@@ -37,8 +37,6 @@ from pipeline.modeling.backbones import build_backbone  # noqa: E402
 from pipeline.modeling.runtime import resolve  # noqa: E402
 from pipeline.stages.features import cache_key  # noqa: E402
 
-CHUNK = 32_768  # embeddings generated and cached at a time
-
 
 def write_splits(workspace: Path, images: int) -> list[str]:
     """Split CSVs of ``images`` rows; returns their sha256s in row order."""
@@ -72,8 +70,8 @@ def cache_everything(workspace: Path, shas: list[str]) -> None:
     )
     cache = FeatureCache(workspace / params.paths.memo, cache_key(backbone, engine, "eval"))
     rng = np.random.default_rng(0)
-    for start in range(0, len(shas), CHUNK):
-        part = shas[start : start + CHUNK]
+    for start in range(0, len(shas), cache.shard_rows):  # a shard's embeddings in memory
+        part = shas[start : start + cache.shard_rows]
         cache.add(part, rng.standard_normal((len(part), backbone.feature_dim), np.float32))
 
 

@@ -62,6 +62,7 @@ class Paths:
     checkpoints: Path
     calibration: Path
     accepted_classes: Path
+    data_issues: Path
     champion_images: Path
     head_curves: Path
     finetune_curves: Path
@@ -284,6 +285,20 @@ class FeaturesParams:
 
 
 @dataclass(frozen=True)
+class DataIssuesParams:
+    """Advice on the data from the cached embeddings (docs/data-issues.md)."""
+
+    folds: Annotated[
+        int, Interval(ge=2, le=20)
+    ]  # each image scored by a probe trained on the others
+    seed: Seed
+    neighbours: AtLeastOne  # outliers: mean cosine distance to this many nearest images
+    outlier_fence: Positive  # flagged beyond Q3 + fence x IQR of that distance
+    near_duplicate_similarity: Annotated[float, Interval(gt=0, le=1)]  # cosine, different labels
+    confused_pairs: Count  # class pairs listed
+
+
+@dataclass(frozen=True)
 class HeadParams:
     """A head trained on cached features: ``mlp`` (the seed's) or ``linear``."""
 
@@ -403,6 +418,7 @@ class ReportParams:
     confused_pairs: Count  # most-confused class pairs shown with examples
     examples_per_pair: Count  # misclassified test images shown per pair
     max_listed_files: AtLeastOne  # quarantined files / leaks listed; the rest are counted
+    data_issues_shown: Count  # likeliest data issues of each kind shown as thumbnails
 
 
 @dataclass(frozen=True)
@@ -464,6 +480,7 @@ class Params:
     split: SplitParams
     model: ModelParams
     features: FeaturesParams
+    data_issues: DataIssuesParams
     head: HeadParams
     finetune: FinetuneParams
     evaluate: EvaluateParams

@@ -38,7 +38,7 @@ def test_repo_params_load_into_typed_values():
 def test_the_stages_package_and_dvc_yaml_name_the_same_stages():
     """One module per dvc.yaml stage, each run by ``bin/stage <name>`` (issue #17)."""
     assert sorted(dvc_yaml()["stages"]) == list(stages.names())
-    assert len(STAGES) == 12
+    assert len(STAGES) == 13
     for name, stage in dvc_yaml()["stages"].items():
         assert stage["cmd"] == f"bin/stage {name}"
 

@@ -57,3 +57,14 @@ def test_before_promote_runs_the_summary_has_no_decision(tmp_path):
     text = summary(tmp_path)
     assert "##" not in text and "promoted" not in text
     assert "validate decoded 10 files" in text
+
+
+def test_the_summary_counts_the_data_issues(tmp_path):
+    write_metrics(tmp_path, PROMOTED)
+    found = {"images": 6935, "label_errors": 41, "outliers": 1, "near_duplicate_pairs": 23}
+    (tmp_path / "metrics" / "data_issues.json").write_text(json.dumps(found))
+    text = summary(tmp_path)
+    assert (
+        "| data issues (advice) | 41 likely label errors, 23 near-duplicate pairs, 1 outlier "
+        "among 6,935 train and val images |" in text
+    )

@@ -17,6 +17,7 @@ METRIC_STAGES = (
     "validate",
     "split",
     "features",
+    "data_issues",
     "train_head",
     "finetune",
     "evaluate",
@@ -38,6 +39,8 @@ def headline(metrics: dict[str, dict]) -> list[tuple[str, str]]:
         rows.append(("images used", f"{validated['images']:,} in {validated['classes']} classes"))
         # undecodable files, plus the rows and files a labels table set aside
         rows.append(("quarantined", f"{validated['quarantined']:,}"))
+    if metrics["data_issues"]:
+        rows.append(("data issues (advice)", data_issue_counts(metrics["data_issues"])))
     for name, label in MODELS.items():
         if name in evaluation:
             rows.append((f"test top-1, {label}", f"{evaluation[name]['top1']:.4f}"))
@@ -174,6 +177,18 @@ def data_work(metrics: dict[str, dict]) -> list[str]:
             f"({embedded.get('reused', 0):,} embeddings reused)"
         )
     return lines
+
+
+def data_issue_counts(found: dict) -> str:
+    """data_issues' headline: what it found, in words ("12 likely label errors, …")."""
+    counts = (
+        (found.get("label_errors", 0), "likely label error", "likely label errors"),
+        (found.get("near_duplicate_pairs", 0), "near-duplicate pair", "near-duplicate pairs"),
+        (found.get("outliers", 0), "outlier", "outliers"),
+    )
+    return ", ".join(f"{n:,} {one if n == 1 else many}" for n, one, many in counts) + (
+        f" among {found['images']:,} train and val images" if "images" in found else ""
+    )
 
 
 def headline_markdown(paths: Paths) -> str:

@@ -126,6 +126,56 @@ def data_section(
     }
 
 
+def _under(path: str, root: Path) -> str:
+    """``path`` relative to ``root`` where it lies under it (a raw image by its class)."""
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return path
+
+
+ISSUE_NAMES = {
+    "label_error": "likely label error",
+    "near_duplicate": "near-duplicate",
+    "outlier": "outlier",
+}
+
+
+def issues_section(paths: Paths, cfg: ReportParams, found: dict) -> dict:
+    """data_issues' advice: the counts, the likeliest issues of each kind as thumbnails
+    (given label, suggested label, score), and the class pairs the data confuses."""
+    table = read_csv(paths.data_issues)
+    shown = []
+    if len(table):
+        table = table.astype({"given": str, "suggested": str, "related": str})
+        for issue, rows in table.groupby("issue", sort=False):
+            if issue == "near_duplicate":  # a pair is two rows of the table, one here
+                rows = rows[rows["path"] < rows["related"]]
+            for r in rows.head(cfg.data_issues_shown).itertuples(index=False):
+                shown.append(
+                    {
+                        "src": thumbnail(r.path, cfg.thumbnail_px),
+                        "issue": ISSUE_NAMES.get(str(issue), str(issue)),
+                        "given": r.given,
+                        "suggested": r.suggested,
+                        "score": float(r.score),
+                        "name": str(r.source_path),
+                        "related": _under(r.related, paths.raw) if r.related else "",
+                        "related_src": thumbnail(r.related, cfg.thumbnail_px) if r.related else "",
+                    }
+                )
+    return {
+        "found": found,
+        "counts": {
+            name: int((table["issue"] == issue).sum()) if len(table) else 0
+            for issue, name in ISSUE_NAMES.items()
+        },
+        "shown": shown,
+        "table": os.path.relpath(paths.data_issues, paths.report.parent),
+        "pairs": found.get("confused_pairs", []),
+    }
+
+
 def split_section(split_rows: dict[str, pd.DataFrame], summary: dict, cfg: ReportParams) -> dict:
     """Counts per split and class, and a leakage check: no image's bytes in two splits."""
     frames = [rows.assign(split=name) for name, rows in split_rows.items()]
@@ -447,6 +497,7 @@ def build(params: Params) -> str:
             "data_work": data_work(metrics),
             "data": data_section(paths, cfg, metrics, split_rows),
             "split": split_section(split_rows, metrics["split"], cfg),
+            "issues": issues_section(paths, cfg, metrics["data_issues"]),
             "changes": changes_section(paths),
             "training": training_section(paths, metrics),
             "results": results_section(paths, cfg, metrics["evaluate"], split_rows),

@@ -74,6 +74,9 @@ CALIBRATIONS = Kind("calibration", 8, redo="calibrating again")
 ONNX_OUTPUTS = Kind("onnx_outputs", 16, redo="running the backbone part again")
 # Built backbones' state dicts: 13-30 MB each for the registry's backbones.
 BACKBONE_STATES = Kind("backbone_states", 4, redo="building the backbone again")
+# What data_issues found, by the images' sha256s and labels, the embedding and its settings
+# (under 100 kB for Caltech-101): the current data and the last 3.
+DATA_ISSUES = Kind("data_issues", 4, ".json", redo="finding them again")
 
 KINDS = (
     FEATURES,
@@ -84,6 +87,7 @@ KINDS = (
     CALIBRATIONS,
     ONNX_OUTPUTS,
     BACKBONE_STATES,
+    DATA_ISSUES,
 )
 
 

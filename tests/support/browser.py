@@ -100,7 +100,16 @@ def open_page(html: Path, profile: Path) -> Iterator[Visit]:
 
 
 # The run report's sections, in page order.
-SECTIONS = ["Data", "Split", "Since the champion", "Training", "Results", "Export", "Provenance"]
+SECTIONS = [
+    "Data",
+    "Split",
+    "Data issues",
+    "Since the champion",
+    "Training",
+    "Results",
+    "Export",
+    "Provenance",
+]
 
 
 def section_headings(page) -> list[str]:

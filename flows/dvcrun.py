@@ -61,13 +61,16 @@ class DvcStage:
 
 
 def dvc_stages(workspace: Path) -> list[DvcStage]:
-    """The stages of dvc.yaml in dependency order, from DVC's own graph."""
+    """The stages of dvc.yaml in dependency order, from DVC's own graph; among the stages
+    the graph leaves free, in dvc.yaml's order, so a CPU stage listed after the GPU ones
+    (data_issues) does not split the GPU pool's run in two."""
     import networkx as nx
     from dvc.repo import Repo
 
     root = workspace.resolve()
     with Repo(str(workspace)) as repo:
         graph = repo.index.graph  # edges point from a stage to what it depends on
+        listed = {stage.addressing: n for n, stage in enumerate(repo.index.stages)}
         return [
             DvcStage(
                 stage.addressing,
@@ -83,7 +86,9 @@ def dvc_stages(workspace: Path) -> list[DvcStage]:
                     if out.use_cache
                 ),
             )
-            for stage in nx.topological_sort(graph.reverse(copy=True))
+            for stage in nx.lexicographical_topological_sort(
+                graph.reverse(copy=True), key=lambda stage: listed[stage.addressing]
+            )
         ]
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from pipeline.reporting import scoring
 from pipeline.reporting.headline import headline_markdown
-from pipeline.stages import report
+from pipeline.stages import data_issues, report
 from pipeline.system.fsutil import sha256_file
 from tests.support.browser import SECTIONS, open_page, section_headings
 from tests.support.images import noise_image
@@ -224,10 +224,25 @@ def test_headline_table_is_the_flow_artifact(finished_run):
     assert "| CPU latency, batch 1, 2 threads | 4.0 ms (int8 2.6 ms) |" in table
 
 
+def plant_a_label_error(root: Path) -> str:
+    """The features' index, and one cat training image's embedding moved onto the dog
+    images': the path data_issues should report as cat, suggested dog."""
+    index = {"classes": sorted(CLASSES), "backbone": "b", "weights": "w", "engine": "e"}
+    (root / "data/features/index.json").write_text(json.dumps(index))
+    x = np.load(root / "data/features/train.npy")
+    rows = pd.read_csv(root / "data/splits/train.csv", dtype=str)
+    moved = int(np.flatnonzero(rows["label"] == "cat")[0])
+    x[moved] = x[(rows["label"] == "dog").to_numpy()].mean(axis=0)
+    np.save(root / "data/features/train.npy", x)
+    return rows["path"][moved]
+
+
 def test_report_in_chromium(finished_run, tmp_path):
     params, evaluation = finished_run
     write_champion_and_features(Path.cwd())
     Path("metrics/promote.json").write_text(json.dumps(KEPT))
+    moved = plant_a_label_error(Path.cwd())
+    found = data_issues.main(params)
     report.run(params)
     with open_page(params.paths.report, tmp_path / "profile") as visit:
         page = visit.page
@@ -262,6 +277,17 @@ def test_report_in_chromium(finished_run, tmp_path):
         assert page.locator("#changes-table tbody tr").first.inner_text().startswith("cat")
         page.locator("#changes-table th", has_text="removed").click()  # ascending: cat's 3 last
         assert page.locator("#changes-table tbody tr").last.inner_text().startswith("cat")
+        # data_issues' advice: the planted error first, with its thumbnail, filterable by kind.
+        issues = page.locator("#issues-table tbody tr")
+        assert found["label_errors"] >= 1 and issues.count() >= found["label_errors"]
+        first = issues.first.locator("td").all_inner_texts()
+        assert first[1:4] == ["likely label error", "cat", "dog"]
+        assert Path(moved).name in first[5]
+        assert issues.first.locator("img").count() == 1
+        page.locator("input[data-filter=issues-table]").fill("likely label")
+        assert page.locator("#issues-table tbody tr:visible").count() == found["label_errors"]
+        page.locator("input[data-filter=issues-table]").fill("no such issue")
+        assert page.locator("#issues-table tbody tr:visible").count() == 0
 
         shot = tmp_path / "report.png"
         page.screenshot(path=str(shot), full_page=True)

@@ -27,7 +27,7 @@ import pandas as pd
 
 from pipeline.config import DataIssuesParams, Params, Paths
 from pipeline.data import issues
-from pipeline.data.featurestore import load_features
+from pipeline.data.featurestore import labelled, load_features
 from pipeline.data.splits import read_split
 from pipeline.errors import DataError
 from pipeline.system import memo
@@ -47,40 +47,39 @@ COLUMNS = [
     "source_path",
     "related",
 ]
-ISSUES = ("label_error", "near_duplicate", "outlier")  # the order of the table
 
 
-def find(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: DataIssuesParams) -> dict:
-    """Everything found in the embeddings ``x`` (one row per image) with labels ``y``, by
-    row number: plain lists, as kept in the memo."""
+def find(
+    x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int, cfg: DataIssuesParams
+) -> dict:
+    """Everything found in the embeddings ``x`` (one row per image) with labels ``y`` and
+    copies marked by ``groups``, by row number: plain lists, as kept in the memo."""
     unit = issues.unit_rows(x)
-    probs = issues.out_of_fold_probabilities(
-        issues.principal_axes(unit), y, n_classes, cfg.folds, cfg.seed
+    oof = issues.out_of_fold_probabilities(
+        issues.principal_axes(unit), y, groups, n_classes, cfg.folds, cfg.seed
     )
-    found = issues.label_issues(probs, y)
-    index, similarity = issues.nearest_neighbours(unit, cfg.neighbours)
-    far, distance = issues.outliers(similarity, cfg.outlier_fence)
-    predicted = probs.argmax(axis=1)
+    found = issues.label_issues(oof, y)
+    near = issues.neighbourhood(unit, y, cfg.neighbours, cfg.near_duplicate_similarity)
+    far, distance = issues.outliers(near.similarity, cfg.outlier_fence)
+    predicted = oof.probs.argmax(axis=1)
+    judged = oof.judged
     return {
         "label_error": [
-            [int(r), round(float(s), 4), int(c)]
+            [int(r), float(s), int(c)]
             for r, s, c in zip(found.rows, found.score, found.suggested, strict=True)
         ],
         "outlier": [
-            [int(r), round(float(d), 4), int(predicted[r])]
-            for r, d in zip(far, distance, strict=True)
+            [int(r), float(d), int(predicted[r])] for r, d in zip(far, distance, strict=True)
         ],
-        "near_duplicate": [
-            [i, j, round(s, 4)]
-            for i, j, s in issues.near_duplicates(
-                index, similarity, y, cfg.near_duplicate_similarity
-            )
-        ],
+        "near_duplicate": [[i, j, s] for i, j, s in near.near_duplicates],
         "confused_pairs": [
-            [a, b, n, round(share, 4)]
-            for a, b, n, share in issues.confused_classes(probs, y, cfg.confused_pairs)
+            list(pair)
+            for pair in issues.confused_classes(oof.probs[judged], y[judged], cfg.confused_pairs)
         ],
-        "out_of_fold_top1": round(float((predicted == y).mean()), 4),
+        "not_judged": sorted({int(c) for c in y[~judged]}),
+        "out_of_fold_top1": round(float((predicted[judged] == y[judged]).mean()), 4)
+        if judged.any()
+        else None,
     }
 
 
@@ -155,6 +154,8 @@ def summary(found: dict, classes: list[str], images: int) -> dict:
         "near_duplicate_pairs": len(found["near_duplicate"]),
         "images_flagged": len(flagged),
         "out_of_fold_top1": found["out_of_fold_top1"],
+        # classes with too few train and val images for a probe to judge their labels
+        "not_judged": [classes[c] for c in found["not_judged"]],
         "confused_pairs": [
             {"classes": [classes[a], classes[b]], "images": n, "share": share}
             for a, b, n, share in found["confused_pairs"]
@@ -163,27 +164,39 @@ def summary(found: dict, classes: list[str], images: int) -> dict:
 
 
 def scored_rows(paths: Paths) -> pd.DataFrame:
+    """The train and val images (path, label, sha256, split), in the features' row order."""
     frames = [read_split(paths, split).assign(split=split) for split in SCORED]
     return pd.concat(frames, ignore_index=True)
+
+
+def embeddings(
+    paths: Paths, arrays: dict[str, np.ndarray], classes: list[str], rows: pd.DataFrame
+) -> tuple[np.ndarray, np.ndarray]:
+    """The scored images' embeddings and class numbers; a row that is not a finite
+    embedding fails naming its image (it would make every probability NaN)."""
+    parts = [labelled(paths, arrays, classes, split) for split in SCORED]
+    x = np.concatenate([np.asarray(part.x) for part in parts])
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if len(bad):
+        names = ", ".join(rows["path"].iloc[bad[:5]])
+        raise DataError(
+            f"{paths.features}: {len(bad)} embeddings are not finite ({names}): "
+            "run the features stage again (dvc repro -f features)"
+        )
+    return x, np.concatenate([part.y for part in parts])
 
 
 def run(paths: Paths, cfg: DataIssuesParams) -> dict:
     started = time.perf_counter()
     arrays, index = load_features(paths)
-    classes = index["classes"]
-    rows = scored_rows(paths)
-    lookup = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(rows["label"]) - set(lookup))
-    if unknown:
-        raise DataError(f"{paths.splits}: classes not in {paths.features}/index.json: {unknown}")
-    y = rows["label"].map(lookup).to_numpy(dtype=np.int64)
-
+    classes, rows = index["classes"], scored_rows(paths)
     store, key = memo.Store(paths.memo, memo.DATA_ISSUES), memo_key(index, rows, cfg)
     found = store.get(key, lambda p: json.loads(p.read_text(encoding="utf-8")))
     reused = found is not None
     if found is None:
-        x = np.concatenate([np.asarray(arrays[split]) for split in SCORED])
-        found = find(x, y, len(classes), cfg)
+        x, y = embeddings(paths, arrays, classes, rows)
+        groups = pd.factorize(rows["sha256"])[0]
+        found = find(x, y, groups, len(classes), cfg)
         store.put(key, lambda tmp: Path(tmp).write_text(json.dumps(found), encoding="utf-8"))
 
     table = issue_rows(paths, rows, classes, found)

@@ -29,6 +29,7 @@ from markupsafe import Markup
 
 from pipeline.config import Params, Paths, ReportParams
 from pipeline.data.images import load_rgb
+from pipeline.data.issues import ISSUES
 from pipeline.data.splits import SPLITS, read_split
 from pipeline.errors import DataError
 from pipeline.reporting import changes, charts, scoring
@@ -126,52 +127,36 @@ def data_section(
     }
 
 
-def _under(path: str, root: Path) -> str:
-    """``path`` relative to ``root`` where it lies under it (a raw image by its class)."""
-    try:
-        return Path(path).relative_to(root).as_posix()
-    except ValueError:
-        return path
-
-
-ISSUE_NAMES = {
-    "label_error": "likely label error",
-    "near_duplicate": "near-duplicate",
-    "outlier": "outlier",
-}
-
-
 def issues_section(paths: Paths, cfg: ReportParams, found: dict) -> dict:
-    """data_issues' advice: the counts, the likeliest issues of each kind as thumbnails
-    (given label, suggested label, score), and the class pairs the data confuses."""
-    table = read_csv(paths.data_issues)
+    """data_issues' advice: the likeliest issues of each kind as thumbnails (a near-duplicate
+    pair side by side; given label, suggested label, score), and the class pairs the data
+    confuses; the counts are ``found``'s (``metrics/data_issues.json``)."""
+    try:
+        table = pd.read_csv(paths.data_issues, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.EmptyDataError):
+        table = pd.DataFrame(columns=["path", "issue", "related", "source_path"])
+    source_of = dict(zip(table["path"], table["source_path"], strict=True))
     shown = []
-    if len(table):
-        table = table.astype({"given": str, "suggested": str, "related": str})
-        for issue, rows in table.groupby("issue", sort=False):
-            if issue == "near_duplicate":  # a pair is two rows of the table, one here
-                rows = rows[rows["path"] < rows["related"]]
-            for r in rows.head(cfg.data_issues_shown).itertuples(index=False):
-                shown.append(
-                    {
-                        "src": thumbnail(r.path, cfg.thumbnail_px),
-                        "issue": ISSUE_NAMES.get(str(issue), str(issue)),
-                        "given": r.given,
-                        "suggested": r.suggested,
-                        "score": float(r.score),
-                        "name": str(r.source_path),
-                        "related": _under(r.related, paths.raw) if r.related else "",
-                        "related_src": thumbnail(r.related, cfg.thumbnail_px) if r.related else "",
-                    }
-                )
+    for issue, rows in table.groupby("issue", sort=False):
+        if issue == "near_duplicate":  # a pair is two rows of the table, one here
+            rows = rows[rows["path"] < rows["related"]]
+        for r in rows.head(cfg.data_issues_shown).itertuples(index=False):
+            shown.append(
+                {
+                    "src": thumbnail(r.path, cfg.thumbnail_px),
+                    "issue": ISSUES.get(issue, issue),
+                    "given": r.given,
+                    "suggested": r.suggested,
+                    "score": float(r.score),
+                    "name": r.source_path,
+                    "related": source_of.get(r.related, r.related),
+                    "related_src": thumbnail(r.related, cfg.thumbnail_px) if r.related else "",
+                }
+            )
     return {
         "found": found,
-        "counts": {
-            name: int((table["issue"] == issue).sum()) if len(table) else 0
-            for issue, name in ISSUE_NAMES.items()
-        },
         "shown": shown,
-        "table": os.path.relpath(paths.data_issues, paths.report.parent),
+        "table": paths.data_issues.as_posix(),
         "pairs": found.get("confused_pairs", []),
     }
 

@@ -113,9 +113,10 @@ def cleanlab_comparison(repo: Path, truth: dict[str, str]) -> dict | None:
     y = rows["label"].map(lookup).to_numpy()
     x = np.concatenate([np.load(features / f"{s}.npy") for s in ("train", "val")])
     cfg = params.data_issues
+    groups = pd.factorize(rows["sha256"])[0]
     probs = issues.out_of_fold_probabilities(
-        issues.principal_axes(issues.unit_rows(x)), y, len(lookup), cfg.folds, cfg.seed
-    )
+        issues.principal_axes(issues.unit_rows(x)), y, groups, len(lookup), cfg.folds, cfg.seed
+    ).probs
     out = {}
     for method in ("low_self_confidence", "prune_by_noise_rate"):
         found = find_label_issues(

@@ -8,8 +8,9 @@ names it by, so the rows a person agrees with become a relabelling table) and
 ``metrics/data_issues.json`` (the counts and the confused pairs), shown in the report and
 the Prefect summary. Nothing is dropped or relabelled: it is advice (docs/data-issues.md).
 
-What it finds is kept in the memo under the images' sha256s, labels, the embeddings'
-backbone and engine, and these settings, so a rerun over the same data computes nothing.
+What it finds is kept in the memo under the images' sha256s and labels, the embeddings'
+backbone and engine, these settings and the code that finds it, so a rerun over the same
+data computes nothing.
 """
 
 from __future__ import annotations

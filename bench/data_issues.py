@@ -15,6 +15,7 @@ out-of-fold probabilities, for comparison (not a dependency of the pipeline).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -31,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_params  # noqa: E402
 from pipeline.data import issues  # noqa: E402
+from pipeline.data.featurestore import load_features  # noqa: E402
+from pipeline.stages import data_issues  # noqa: E402
 from pipeline.system.cpu import cpu_info  # noqa: E402
 from tests.support.project import copy_project, set_params  # noqa: E402
 
@@ -87,36 +90,36 @@ def run_project(repo: Path, folder: Path, table: pd.DataFrame, memo: Path) -> fl
     return round(log["startup_seconds"] + log["seconds"], 2)  # the process's start, its work
 
 
-def scored_truth(repo: Path, truth: dict[str, str]) -> dict[str, str]:
-    """The flipped images that landed in train or val, by source path."""
-    label_rows = pd.read_csv(repo / "data" / "label_rows.csv", keep_default_na=False)
-    source_of = dict(zip("data/raw/" + label_rows["raw"], label_rows["path"], strict=True))
-    scored = pd.concat(pd.read_csv(repo / "data" / "splits" / f"{s}.csv") for s in ("train", "val"))
-    sources = set(scored["path"].map(source_of))
-    return {p: t for p, t in truth.items() if p in sources}
+def scored_rows(repo: Path) -> pd.DataFrame:
+    """The stage's own train and val rows of ``repo``, in the features' order, each with
+    the path the labels table names it by (``source``)."""
+    with contextlib.chdir(repo):
+        paths = load_params().paths
+        rows = data_issues.scored_rows(paths)
+        return rows.assign(source=data_issues.source_paths(paths, rows).to_numpy())
 
 
-def cleanlab_comparison(repo: Path, truth: dict[str, str]) -> dict | None:
+def cleanlab_comparison(repo: Path, rows: pd.DataFrame, truth: dict[str, str]) -> dict | None:
     """cleanlab's find_label_issues on the stage's own out-of-fold probabilities."""
     try:
         from cleanlab.filter import find_label_issues
     except ImportError:
         return None
-    params = load_params(repo / "params.yaml")
-    features = repo / "data" / "features"
-    index = json.loads((features / "index.json").read_text())
-    lookup = {c: i for i, c in enumerate(index["classes"])}
-    rows = pd.concat(pd.read_csv(repo / "data" / "splits" / f"{s}.csv") for s in ("train", "val"))
-    label_rows = pd.read_csv(repo / "data" / "label_rows.csv", keep_default_na=False)
-    source_of = dict(zip("data/raw/" + label_rows["raw"], label_rows["path"], strict=True))
-    sources = rows["path"].map(source_of).to_numpy()
-    y = rows["label"].map(lookup).to_numpy()
-    x = np.concatenate([np.load(features / f"{s}.npy") for s in ("train", "val")])
+    with contextlib.chdir(repo):
+        params = load_params()
+        arrays, index = load_features(params.paths)
+        x, y = data_issues.embeddings(params.paths, arrays, index["classes"], rows)
     cfg = params.data_issues
     groups = pd.factorize(rows["sha256"])[0]
     probs = issues.out_of_fold_probabilities(
-        issues.principal_axes(issues.unit_rows(x)), y, groups, len(lookup), cfg.folds, cfg.seed
+        issues.principal_axes(issues.unit_rows(x)),
+        y,
+        groups,
+        len(index["classes"]),
+        cfg.folds,
+        cfg.seed,
     ).probs
+    sources = rows["source"].to_numpy()
     out = {}
     for method in ("low_self_confidence", "prune_by_noise_rate"):
         found = find_label_issues(
@@ -181,7 +184,9 @@ def main() -> None:
             "confused_pairs": summary["confused_pairs"][:5],
         }
         if name == "flipped":
-            scored = scored_truth(repo, truth)
+            rows = scored_rows(repo)
+            sources = set(rows["source"])
+            scored = {p: t for p, t in truth.items() if p in sources}  # flips in train or val
             result["flipped_scored"] = len(scored)
             result.update(precision_recall(list(errors["source_path"]), scored))
             suggested = dict(zip(errors["source_path"], errors["suggested"], strict=True))
@@ -189,7 +194,7 @@ def main() -> None:
             result["suggested_is_true"] = round(
                 sum(suggested[p] == scored[p] for p in found_flips) / max(len(found_flips), 1), 4
             )
-            result["cleanlab"] = cleanlab_comparison(repo, scored)
+            result["cleanlab"] = cleanlab_comparison(repo, rows, scored)
         else:
             top = errors.head(20)
             contact_sheet(folder, top, args.root / "top20.jpg")

@@ -11,10 +11,8 @@ Prints JSON. The S3 server and the clone live under ``--root`` (emptied first).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -25,7 +23,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.dvc_overhead import stage_logs  # noqa: E402
-from bench.retrain_growth import generate, hold_back, metric, put_back, repro, timed_run  # noqa: E402
+from bench.retrain_growth import (  # noqa: E402
+    emptied,
+    generate,
+    growth_parser,
+    hold_back,
+    metric,
+    put_back,
+    repro,
+    timed_run,
+)
 from pipeline.system.cpu import cpu_info  # noqa: E402
 from tests.support.project import copy_project, git, set_params, tool_env  # noqa: E402
 from tests.support.s3 import s3_server  # noqa: E402
@@ -60,16 +67,8 @@ def peaks(repo: Path, stages: list[str]) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, required=True, help="a folder to work in (emptied)")
-    parser.add_argument("--images", type=int, default=10_000)
-    parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--side", type=int, default=48, help="generated images' height, px")
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
-    if args.root.exists():
-        shutil.rmtree(args.root)
-    args.root.mkdir(parents=True)
+    args = growth_parser(__doc__, images=10_000).parse_args()
+    emptied(args.root)
     images, held, repo = args.root / "images", args.root / "held", args.root / "repo"
     cores = os.cpu_count() or 1
     results: dict = {"cpu": cpu_info().model, "cores": cores, "images": args.images}

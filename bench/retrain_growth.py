@@ -118,19 +118,31 @@ def metric(repo: Path, stage: str, key: str):
     return json.loads((repo / "metrics" / f"{stage}.json").read_text()).get(key)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def growth_parser(doc: str, images: int) -> argparse.ArgumentParser:
+    """The options of a benchmark on ``--images`` generated images in a fresh ``--root``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--root", type=Path, required=True, help="a folder to work in (emptied)")
-    parser.add_argument("--images", type=int, default=100_000)
+    parser.add_argument("--images", type=int, default=images)
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--side", type=int, default=48, help="generated images' height, px")
+    parser.add_argument("--repeat", type=int, default=3)
+    return parser
+
+
+def emptied(root: Path) -> Path:
+    """``root``, made anew and empty: a benchmark starts from nothing."""
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    return root
+
+
+def main() -> None:
+    parser = growth_parser(__doc__, images=100_000)
     parser.add_argument("--folder", type=Path, help="class folders to copy instead of generating")
     parser.add_argument("--through", default="features", choices=DATA_STAGES[1:])
-    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    if args.root.exists():
-        shutil.rmtree(args.root)
-    args.root.mkdir(parents=True)
+    emptied(args.root)
     images, held, repo = args.root / "images", args.root / "held", args.root / "repo"
     results: dict = {"cpu": cpu_info().model, "cores": os.cpu_count(), "through": args.through}
 

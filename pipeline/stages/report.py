@@ -53,10 +53,11 @@ RESULT_METRICS = (
 )
 
 
-def read_csv(path: Path) -> pd.DataFrame:
-    """A table an earlier stage wrote, as strings and numbers; empty when it is missing."""
+def read_csv(path: Path, dtype: type | None = None) -> pd.DataFrame:
+    """A table an earlier stage wrote, as strings and numbers (or all as ``dtype``); empty
+    when it is missing."""
     try:
-        return pd.read_csv(path, keep_default_na=False)
+        return pd.read_csv(path, dtype=dtype, keep_default_na=False)
     except (OSError, ValueError, pd.errors.EmptyDataError):
         return pd.DataFrame()
 
@@ -131,13 +132,10 @@ def issues_section(paths: Paths, cfg: ReportParams, found: dict) -> dict:
     """data_issues' advice: the likeliest issues of each kind as thumbnails (a near-duplicate
     pair side by side; given label, suggested label, score), and the class pairs the data
     confuses; the counts are ``found``'s (``metrics/data_issues.json``)."""
-    try:
-        table = pd.read_csv(paths.data_issues, dtype=str, keep_default_na=False)
-    except (OSError, ValueError, pd.errors.EmptyDataError):
-        table = pd.DataFrame(columns=["path", "issue", "related", "source_path"])
-    source_of = dict(zip(table["path"], table["source_path"], strict=True))
+    table = read_csv(paths.data_issues, dtype=str)
     shown = []
-    for issue, rows in table.groupby("issue", sort=False):
+    source_of = dict(zip(table.get("path", ()), table.get("source_path", ()), strict=True))
+    for issue, rows in table.groupby("issue", sort=False) if "issue" in table else ():
         if issue == "near_duplicate":  # a pair is two rows of the table, one here
             rows = rows[rows["path"] < rows["related"]]
         for r in rows.head(cfg.data_issues_shown).itertuples(index=False):

@@ -105,6 +105,12 @@ def main() -> None:
         results["dvc_cache_files"] = sum(
             1 for p in (repo / ".dvc" / "cache").rglob("*") if p.is_file()
         )
+        results["disk_bytes"] = {
+            "source": results["image_bytes"],
+            "workspace_raw": folder_bytes(repo / "data" / "raw"),
+            "dvc_cache": folder_bytes(repo / ".dvc" / "cache"),
+        }
+        results["store"] = metric(repo, "download", "store")
 
         git(repo, "add", "-A")
         git(repo, "commit", "-qm", "first run")
@@ -120,6 +126,7 @@ def main() -> None:
         grown = timed_run(repo, THROUGH)
         grown["peak_rss_mb"] = peaks(repo, grown["stages_ran"])
         grown["of_first_wall"] = round(grown["wall_s"] / first["wall_s"], 3)
+        grown["store"] = metric(repo, "download", "store")
         results["plus_1pct"] = grown
         git(repo, "add", "-A")
         git(repo, "commit", "-qm", "+1%", "--allow-empty")

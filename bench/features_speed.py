@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_params  # noqa: E402
 from pipeline.data.images import load_rgb  # noqa: E402
+from pipeline.data.rawstore import RawStore  # noqa: E402
 from pipeline.data.splits import read_split  # noqa: E402
 from pipeline.modeling import engines  # noqa: E402
 from pipeline.modeling.backbones import build_backbone  # noqa: E402
@@ -91,7 +92,7 @@ def main() -> None:
     params = load_params("params.yaml")
     cfg = params.features
     rows = spread(pd.concat([read_split(params.paths, s) for s in SPLITS]), args.limit)
-    paths = rows["path"].tolist()
+    paths = RawStore.open(params.paths.raw).locate(rows["path"])
     runtime = resolve(params.device, cfg.precision)
     backbone = build_backbone(params.model.backbone, params.model.weights, params.model.resize)
     pre = backbone.preprocessing

@@ -110,6 +110,7 @@ def main() -> None:
 
     from pipeline.config import load_params
     from pipeline.data.images import load_rgb
+    from pipeline.data.rawstore import RawStore
     from pipeline.data.splits import read_split
     from pipeline.modeling.quantization import CalibrationImages
     from pipeline.serving.predict import OnnxClassifier
@@ -124,9 +125,12 @@ def main() -> None:
     rows = read_split(paths, "test")
     lookup = {c: i for i, c in enumerate(fp32.contract.classes)}
     y = rows["label"].map(lookup).to_numpy()
-    x = np.stack([pre(load_rgb(p)) for p in rows["path"]])
+    store = RawStore.open(paths.raw)
+    x = np.stack([pre(load_rgb(ref)) for ref in store.locate(rows["path"])])
     picked = calibration_rows(paths, params.export.calibration_images, params.split.seed)
-    calibration = CalibrationImages(picked["path"].tolist(), picked["sha256"].tolist(), pre, INPUT)
+    calibration = CalibrationImages(
+        store.locate(picked["path"]), picked["sha256"].tolist(), pre, INPUT
+    )
 
     def all_logits(session) -> np.ndarray:
         return np.concatenate(

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.timing import images_per_second  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.data.images import load_rgb  # noqa: E402
+from pipeline.data.rawstore import RawStore  # noqa: E402
 from pipeline.data.splits import read_split  # noqa: E402
 from pipeline.modeling.model import load_classifier  # noqa: E402
 from pipeline.serving.predict import OnnxClassifier  # noqa: E402
@@ -52,7 +53,8 @@ def main() -> None:
     model, card, _ = load_classifier(paths.model)
     rows = read_split(paths, "test")
     picks = np.linspace(0, len(rows) - 1, batch_size).round().astype(int)
-    x = np.stack([card.preprocessing(load_rgb(p)) for p in rows["path"].iloc[picks]])
+    refs = RawStore.open(paths.raw).locate(rows["path"].iloc[picks])
+    x = np.stack([card.preprocessing(load_rgb(ref)) for ref in refs])
     tensor = torch.from_numpy(x)
     runs = {}
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 import unicodedata
 import zipfile
@@ -11,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.data import rawstore
 from pipeline.errors import ConfigError, DataError
 from pipeline.sources.fetch import ChecksumError
 from pipeline.stages import download
 from tests.support.httpserver import Faults, ServedFiles
 from tests.support.images import create_image_folder, noise_image
+from tests.support.project import raw_files
 
 
 def _tar_gz(folder: Path, dest: Path, top: str) -> Path:
@@ -24,8 +25,11 @@ def _tar_gz(folder: Path, dest: Path, top: str) -> Path:
     return dest
 
 
-def _raw_files(root: Path = Path("data/raw")) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+def _raw_files(root: Path = Path("data/raw")) -> dict[str, bytes]:
+    """``<class>/<file>`` → bytes: of the raw store at ``root``, or of a folder's files."""
+    if (root / rawstore.INDEX).is_file():
+        return raw_files(root)
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def _run(make_params, **data):
@@ -47,13 +51,14 @@ def test_local_folder_is_copied_and_excluded_classes_dropped(workspace, tiny_ima
     assert (tiny_imagefolder / "cat" / "img_00.png").exists()  # the source is untouched
 
 
-def test_a_rerun_links_the_unchanged_files_and_writes_only_what_changed(
+def test_a_rerun_links_the_unchanged_shards_and_writes_only_what_changed(
     workspace, tiny_imagefolder, tmp_path
 ):
-    """Same inode and mtime for an unchanged image is what spares DVC reading it again."""
+    """Same inode and mtime for an unchanged shard is what spares DVC reading (and pushing)
+    it again; the changed and added images go into one new shard."""
     _run(workspace, source=str(tiny_imagefolder))
-    raw = Path("data/raw")
-    before = {f: (raw / f).stat() for f in _raw_files()}
+    shards = Path("data/raw") / rawstore.SHARDS
+    before = {p.name: p.stat() for p in shards.iterdir()}
     noise_image(4242).save(tiny_imagefolder / "cat" / "added.png")
     noise_image(77).save(tiny_imagefolder / "bird" / "img_05.png")  # edited in place
     same_size = tiny_imagefolder / "cat" / "img_01.png"  # one byte changed, same size
@@ -62,30 +67,30 @@ def test_a_rerun_links_the_unchanged_files_and_writes_only_what_changed(
     same_size.write_bytes(bytes(body))
     (tiny_imagefolder / "dog" / "img_03.png").unlink()
     summary = _run(workspace, source=str(tiny_imagefolder))
-    after = {f: (raw / f).stat() for f in _raw_files()}
+    after = {p.name: p.stat() for p in shards.iterdir()}
     assert summary["files"] == 30 and summary["reused"] == 27
-    assert set(after) == set(before) - {"dog/img_03.png"} | {"cat/added.png"}
-    assert (raw / "cat/img_01.png").read_bytes() == bytes(body)
-    for name in set(before) & set(after) - {"bird/img_05.png", "cat/img_01.png"}:
+    assert summary["store"]["new_shards"] == 1 and set(before) < set(after)
+    (added,) = set(after) - set(before)
+    with tarfile.open(shards / added) as tar:
+        assert len(tar.getnames()) == 3  # the added image and the two edited ones
+    assert summary["store"]["new_bytes"] == after[added].st_size
+    for name in before:
         assert (after[name].st_ino, after[name].st_mtime_ns) == (
             before[name].st_ino,
             before[name].st_mtime_ns,
         ), name
-    assert after["bird/img_05.png"].st_ino != before["bird/img_05.png"].st_ino
-    edited = (tiny_imagefolder / "bird" / "img_05.png").read_bytes()
-    assert (raw / "bird/img_05.png").read_bytes() == edited
-    # from an archive too: its extracted files are compared byte for byte
+    files = _raw_files()
+    assert set(files) == set(_raw_files(tiny_imagefolder))
+    assert files["cat/img_01.png"] == bytes(body)
+    assert files["bird/img_05.png"] == (tiny_imagefolder / "bird" / "img_05.png").read_bytes()
+    # from an archive too: every extracted file is already in the store
     archive = _tar_gz(tiny_imagefolder, tmp_path / "images.tar.gz", "images")
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     assert _run(workspace, source=str(archive), sha256=digest)["reused"] == 30
-    fifo = raw / "cat" / "img_02.png"  # a FIFO where an image was must not block the run
-    fifo.unlink()
-    os.mkfifo(fifo)
-    assert _run(workspace, source=str(archive), sha256=digest)["reused"] == 29
-    assert (raw / "cat" / "img_02.png").read_bytes() == (
-        tiny_imagefolder / "cat/img_02.png"
-    ).read_bytes()
-    assert _raw_files() == set(after)
+    (shards / added).unlink()  # a shard lost from the workspace: its images written again
+    summary = _run(workspace, source=str(archive), sha256=digest)
+    assert (summary["reused"], summary["store"]["new_shards"]) == (27, 1)
+    assert _raw_files() == files
 
 
 def test_archive_top_folder_is_unwrapped(workspace, tiny_imagefolder, tmp_path):
@@ -125,14 +130,14 @@ def test_data_member_picks_among_several_image_archives(workspace, tiny_imagefol
     with pytest.raises(DataError, match="several nested archives hold images.*data.member"):
         _run(workspace, source=str(outer))
     _run(workspace, source=str(outer), member="b.tar.gz")
-    assert _raw_files() == {f"fish/img_0{i}.png" for i in range(4)}
+    assert set(_raw_files()) == {f"fish/img_0{i}.png" for i in range(4)}
 
 
 def test_unicode_class_names_are_kept_in_nfc(workspace, tmp_path):
     decomposed = unicodedata.normalize("NFD", "café crème")
     src = create_image_folder(tmp_path / "src", {decomposed: 3, "東京 タワー": 3})
     _run(workspace, source=str(src))
-    assert {p.name for p in Path("data/raw").iterdir()} == {"café crème", "東京 タワー"}
+    assert {f.split("/")[0] for f in _raw_files()} == {"café crème", "東京 タワー"}
     assert all(unicodedata.is_normalized("NFC", name) for name in _raw_files())
 
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from pipeline.data.images import load_rgb
+from pipeline.data.rawstore import RawStore
 from pipeline.modeling import model as checkpoints
 from pipeline.modeling import onnx_parts, quantization
 from pipeline.modeling.model import load_checkpoint, load_classifier, save_checkpoint
@@ -199,7 +200,8 @@ def test_int8_computes_the_same_on_avx2_kernels_as_on_exact_ones(exported, tmp_p
     paths = [line.split(",")[0] for line in test_csv][::3][:6]
     _, card, _ = load_classifier(params.paths.model)
     images = tmp_path / "images.npy"
-    np.save(images, np.stack([card.preprocessing(load_rgb(p)) for p in paths]))
+    refs = RawStore.open(params.paths.raw).locate(paths)
+    np.save(images, np.stack([card.preprocessing(load_rgb(ref)) for ref in refs]))
     avx2 = emulated_int8_logits(params.paths.onnx_int8, images, "Haswell-v4", tmp_path / "a.npy")
     exact = emulated_int8_logits(params.paths.onnx_int8, images, "Nehalem", tmp_path / "s.npy")
     assert avx2["cpu"]["onnxruntime_int8_kernel"].startswith("avx2")
@@ -268,7 +270,8 @@ def test_the_pytorch_reference_runs_once_per_backbone(exported, tmp_path, monkey
     kept = ReferenceFeatures(paths.memo, card, checkpoint["state_dict"], lambda: model)
     stored = kept.lookup(rows["sha256"])
     assert stored is not None and stored.shape == (len(rows), 1280)
-    images = torch.from_numpy(np.stack([card.preprocessing(load_rgb(p)) for p in rows["path"]]))
+    refs = RawStore.open(paths.raw).locate(rows["path"])
+    images = torch.from_numpy(np.stack([card.preprocessing(load_rgb(ref)) for ref in refs]))
     with torch.inference_mode():
         direct = model(images).numpy()
     np.testing.assert_allclose(kept.logits(stored), direct, atol=1e-5)  # = Classifier.forward

@@ -38,7 +38,7 @@ from pipeline.stages import download, features
 from tests.support.faults import SEED, run_trials, trials
 from tests.support.httpserver import ServedFiles, etag_of
 from tests.support.images import noise_image
-from tests.support.project import REPO_ROOT, params_from
+from tests.support.project import REPO_ROOT, params_from, raw_files
 from tests.support.project import write_params as write_params_file
 from tests.support.world import TinyWorld
 
@@ -148,7 +148,9 @@ def tar_gz(folder: Path, dest: Path) -> Path:
 
 
 def same_images(raw: Path, source: Path) -> bool:
-    return tree(raw) == tree(source)
+    """The raw store at ``raw`` holds exactly the files under ``source``."""
+    stored = {key: hashlib.sha256(data).hexdigest() for key, data in raw_files(raw).items()}
+    return stored == tree(source)
 
 
 @pytest.fixture

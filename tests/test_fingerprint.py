@@ -18,7 +18,15 @@ from pipeline.stages import download, fingerprint
 from tests.support.faults import record
 from tests.support.httpserver import ServedFiles
 from tests.support.images import create_image_folder, noise_image
-from tests.support.project import copy_project, dvc, git, params_with, set_params
+from tests.support.project import (
+    copy_project,
+    dvc,
+    git,
+    params_with,
+    raw_files,
+    raw_keys,
+    set_params,
+)
 
 
 def _digest(params, root: Path = Path(".")) -> str:
@@ -179,21 +187,17 @@ def test_dvc_reruns_download_exactly_when_a_folder_source_changed(tmp_path, tiny
     status = json.loads(dvc(repo, "status", "--json", "download"))
     assert set(status) <= {"fingerprint"}, status  # always changed; download up to date
 
-    def raw() -> set[str]:
-        root = repo / "data/raw"
-        return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-
     noise_image(4242).save(tiny_imagefolder / "cat" / "added.png")
     (tiny_imagefolder / "dog" / "img_03.png").unlink()
     shutil.move(tiny_imagefolder / "bird" / "img_04.png", tiny_imagefolder / "cat" / "img_04b.png")
     assert "Running stage 'download'" in _repro(repo, "download")
-    files = raw()
+    files = raw_keys(repo / "data/raw")
     assert {"cat/added.png", "cat/img_04b.png"} <= files
     assert not {"dog/img_03.png", "bird/img_04.png"} & files and len(files) == 30
     edited = tiny_imagefolder / "bird" / "img_05.png"
     noise_image(77).save(edited)
     assert "Running stage 'download'" in _repro(repo, "download")
-    assert (repo / "data/raw/bird/img_05.png").read_bytes() == edited.read_bytes()
+    assert raw_files(repo / "data/raw")["bird/img_05.png"] == edited.read_bytes()
     assert "Running stage 'download'" not in _repro(repo, "download")
 
 

@@ -19,7 +19,7 @@ from pipeline.errors import PipelineError
 from pipeline.modeling import training
 from pipeline.modeling.backbones import build_backbone
 from pipeline.modeling.model import classifier_from_head, load_classifier
-from pipeline.stages import evaluate, features, finetune, train_head
+from pipeline.stages import download, evaluate, features, finetune, train_head
 from pipeline.system import memo
 from tests.support.exports import counted_exports
 from tests.support.images import create_image_folder
@@ -38,8 +38,11 @@ def test_features_are_cached_by_content(tiny_run):
     train_csv = p.paths.split_file("train")
     rows = pd.read_csv(train_csv)
     extra = create_image_folder(Path("extra"), {"cat": 2}, seed=9)
+    for f in extra.rglob("*.png"):  # into the source, then the raw store
+        shutil.copy(f, Path(p.data.source) / "cat" / f"extra_{f.name}")
+    download.main(p)
     new = [
-        {"path": str(f), "label": "cat", "sha256": f"new{i}"}
+        {"path": f"data/raw/cat/extra_{f.name}", "label": "cat", "sha256": f"new{i}"}
         for i, f in enumerate(sorted(extra.rglob("*.png")))
     ]
     pd.concat([rows, pd.DataFrame(new)]).to_csv(train_csv, index=False)
@@ -240,15 +243,14 @@ def test_zero_epochs_gives_backbone_plus_head(tiny_run, caplog):
     )
 
     arrays, _ = load_features(p.paths)
+    from pipeline.data.rawstore import RawStore
     from pipeline.data.splits import read_split
     from pipeline.modeling.datasets import ImageDataset
 
     rows = read_split(p.paths, "test")
+    sources = RawStore.open(p.paths.raw).locate(rows["path"])
     x = torch.stack(
-        [
-            ImageDataset(rows["path"], [0] * len(rows), card.preprocessing)[i][0]
-            for i in range(len(rows))
-        ]
+        [ImageDataset(sources, [0] * len(rows), card.preprocessing)[i][0] for i in range(len(rows))]
     )
     with torch.no_grad():
         direct = model.head(torch.tensor(arrays["test"]))
@@ -274,6 +276,7 @@ def test_feature_engines_agree_with_the_reference_preprocessing(tiny_run, monkey
     """onnxruntime and PyTorch fp32 embed uint8 batches (normalised inside the model) as the
     backbone embeds ``Preprocessing``'s float arrays; the exported graph is reused."""
     from pipeline.data.images import load_rgb
+    from pipeline.data.rawstore import RawStore
     from pipeline.modeling import engines
     from pipeline.modeling.backbones import build_backbone
     from pipeline.modeling.datasets import eval_geometry
@@ -294,7 +297,7 @@ def test_feature_engines_agree_with_the_reference_preprocessing(tiny_run, monkey
     by_torch, _ = load_features(p.paths)
     backbone = build_backbone("efficientnet_lite0", "none", p.model.resize)
     rows = read_split(p.paths, "test")
-    images = [load_rgb(path) for path in rows["path"]]
+    images = [load_rgb(ref) for ref in RawStore.open(p.paths.raw).locate(rows["path"])]
     reference = np.stack([backbone.preprocessing(img) for img in images])
     with torch.no_grad():
         expected = backbone.module.eval()(torch.from_numpy(reference)).numpy()

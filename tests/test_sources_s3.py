@@ -16,6 +16,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.sources.fetch import ChecksumError
 from pipeline.stages import download, fingerprint
 from tests.support.images import create_image_folder, noise_image
+from tests.support.project import raw_files, raw_keys
 from tests.support.s3 import s3_server
 
 
@@ -52,8 +53,7 @@ def _png(seed: int) -> bytes:
 
 
 def _raw() -> set[str]:
-    root = Path("data/raw")
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    return raw_keys(Path("data/raw"))
 
 
 def _both(params) -> dict:
@@ -89,12 +89,12 @@ def test_a_prefix_is_listed_fetched_once_and_followed(workspace, s3_env, tiny_im
     files = _raw()
     assert {"cat/new.png", "fox/f1.png", "bird/moved.png"} <= files
     assert not {"dog/img_00.png", "cat/img_01.png"} & files
-    assert Path("data/raw/cat/new.png").read_bytes() == _png(501)
+    assert raw_files()["cat/new.png"] == _png(501)
 
     client.put_object(Bucket=s3.bucket, Key="sets/a/cat/new.png", Body=_png(503))  # edited
     third = _both(params)
     assert third["taken"]["fetched"] == 1
-    assert Path("data/raw/cat/new.png").read_bytes() == _png(503)
+    assert raw_files()["cat/new.png"] == _png(503)
 
 
 def test_an_archive_object_is_pinned_or_followed(workspace, s3_env, tmp_path):
@@ -142,14 +142,15 @@ def test_dvc_skips_download_until_the_prefix_changes(s3_env, tiny_imagefolder, t
     assert "Running stage 'download'" not in dvc(repo, "repro", "download")
     assert (repo / "data/source.json").read_bytes() == recorded
     s3.client().put_object(Bucket=s3.bucket, Key="dvc/set/dog/late.png", Body=_png(900))
-    raw = sorted((repo / "data/raw").rglob("*.png"))
-    # each image its own file, not a link of the download cache: DVC would copy every
-    # linked file of the persisted data/raw before the next download (unprotect)
-    assert {p.stat().st_nlink for p in raw} == {1}
-    inodes = {p: p.stat().st_ino for p in raw}
+    shards = sorted((repo / "data/raw/shards").iterdir())
+    # each shard its own file, not a link of the download cache or of the last store: DVC
+    # would copy every linked file of the persisted data/raw before the next download
+    assert {p.stat().st_nlink for p in shards} == {1}
+    inodes = {p: p.stat().st_ino for p in shards}
     assert "Running stage 'download'" in dvc(repo, "repro", "download")
-    assert (repo / "data/raw/dog/late.png").read_bytes() == _png(900)
+    assert raw_files(repo / "data/raw")["dog/late.png"] == _png(900)
     metrics = json.loads((repo / "metrics/download.json").read_text())
     assert metrics["taken"]["fetched"] == 1 and metrics["files"] == 31
     assert metrics["reused"] == 30 and all(p.stat().st_ino == i for p, i in inodes.items())
-    assert {p.stat().st_nlink for p in (repo / "data/raw").rglob("*.png")} == {1}
+    assert metrics["store"]["new_shards"] == 1
+    assert {p.stat().st_nlink for p in (repo / "data/raw/shards").iterdir()} == {1}

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pipeline.data.rawstore import RawStore
 from pipeline.errors import DataError
 from pipeline.stages import download, validate
 from tests.support.images import noise_image
@@ -39,7 +40,8 @@ def test_unusual_and_broken_files(workspace, tiny_imagefolder):
     assert reasons["empty.jpg"] == "empty file" and reasons["notes.txt"] == "not an image"
     assert reasons["cut.png"].startswith(("truncated", "cannot decode"))
     assert reasons["bomb.png"].startswith("decompression bomb")
-    assert (Path("data/raw/cat") / "notes.txt").exists()  # quarantined, never deleted
+    # quarantined, never deleted
+    assert RawStore.open(Path("data/raw")).read_bytes("cat/notes.txt") == b"not an image"
     manifest = pd.read_parquet("data/manifest.parquet")
     assert len(manifest) == 36 and set(validate.MANIFEST_COLUMNS) == set(manifest.columns)
     row = manifest.set_index("path").loc["data/raw/cat/cmyk.jpg"]

@@ -2,17 +2,55 @@
 
 ``load_rgb`` is what features, fine-tuning, evaluation and export use; ``probe_image`` is
 what validate uses to decide, file by file, whether ``load_rgb`` will succeed (in two
-steps it can keep apart: ``probe_facts`` decodes, ``judge`` applies the bounds).
+steps it can keep apart: ``probe_facts`` decodes, ``judge`` applies the bounds). Both
+read a file, or an image's bytes in the raw store (an ``ImageRef``, from
+``pipeline.data.rawstore``).
 """
 
 from __future__ import annotations
 
+import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from pipeline.errors import DataError
+
+
+class ImageRef(NamedTuple):
+    """Where one image's bytes are: ``size`` bytes at ``offset`` of the file ``shard``.
+    ``name`` (its logical path) is what errors say."""
+
+    shard: str
+    offset: int
+    size: int
+    name: str
+
+    def read(self) -> bytes:
+        with open(self.shard, "rb") as fh:
+            data = os.pread(fh.fileno(), self.size, self.offset)
+        if len(data) != self.size:
+            raise DataError(
+                f"{self.name}: its shard {self.shard} ends before its bytes: rerun download"
+            )
+        return data
+
+    def open(self) -> io.BytesIO:
+        return io.BytesIO(self.read())
+
+
+# What an image is read from: a file, or its place in the raw store.
+Source = str | Path | ImageRef
+
+
+def _opened(source: Source):
+    return source.open() if isinstance(source, ImageRef) else source
+
 
 # Modes Pillow decodes that load_rgb turns into RGB faithfully.
 KNOWN_MODES = frozenset(
@@ -69,13 +107,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | Path, draft: tuple[int, int] | None = None) -> Image.Image:
+def load_rgb(path: Source, draft: tuple[int, int] | None = None) -> Image.Image:
     """Open ``path`` as an RGB image with its EXIF orientation applied.
 
     ``draft``: a size the caller will shrink to; JPEGs then decode at a fraction of
     their resolution (no smaller than this), which makes thumbnails cheap.
     """
-    with Image.open(path) as img:
+    with Image.open(_opened(path)) as img:
         if draft is not None:
             img.draft("RGB", draft)
         img.load()
@@ -128,7 +166,7 @@ class ImageFacts:
     phash: str | None
 
 
-def probe_facts(path: str | Path, max_pixels: int) -> ImageFacts:
+def probe_facts(path: Source, max_pixels: int) -> ImageFacts:
     """Open ``path`` and decode it fully, as ``load_rgb`` would, unless its header alone
     already refuses it (more than ``max_pixels`` pixels: a decompression bomb costs
     nothing; a colour mode ``load_rgb`` does not convert)."""
@@ -138,7 +176,7 @@ def probe_facts(path: str | Path, max_pixels: int) -> ImageFacts:
         with warnings.catch_warnings():
             # Pillow's own guard (MAX_IMAGE_PIXELS) becomes an error, caught below.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(_opened(path)) as img:
                 fmt, mode = img.format, img.mode
                 width, height = img.size
                 orientation = img.getexif().get(_EXIF_ORIENTATION)
@@ -182,7 +220,7 @@ def judge(facts: ImageFacts, max_pixels: int) -> ImageInfo | None:
     return ImageInfo(f.format, f.mode, f.width, f.height, f.exif_orientation, True, None, f.phash)
 
 
-def probe_image(path: str | Path, max_pixels: int) -> ImageInfo:
+def probe_image(path: Source, max_pixels: int) -> ImageInfo:
     """Decode ``path`` fully, as ``load_rgb`` would, and say whether it is usable.
 
     Images larger than ``max_pixels`` are rejected from their header alone, before any
@@ -193,8 +231,9 @@ def probe_image(path: str | Path, max_pixels: int) -> ImageInfo:
     return info
 
 
-def _describe_failure(path: str | Path, exc: Exception) -> str:
-    if Path(path).stat().st_size == 0:
+def _describe_failure(path: Source, exc: Exception) -> str:
+    size = path.size if isinstance(path, ImageRef) else Path(path).stat().st_size
+    if size == 0:
         return "empty file"
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return f"decompression bomb: {exc}"

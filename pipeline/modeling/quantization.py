@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from pipeline.data.images import load_rgb
+from pipeline.data.images import Source, load_rgb
 from pipeline.data.inputs_code import inputs_code_digest
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.modeling.graphs import split
@@ -50,7 +50,7 @@ class CalibrationImages:
     outputs and fail on a short last batch; repeating images moves no minimum or maximum.
     """
 
-    image_paths: list[str]
+    image_paths: list[Source]
     digests: list[str]
     pre: Preprocessing
     input_name: str

@@ -1,16 +1,17 @@
-"""Stage ``download``: any source of labelled images → ``data/raw/<class>/<file>``.
+"""Stage ``download``: any source of labelled images → the raw store ``data/raw``.
 
 The labels are the class folders' names, or a table's (``data.labels``; see
-``pipeline.sources.labels``): either way the same tree comes out, so no later stage can
-tell the two apart.
+``pipeline.sources.labels``): either way the same ``<class>/<file>`` paths are stored,
+so no later stage can tell the two apart.
 
 ``data.source`` may be an http(s) URL, a ``file://`` URL, a local archive, a local
 folder, or ``builtin:NAME``. Archives (zip, tar, tar.gz/tgz, tar.bz2, tar.xz) are
 extracted safely, one nested archive deep (Caltech's ``caltech-101.zip`` holds
-``101_ObjectCategories.tar.gz``). The result is written to a temporary folder and
-renamed onto ``data/raw`` only when complete; files the last run's ``data/raw`` already
-held are hard-linked from it, so a run after a small growth writes, and DVC hashes, only
-what changed.
+``101_ObjectCategories.tar.gz``). The files are packed into the raw store
+(``pipeline.data.rawstore``: tar shards and an index of ``<class>/<file>`` paths), written
+to a temporary folder and renamed onto ``data/raw`` only when complete; the last run's
+shards are hard-linked from it, so a run after a small growth writes, and DVC hashes and
+pushes, only a new shard.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
@@ -28,6 +29,7 @@ from urllib.parse import unquote, urlparse
 from tqdm import tqdm
 
 from pipeline.config import DataParams, DownloadParams, Params, Paths
+from pipeline.data import rawstore
 from pipeline.errors import ConfigError, DataError
 from pipeline.sources import builtin, labels, locations, objectstore
 from pipeline.sources.archives import ExtractLimits, archive_kind, extract_archive
@@ -43,7 +45,6 @@ from pipeline.system.fsutil import (
     md5_file,
     read_json_or_empty,
     remove,
-    same_bytes,
     sha256_file,
     visible_entries,
     write_json_atomic,
@@ -361,39 +362,11 @@ def _class_files(folder: Path) -> list[tuple[PurePosixPath, Path]]:
     return [(PurePosixPath(rel), path) for rel, path in sorted(labels.files_under(folder).items())]
 
 
-def write_raw(folder: ImageFolder, target: Path, move: bool, previous: Path | None = None) -> int:
-    """Lay the classes out as ``target/<class>/<file>`` (moving files out of a temp extract).
-
-    A file the ``previous`` tree already holds at the same place with the same bytes is
-    hard-linked from it instead: it keeps its inode and mtime, so after a small growth DVC
-    finds its hash in its state database instead of reading it again, and the disk does
-    not hold it twice while the new tree is built. Returns how many files were kept so.
-    """
-    kept = 0
+def stored_files(folder: ImageFolder) -> Iterator[tuple[str, str, Path]]:
+    """(``<class>/<file>``, class, file) for every file of ``folder``, in order."""
     for name, files in folder.classes.items():
         for rel, path in files:
-            dest = target / name / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if previous is not None and _link_if_same(previous / name / rel, path, dest):
-                kept += 1
-            elif move and path.stat().st_nlink == 1:
-                os.replace(path, dest)
-            else:
-                # a file with other links (an s3 object's download cache entry) is copied:
-                # DVC copies a persisted output's linked files before each rerun (unprotect)
-                shutil.copyfile(path, dest)
-    return kept
-
-
-def _link_if_same(old: Path, new: Path, dest: Path) -> bool:
-    """Hard-link ``old`` to ``dest`` when it holds exactly ``new``'s bytes."""
-    try:
-        if not (os.path.samefile(old, new) or same_bytes(old, new)):
-            return False
-        os.link(old, dest)
-    except OSError:  # no old file, or a filesystem without hard links: write it anew
-        return False
-    return True
+            yield f"{name}/{rel}", name, path
 
 
 def locate_table(
@@ -516,11 +489,12 @@ def run(paths: Paths, data: DataParams, download: DownloadParams) -> dict:
                     opened_folder, data, download, paths.downloads, seen.get("labels")
                 )
                 taken_table = sha256_file(table)
-            inside_workdir = folder.root.resolve().is_relative_to(workdir.resolve())
             # raw is renamed into place first; label_rows, which describes it, right after.
-            previous = paths.raw if paths.raw.is_dir() else None  # DVC keeps it: persist
+            previous = None  # DVC keeps the last run's store (persist): its shards are kept
+            if (paths.raw / rawstore.INDEX).is_file():
+                previous = rawstore.RawStore.open(paths.raw)
             with atomic_path(paths.label_rows) as rows_tmp, atomic_path(paths.raw) as tmp:
-                reused = write_raw(folder, tmp, move=inside_workdir, previous=previous)
+                stored = rawstore.write_store(stored_files(folder), tmp, previous)
                 labels.write_label_rows(rows_tmp, labelled.rows if labelled else [])
         finally:
             remove(workdir)
@@ -534,8 +508,14 @@ def run(paths: Paths, data: DataParams, download: DownloadParams) -> dict:
         "fingerprint": seen.get("digest"),  # paths.source_fingerprint's, when the stage ran
         "classes": len(counts),
         "files": sum(counts.values()),
-        # files the last run's data/raw already held, byte for byte: linked, not written
-        "reused": reused,
+        # files whose bytes a shard of the last run's store held: linked, not written
+        "reused": stored.reused,
+        "store": {
+            "shards": stored.shards,
+            "new_shards": stored.new_shards,
+            "bytes": stored.bytes,
+            "new_bytes": stored.new_bytes,
+        },
         "excluded_classes": sorted(data.exclude_classes),
         "ignored_loose_files": folder.loose_files,
         "class_counts": counts,

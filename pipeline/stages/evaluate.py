@@ -19,6 +19,7 @@ import torch
 
 from pipeline.config import EvaluateParams, Params, Paths
 from pipeline.data.featurestore import labelled, load_features
+from pipeline.data.rawstore import RawStore
 from pipeline.data.splits import read_split
 from pipeline.modeling.datasets import ImageDataset, make_loader
 from pipeline.modeling.model import load_checkpoint, load_classifier, make_head
@@ -63,10 +64,11 @@ def finetuned_logits(paths: Paths, cfg: EvaluateParams, device: str) -> tuple[di
     model = model.to(runtime.device, memory_format=torch.channels_last)
     lookup = {c: i for i, c in enumerate(card.classes)}
     out = {}
+    store = RawStore.open(paths.raw)
     for split in ("val", "test"):
         rows = read_split(paths, split)
         labels = rows["label"].map(lookup).to_numpy(dtype=np.int64)
-        dataset = ImageDataset(rows["path"], labels, card.preprocessing)
+        dataset = ImageDataset(store.locate(rows["path"]), labels, card.preprocessing)
         loader = make_loader(dataset, runtime, cfg.batch_size)
         if reference is not None:
             logits = reference.logits_over(rows["sha256"], (images for images, _y, _i in loader))

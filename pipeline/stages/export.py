@@ -18,6 +18,7 @@ import onnx
 import torch
 
 from pipeline.config import Params, Paths
+from pipeline.data.rawstore import RawStore
 from pipeline.data.splits import read_split
 from pipeline.errors import DataError, PipelineError
 from pipeline.modeling.engines import content_graph, kept_graph
@@ -241,7 +242,10 @@ def run(params: Params) -> dict:
     if cfg.quantize:
         rows = calibration_rows(paths, cfg.calibration_images, params.split.seed)
         calibration = CalibrationImages(
-            rows["path"].tolist(), rows["sha256"].tolist(), card.preprocessing, INPUT
+            RawStore.open(paths.raw).locate(rows["path"]),
+            rows["sha256"].tolist(),
+            card.preprocessing,
+            INPUT,
         )
         int8 = quantize_int8(paths.onnx, calibration, cfg.calibration_method, FEATURES, paths.memo)
         save_checked(

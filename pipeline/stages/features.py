@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from pipeline.config import FeaturesParams, ModelParams, Params, Paths
 from pipeline.data.featurestore import FeatureCache, NpyRows, RowArrays
+from pipeline.data.rawstore import RawStore
 from pipeline.data.splits import SPLITS, read_split
 from pipeline.modeling import engines
 from pipeline.modeling.backbones import Backbone, build_backbone
@@ -84,6 +85,7 @@ def cached_embeddings(
     engine: engines.Engine,
     runtime: Runtime,
     rows: pd.DataFrame,
+    store: RawStore,
     cache: FeatureCache,
     out: RowArrays,
     batch_size: int,
@@ -110,9 +112,9 @@ def cached_embeddings(
     todo = np.flatnonzero(~filled)
     if len(todo):
         todo_rows = first[todo]
-        paths = rows["path"].to_numpy()[todo_rows].tolist()
+        sources = store.locate(rows["path"].to_numpy()[todo_rows])
         keys = None if view is None else shas[todo].tolist()
-        dataset = ImageDataset(paths, [0] * len(todo), transform, keys, seed)
+        dataset = ImageDataset(sources, [0] * len(todo), transform, keys, seed)
         kept_upto = 0  # the images before it are in the cache: a crash later keeps them
 
         def keep(upto: int) -> None:
@@ -151,6 +153,7 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
         paths.memo,
     )
     splits = {s: read_split(paths, s) for s in SPLITS}
+    store = RawStore.open(paths.raw)
     classes = sorted(set(splits["train"]["label"]))
     stats = EmbedStats()
     # All splits in one pass: one loader start-up, one cache read.
@@ -178,6 +181,7 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
             engine,
             runtime,
             everything,
+            store,
             FeatureCache(paths.memo, cache_key(backbone, engine, "eval")),
             RowArrays(files),
             cfg.batch_size,
@@ -192,6 +196,7 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
                     engine,
                     runtime,
                     splits["train"],
+                    store,
                     FeatureCache(paths.memo, key),
                     RowArrays([views.view(view)]),
                     cfg.batch_size,

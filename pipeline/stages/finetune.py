@@ -21,6 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from pipeline.config import FinetuneParams, ModelParams, Params, Paths
+from pipeline.data.rawstore import RawStore
 from pipeline.data.splits import read_split
 from pipeline.modeling import resume, training
 from pipeline.modeling.backbones import build_backbone, kept_backbone_state
@@ -132,12 +133,12 @@ class Trainer:
 
 
 def unfreeze(
-    model: Classifier, blocks: list[nn.Module], card: ModelCard, train, val,
+    model: Classifier, blocks: list[nn.Module], card: ModelCard, train, val, store: RawStore,
     cfg: FinetuneParams, runtime: Runtime, checkpoint: Path, key: str,
 ) -> Trainer:  # fmt: skip
     """Unfreeze the last blocks; an optimiser at discriminative rates (the backbone at
     ``backbone_lr_mult`` of the head's), warmup + cosine, the training loss and loaders
-    (``train`` and ``val`` are split tables)."""
+    (``train`` and ``val`` are split tables, their images in ``store``)."""
     lookup = {c: i for i, c in enumerate(card.classes)}
     model.to(runtime.device, memory_format=torch.channels_last)
     trainable = freeze_all_but_last(model, blocks, cfg.unfreeze_blocks)
@@ -147,9 +148,11 @@ def unfreeze(
     optimiser = training.adamw(groups, cfg.weight_decay)
     train_labels = train["label"].map(lookup)
     augment = train_transform(card.preprocessing, cfg.augment)
-    train_set = ImageDataset(train["path"], train_labels, augment, train["sha256"], cfg.seed)
+    train_set = ImageDataset(
+        store.locate(train["path"]), train_labels, augment, train["sha256"], cfg.seed
+    )
     loader = resume.resumable_loader(train_set, runtime, cfg.batch_size, cfg.seed)
-    val_set = ImageDataset(val["path"], val["label"].map(lookup), card.preprocessing)
+    val_set = ImageDataset(store.locate(val["path"]), val["label"].map(lookup), card.preprocessing)
     steps = max(1, len(loader))
     scheduler = warmup_cosine(optimiser, steps * cfg.epochs, cfg.warmup_fraction)
     labels = train_labels.to_numpy(dtype="int64")
@@ -286,7 +289,10 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FinetuneParams, device: str) 
         splits = [paths.split_file(s) for s in ("train", "val")]
         key = resume.fingerprint(paths.head, splits, model_cfg, cfg, runtime.bf16)
         train, val = read_split(paths, "train"), read_split(paths, "val")
-        trainer = unfreeze(model, backbone.blocks, card, train, val, cfg, runtime, checkpoint, key)
+        store = RawStore.open(paths.raw)
+        trainer = unfreeze(
+            model, backbone.blocks, card, train, val, store, cfg, runtime, checkpoint, key
+        )
         state, seconds, images = fine_tune(trainer)
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_checkpoint(paths.model, card, weights, params=asdict(cfg))

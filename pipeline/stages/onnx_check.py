@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import OnnxCheckParams, Params
+from pipeline.data.images import ImageRef
+from pipeline.data.rawstore import RawStore
 from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
 from pipeline.modeling.datasets import ImageDataset, make_loader
@@ -157,6 +159,7 @@ def collect_outputs(
     sessions: dict[str, OnnxClassifier],
     card: ModelCard,
     rows,
+    sources: list[ImageRef],
     cfg: OnnxCheckParams,
     cache: Path,
 ) -> tuple[Outputs, np.ndarray, np.ndarray, dict[str, str]]:
@@ -175,7 +178,7 @@ def collect_outputs(
     batch_size, shas = cfg.batch_size, list(rows["sha256"])
     lookup = {c: i for i, c in enumerate(card.classes)}
     labels = rows["label"].map(lookup).to_numpy(dtype=np.int64)
-    dataset = ImageDataset(rows["path"], labels, card.preprocessing)
+    dataset = ImageDataset(sources, labels, card.preprocessing)
     stored = reference.lookup(rows["sha256"])
     parts = {name: OnnxParts(s.path, cfg.threads, FEATURES) for name, s in sessions.items()}
     parts = {name: p for name, p in parts.items() if p.splittable}
@@ -337,7 +340,13 @@ def run(params: Params) -> dict:
         lambda: load_classifier(paths.model)[0],
     )
     outputs, first_images, timing_batch, origin = collect_outputs(
-        reference, sessions, card, rows, cfg, paths.memo
+        reference,
+        sessions,
+        card,
+        rows,
+        RawStore.open(paths.raw).locate(rows["path"]),
+        cfg,
+        paths.memo,
     )
     sessions = open_sessions(params)  # for the speed figures, as a service runs them
     cpu = cpu_info()

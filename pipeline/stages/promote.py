@@ -33,7 +33,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Params, PromoteParams
-from pipeline.data.images import load_rgb
+from pipeline.data.images import ImageRef, load_rgb
+from pipeline.data.rawstore import RawStore
 from pipeline.data.splits import SPLITS, read_split
 from pipeline.errors import PipelineError
 from pipeline.registry.store import (
@@ -67,12 +68,12 @@ class Champion:
     images: pd.DataFrame
 
 
-def predictions(models: list[OnnxClassifier], files: list[str]) -> list[np.ndarray]:
+def predictions(models: list[OnnxClassifier], files: list[ImageRef]) -> list[np.ndarray]:
     """Each model's top-1 class index on each image: decoded once (``load_rgb``), then
     preprocessed as each model's own metadata says, as ``predict`` does."""
     out: list[list[np.ndarray]] = [[] for _ in models]
     for start in range(0, len(files), BATCH):
-        images = [load_rgb(Path(f)) for f in files[start : start + BATCH]]
+        images = [load_rgb(f) for f in files[start : start + BATCH]]
         tensors: dict[str, np.ndarray] = {}  # one tensor batch per distinct preprocessing
         for i, model in enumerate(models):
             pre = model.contract.preprocessing
@@ -107,9 +108,11 @@ NOTHING_COMPARED = {
 }
 
 
-def compare(champion: Champion | None, challenger: OnnxClassifier, test: pd.DataFrame) -> dict:
-    """Both models on the test images the champion never saw, of the classes both know
-    (``NOTHING_COMPARED`` when there is no champion)."""
+def compare(
+    champion: Champion | None, challenger: OnnxClassifier, test: pd.DataFrame, store: RawStore
+) -> dict:
+    """Both models on the test images (in ``store``) the champion never saw, of the classes
+    both know (``NOTHING_COMPARED`` when there is no champion)."""
     if champion is None:
         return NOTHING_COMPARED
     seen = set(champion.images.loc[champion.images["split"].isin(["train", "val"]), "sha256"])
@@ -117,7 +120,9 @@ def compare(champion: Champion | None, challenger: OnnxClassifier, test: pd.Data
     common = [c for c in new if c in set(old)]
     unseen = test[~test["sha256"].isin(seen)]
     rows = unseen[unseen["label"].isin(set(common))]
-    champion_pred, challenger_pred = predictions([champion.model, challenger], list(rows["path"]))
+    champion_pred, challenger_pred = predictions(
+        [champion.model, challenger], store.locate(rows["path"])
+    )
     labels = list(rows["label"])
     champion_right = np.array(
         [old[p] == y for p, y in zip(champion_pred, labels, strict=True)], bool
@@ -259,10 +264,11 @@ def run(params: Params) -> dict:
     registry.check()  # a registry that is down fails here, naming it, before any work
     challenger = OnnxClassifier(paths.onnx)
     test = read_split(paths, "test")
+    store = RawStore.open(paths.raw)
     with tempfile.TemporaryDirectory(prefix="promote-") as folder:
         tmp = Path(folder)
         champion = load_champion(registry, registry.alias(), tmp)
-        figures = compare(champion, challenger, test)
+        figures = compare(champion, challenger, test, store)
         log.info(
             "promote: scored against production version %s; waiting for %s's lock",
             champion.alias.version if champion else None,
@@ -276,7 +282,7 @@ def run(params: Params) -> dict:
                     now and now.version,
                 )
                 champion = load_champion(registry, now, tmp)
-                figures = compare(champion, challenger, test)
+                figures = compare(champion, challenger, test, store)
             if champion is None:
                 decision, reason = "first", "the first version: nothing was in production"
             else:

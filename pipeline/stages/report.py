@@ -30,6 +30,7 @@ from markupsafe import Markup
 from pipeline.config import Params, Paths, ReportParams
 from pipeline.data.images import load_rgb
 from pipeline.data.issues import ISSUES
+from pipeline.data.rawstore import RawStore
 from pipeline.data.splits import SPLITS, read_split
 from pipeline.errors import DataError
 from pipeline.reporting import changes, charts, scoring
@@ -65,21 +66,28 @@ def read_csv(path: Path, dtype: type | None = None) -> pd.DataFrame:
 # --- sections ---------------------------------------------------------------------------
 
 
-def thumbnail(path: str | Path, px: int) -> str:
-    """A JPEG data URI of the image shrunk to ``px`` on its longest side; '' if unreadable."""
+def thumbnail(path: str, px: int, store: RawStore | None) -> str:
+    """A JPEG data URI of the image ``path`` in ``store`` shrunk to ``px`` on its longest
+    side; '' if unreadable."""
     try:
-        img = load_rgb(path, draft=(px, px))
+        if store is None:
+            raise DataError(f"{path}: there is no raw store")
+        img = load_rgb(store.locate([path])[0], draft=(px, px))
         img.thumbnail((px, px))
         buffer = io.BytesIO()
         img.save(buffer, format="JPEG", quality=80)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, DataError) as exc:
         log.warning("no thumbnail for %s: %s", path, exc)
         return ""
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def data_section(
-    paths: Paths, cfg: ReportParams, metrics: dict[str, dict], split_rows: dict[str, pd.DataFrame]
+    paths: Paths,
+    cfg: ReportParams,
+    metrics: dict[str, dict],
+    split_rows: dict[str, pd.DataFrame],
+    store: RawStore | None,
 ) -> dict:
     validated, downloaded = metrics["validate"], metrics["download"]
     counts = validated.get("class_counts", {})
@@ -98,7 +106,8 @@ def data_section(
                 {
                     "label": label,
                     "images": [
-                        {"src": thumbnail(p, cfg.thumbnail_px), "name": Path(p).name} for p in picks
+                        {"src": thumbnail(p, cfg.thumbnail_px, store), "name": Path(p).name}
+                        for p in picks
                     ],
                 }
             )
@@ -128,7 +137,7 @@ def data_section(
     }
 
 
-def issues_section(paths: Paths, cfg: ReportParams, found: dict) -> dict:
+def issues_section(paths: Paths, cfg: ReportParams, found: dict, store: RawStore | None) -> dict:
     """data_issues' advice: the likeliest issues of each kind as thumbnails (a near-duplicate
     pair side by side; given label, suggested label, score), and the class pairs the data
     confuses; the counts are ``found``'s (``metrics/data_issues.json``)."""
@@ -141,14 +150,16 @@ def issues_section(paths: Paths, cfg: ReportParams, found: dict) -> dict:
         for r in rows.head(cfg.data_issues_shown).itertuples(index=False):
             shown.append(
                 {
-                    "src": thumbnail(r.path, cfg.thumbnail_px),
+                    "src": thumbnail(r.path, cfg.thumbnail_px, store),
                     "issue": ISSUES.get(issue, issue),
                     "given": r.given,
                     "suggested": r.suggested,
                     "score": float(r.score),
                     "name": r.source_path,
                     "related": source_of.get(r.related, r.related),
-                    "related_src": thumbnail(r.related, cfg.thumbnail_px) if r.related else "",
+                    "related_src": thumbnail(r.related, cfg.thumbnail_px, store)
+                    if r.related
+                    else "",
                 }
             )
     return {
@@ -294,7 +305,11 @@ def training_section(paths: Paths, metrics: dict[str, dict]) -> dict:
 
 
 def results_section(
-    paths: Paths, cfg: ReportParams, evaluation: dict, split_rows: dict[str, pd.DataFrame]
+    paths: Paths,
+    cfg: ReportParams,
+    evaluation: dict,
+    split_rows: dict[str, pd.DataFrame],
+    store: RawStore | None,
 ) -> dict:
     metrics = []
     for key, label, higher_is_better in RESULT_METRICS:
@@ -354,7 +369,7 @@ def results_section(
             ].head(cfg.examples_per_pair)
             examples = [
                 {
-                    "src": thumbnail(r.path, cfg.thumbnail_px),
+                    "src": thumbnail(r.path, cfg.thumbnail_px, store),
                     "name": Path(r.path).name,
                     "confidence": float(r.confidence),
                 }
@@ -472,18 +487,19 @@ def build(params: Params) -> str:
         rows = read_csv(paths.split_file(split))
         if len(rows):
             split_rows[split] = rows.astype({"path": str, "label": str})
+    store = RawStore.open_if_there(paths.raw)
     return render(
         {
             "title": f"transfer-pipeline run: {params.model.backbone} on {params.data.source}",
             "headline": headline(metrics),
             "promotion": promotion(metrics["promote"]),
             "data_work": data_work(metrics),
-            "data": data_section(paths, cfg, metrics, split_rows),
+            "data": data_section(paths, cfg, metrics, split_rows, store),
             "split": split_section(split_rows, metrics["split"], cfg),
-            "issues": issues_section(paths, cfg, metrics["data_issues"]),
+            "issues": issues_section(paths, cfg, metrics["data_issues"], store),
             "changes": changes_section(paths),
             "training": training_section(paths, metrics),
-            "results": results_section(paths, cfg, metrics["evaluate"], split_rows),
+            "results": results_section(paths, cfg, metrics["evaluate"], split_rows, store),
             "export": export_section(paths, metrics["onnx_check"]),
             "provenance": provenance_section(paths),
         }

@@ -1,6 +1,7 @@
 """Stage ``validate``: a manifest of every raw file, a quarantine, and a Great Expectations suite.
 
-Each file is decoded once, the way every later stage will load it (``images.load_rgb``),
+The files, their sizes and sha256s come from the raw store's index (download hashed each
+file as it stored it). Each file is decoded once, the way every later stage will load it (``images.load_rgb``),
 and what decoding found is kept by sha256 in the memo (``factstore``): a rerun after new
 images arrive decodes only those (``decoded`` and ``reused`` in validate.json count both).
 Files that cannot be used are quarantined with their reason (listed, never deleted);
@@ -38,9 +39,10 @@ from pipeline.data.images import (
     judge,
     probe_facts,
 )
+from pipeline.data.rawstore import RawStore
 from pipeline.errors import DataError
 from pipeline.sources.labels import ISSUES as LABEL_ISSUES
-from pipeline.system.fsutil import atomic_path, is_os_litter, sha256_file, write_json_atomic
+from pipeline.system.fsutil import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -60,30 +62,11 @@ MANIFEST_COLUMNS = [
 ]
 
 
-def list_raw_files(raw: Path) -> list[tuple[str, str]]:
-    """(path, label) for every file under ``raw/<label>/``, sorted, paths as given to open."""
-    if not raw.is_dir():
-        raise DataError(f"{raw} does not exist: run the download stage first")
-    rows = []
-    for class_dir in sorted(p for p in raw.iterdir() if p.is_dir()):
-        for dirpath, dirnames, filenames in os.walk(class_dir):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = Path(dirpath) / name
-                if not is_os_litter(path.relative_to(raw).as_posix()):
-                    rows.append((path.as_posix(), class_dir.name))
-    return rows
-
-
 def read_label_rows(path: Path) -> pd.DataFrame:
     """``paths.label_rows`` as download wrote it (a header only for class folders)."""
     if not path.is_file():
         raise DataError(f"{path} does not exist: run the download stage first")
     return pd.read_csv(path, dtype=str, keep_default_na=False)
-
-
-def _size_and_sha256(path: str) -> tuple[int, str]:
-    return os.path.getsize(path), sha256_file(Path(path))
 
 
 def _map(function, items: list, desc: str, workers: int | None) -> list:
@@ -110,18 +93,20 @@ class Manifest:
 
 
 def build_manifest(
-    files: list[tuple[str, str]],
+    store: RawStore,
     max_pixels: int,
     known: dict[str, ImageFacts] | None = None,
     workers: int | None = None,
 ) -> Manifest:
-    """One row per file: every file is hashed; only contents whose facts are not ``known``
-    (by sha256), or cannot be judged under ``max_pixels``, are decoded, once each."""
+    """One row per file of the raw store, whose index has each file's size and sha256;
+    only contents whose facts are not ``known`` (by sha256), or cannot be judged under
+    ``max_pixels``, are decoded, once each."""
     known = known or {}
-    sized = _map(_size_and_sha256, [path for path, _ in files], "hash", workers)
+    index = store.index
+    files = store.files()
     verdicts: dict[str, ImageInfo] = {}
     todo: dict[str, str] = {}  # sha256 → the first file with those bytes
-    for (path, _), (_, sha) in zip(files, sized, strict=True):
+    for (path, _), sha in zip(files, index["sha256"], strict=True):
         if sha in verdicts or sha in todo:
             continue
         info = judge(known[sha], max_pixels) if sha in known else None
@@ -130,13 +115,14 @@ def build_manifest(
         else:
             verdicts[sha] = info
     probe = partial(probe_facts, max_pixels=max_pixels)
-    decoded = dict(zip(todo, _map(probe, list(todo.values()), "validate", workers), strict=True))
+    refs = store.locate(todo.values())
+    decoded = dict(zip(todo, _map(probe, refs, "validate", workers), strict=True))
     verdicts.update({sha: judge(facts, max_pixels) for sha, facts in decoded.items()})
     # every field is a scalar, so the instance's own dict is asdict's result, 10x faster
     as_row = {sha: vars(info) for sha, info in verdicts.items()}
     rows = [
-        {"path": path, "label": label, "bytes": size, "sha256": sha, **as_row[sha]}
-        for (path, label), (size, sha) in zip(files, sized, strict=True)
+        {"path": path, "label": label, "bytes": int(size), "sha256": sha, **as_row[sha]}
+        for (path, label), size, sha in zip(files, index["size"], index["sha256"], strict=True)
     ]
     table = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     table = table.astype({"exif_orientation": "Int64", "width": "Int64", "height": "Int64"})
@@ -394,13 +380,13 @@ def _listing(names: list[str], limit: int = 20) -> str:
 
 def run(paths: Paths, cfg: ValidateParams, data: DataParams) -> dict:
     """Class-set check → manifest → quarantine → expectations; fail naming what is at fault."""
-    files = list_raw_files(paths.raw)
-    classes = sorted({label for _, label in files})
+    store = RawStore.open(paths.raw)
+    classes = sorted(set(store.index["label"]))
     accepted, dataset = paths.accepted_classes, dataset_identity(data)
     previous = read_accepted_classes(accepted)
     check_class_change(previous, classes, dataset, cfg.allow_class_change, accepted)
     facts = FactCache(paths.memo)
-    built = build_manifest(files, cfg.max_pixels, facts.load())
+    built = build_manifest(store, cfg.max_pixels, facts.load())
     facts.add(built.decoded)  # facts stay true whatever the suite says of them
     manifest = built.table
     label_rows = read_label_rows(paths.label_rows)

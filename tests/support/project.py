@@ -117,6 +117,21 @@ def caltech_or_skip() -> Path:
     return CALTECH
 
 
+def raw_files(root: Path = Path("data/raw")) -> dict[str, bytes]:
+    """``<class>/<file>`` → bytes, for every image in the raw store at ``root``."""
+    from pipeline.data.rawstore import RawStore
+
+    store = RawStore.open(root)
+    return {key: store.read_bytes(key) for key in store.index["path"]}
+
+
+def raw_keys(root: Path = Path("data/raw")) -> set[str]:
+    """The ``<class>/<file>`` of every image in the raw store at ``root``."""
+    from pipeline.data.rawstore import RawStore
+
+    return set(RawStore.open(root).index["path"])
+
+
 def tool_env() -> dict[str, str]:
     """The environment for dvc and the stages: this interpreter's tools first."""
     bindir = str(Path(sys.executable).parent)

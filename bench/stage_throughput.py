@@ -27,9 +27,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from pipeline.config import overlay, parse_params  # noqa: E402
+from pipeline.data.rawstore import RawStore  # noqa: E402
 from pipeline.modeling.backbones import build_backbone  # noqa: E402
 from pipeline.modeling.runtime import resolve  # noqa: E402
-from pipeline.stages import features, finetune, train_head  # noqa: E402
+from pipeline.stages import download, features, finetune, train_head  # noqa: E402
 
 
 def _write_class(args: tuple[Path, int, int]) -> None:
@@ -52,24 +53,16 @@ def make_dataset(root: Path, classes: int, per_class: int) -> Path:
     return root
 
 
-def write_splits(images: Path, splits: Path) -> None:
-    """70/10/20 per class by file order: the data stages are not what is measured here."""
-    import hashlib
-
+def write_splits(store: RawStore, splits: Path) -> None:
+    """70/10/20 per class by path order: the data stages after download are not what is
+    measured here."""
     import pandas as pd
 
     rows = {"train": [], "val": [], "test": []}
-    for folder in sorted(images.iterdir()):
-        files = sorted(folder.iterdir())
-        for i, file in enumerate(files):
+    for label, files in store.index.groupby("label", sort=True):
+        for i, (key, sha) in enumerate(zip(files["path"], files["sha256"], strict=True)):
             part = "train" if i < 0.7 * len(files) else "val" if i < 0.8 * len(files) else "test"
-            rows[part].append(
-                {
-                    "path": str(file),
-                    "label": folder.name,
-                    "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
-                }
-            )
+            rows[part].append({"path": store.logical(key), "label": label, "sha256": sha})
     splits.mkdir(parents=True)
     for part, items in rows.items():
         pd.DataFrame(items).to_csv(splits / f"{part}.csv", index=False)
@@ -133,7 +126,8 @@ def main() -> None:
                 },
             )
         )
-        write_splits(images, params.paths.splits)
+        download.main(params)
+        write_splits(RawStore.open(params.paths.raw), params.paths.splits)
         timings = {}
         for stage in (features, train_head, finetune):
             start = time.perf_counter()

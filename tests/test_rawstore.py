@@ -34,13 +34,21 @@ def stored(root: Path, files, previous: RawStore | None = None, limit: int = 1 <
     return RawStore.open(root), written
 
 
+def members(shard: Path) -> list[str]:
+    with tarfile.open(shard) as tar:
+        return tar.getnames()
+
+
 def test_every_file_reads_back_and_each_shard_is_named_by_its_bytes(tmp_path):
     images = colour_images(tmp_path / "images", per_class=6)
     (images / "red" / "copy.png").write_bytes((images / "blue" / "img_00.png").read_bytes())
+    (images / "red" / "copy.PNG.jpg").write_bytes((images / "blue" / "img_00.png").read_bytes())
+    (images / "red" / "empty.png").write_bytes(b"")
+    (images / "red" / "odd name.j p;g").write_bytes(b"not an image")
     files = files_of(images)
     store, written = stored(tmp_path / "raw", files, limit=4096)
 
-    assert written.files == len(files) == 19 and written.reused == 0
+    assert written.files == len(files) == 22 and written.reused == 0
     assert list(store.index["path"]) == sorted(key for key, _, _ in files)
     for key, label, source in files:
         assert store.read_bytes(key) == source.read_bytes()
@@ -49,23 +57,37 @@ def test_every_file_reads_back_and_each_shard_is_named_by_its_bytes(tmp_path):
     assert len(shards) == written.shards > 1  # the 4 kB limit closed several
     for shard in shards:
         assert shard.name == hashlib.sha256(shard.read_bytes()).hexdigest() + ".tar"
-    # the copy is stored once: one tar member per distinct image, named by its sha256
-    with tarfile.open(shards[0]) as tar:
-        names = tar.getnames()
-    members = [n for s in shards for n in tarfile.open(s).getnames()]
-    assert len(members) == len(set(store.index["sha256"])) == 18
-    assert all(n[:64] in set(store.index["sha256"]) and n.endswith(".png") for n in names)
+    # copies are stored once: one tar member per distinct image, named by its sha256
+    names = [name for shard in shards for name in members(shard)]
+    shas = set(store.index["sha256"])
+    assert len(names) == len(shas) == 20 and {n[:64] for n in names} == shas
+    suffixes = sorted(n[64:] for n in names)
+    assert suffixes == ["", ".png", *[".png"] * 18]  # an odd suffix is left off the name
 
 
-def test_the_same_files_give_the_same_shards(tmp_path):
+def test_the_same_files_in_any_order_give_the_same_shards(tmp_path):
     images = colour_images(tmp_path / "images", per_class=5)
-    stored(tmp_path / "a", files_of(images), limit=4096)
-    stored(tmp_path / "b", files_of(images), limit=4096)
+    files = files_of(images)
+    stored(tmp_path / "a", files, limit=4096)
+    copies = tmp_path / "copies"  # the same bytes, other mtimes and modes, listed backwards
+    for key, _, source in files:
+        (copies / key).parent.mkdir(parents=True, exist_ok=True)
+        (copies / key).write_bytes(source.read_bytes())
+        (copies / key).chmod(0o600)
+    stored(tmp_path / "b", list(reversed(files_of(copies))), limit=4096)
     a = {p.name: p.read_bytes() for p in (tmp_path / "a" / rawstore.SHARDS).iterdir()}
     b = {p.name: p.read_bytes() for p in (tmp_path / "b" / rawstore.SHARDS).iterdir()}
     assert a == b and len(a) > 1
     index_a = pd.read_parquet(tmp_path / "a" / rawstore.INDEX)
     assert index_a.equals(pd.read_parquet(tmp_path / "b" / rawstore.INDEX))
+
+
+def test_a_file_too_large_for_the_store_is_a_one_line_error(tmp_path, monkeypatch):
+    images = colour_images(tmp_path / "images", per_class=2)
+    monkeypatch.setattr(rawstore, "MAX_FILE_BYTES", 100)
+    with pytest.raises(DataError, match=r"^blue/img_00.png: [\d,]+ bytes, more than the 100 "):
+        write_store(files_of(images), tmp_path / "raw")
+    assert not list((tmp_path / "raw").rglob("*.tar"))
 
 
 def test_growth_links_the_old_shards_and_writes_only_the_new_images(tmp_path):
@@ -105,6 +127,33 @@ def test_a_shard_mostly_deleted_is_rewritten_and_one_wholly_deleted_is_gone(tmp_
     assert set(second.index["shard"]) == shards  # nothing unreferenced is left
     for key, _, source in kept_files:
         assert second.read_bytes(key) == source.read_bytes()
+
+
+def test_a_damaged_shard_is_not_copied_forward(tmp_path):
+    """Images moved out of a shard that is not kept are checked against their sha256; a
+    damaged one is taken from the source again, and a shard cut short is not kept."""
+    images = colour_images(tmp_path / "images", per_class=8)
+    files = files_of(images)
+    first, _ = stored(tmp_path / "one", files, limit=12000)
+    by_shard = first.index.groupby("shard")
+    thinned, cut = list(by_shard.groups)[:2]
+    survivor = first.index[first.index["shard"] == thinned].iloc[0]
+    shard = first.shard_path(thinned)
+    body = bytearray(shard.read_bytes())
+    body[int(survivor["offset"]) + 30] ^= 0xFF  # same size, other bytes
+    shard.write_bytes(bytes(body))
+    first.shard_path(cut).write_bytes(first.shard_path(cut).read_bytes()[:2048])
+    gone = set(first.index.loc[first.index["shard"] == thinned, "path"]) - {survivor["path"]}
+    second, written = stored(
+        tmp_path / "two", [f for f in files if f[0] not in gone], previous=first, limit=12000
+    )
+    assert thinned not in set(second.index["shard"])
+    # the cut shard's images were written again, from the source: the same bytes, whole
+    assert second.shard_path(cut).stat().st_size > 2048
+    assert second.shard_path(cut).stat().st_ino != first.shard_path(cut).stat().st_ino
+    for key, _, source in files:
+        if key not in gone:
+            assert second.read_bytes(key) == source.read_bytes(), key
 
 
 def test_an_unknown_path_and_a_truncated_shard_are_one_line_errors(tmp_path):

@@ -27,12 +27,13 @@ import shutil
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.data.images import ImageRef
+from pipeline.data.images import ImageRef, ImageRefs
 from pipeline.errors import DataError
 from pipeline.system.fsutil import remove, sha256_file
 
@@ -48,17 +49,18 @@ SHARD_BYTES = 64 << 20
 # A kept shard whose live images fill less than this share of it is not kept: its live
 # images are written again into the new shards, so deleted images do not pin space forever.
 KEEP_LIVE_SHARE = 0.5
+# The largest file the store takes: well above any image, below what one read returns.
+MAX_FILE_BYTES = 1 << 30
 _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,10}")
 _TAR_END = 2 * tarfile.BLOCKSIZE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RawStore:
     """The store at ``root``, its index read once."""
 
     root: Path
     index: pd.DataFrame
-    _keys: list = field(default_factory=list, compare=False, repr=False)  # built once
 
     @classmethod
     def open_if_there(cls, root: Path) -> RawStore | None:
@@ -83,37 +85,39 @@ class RawStore:
 
     def files(self) -> list[tuple[str, str]]:
         """(logical path, label) for every image file, sorted by path."""
-        return [
-            (self.logical(k), label)
-            for k, label in zip(self.index["path"], self.index["label"], strict=True)
-        ]
+        paths = (self.root.as_posix() + "/" + self.index["path"]).tolist()
+        return list(zip(paths, self.index["label"].tolist(), strict=True))
 
     def shard_path(self, shard: str) -> Path:
         return self.root / SHARDS / shard
 
-    def locate(self, paths: Iterable[str]) -> list[ImageRef]:
-        """The :class:`ImageRef` of each logical path; an unknown path is a one-line error."""
+    @cached_property
+    def _keys(self) -> pd.Index:
         import pandas as pd
 
-        wanted = pd.Index([str(p) for p in paths])
-        if not self._keys:
-            self._keys.append(pd.Index(self.root.as_posix() + "/" + self.index["path"]))
-        found = self._keys[0].get_indexer(wanted)
+        return pd.Index(self.root.as_posix() + "/" + self.index["path"])
+
+    def locate(self, paths: Iterable[str]) -> ImageRefs:
+        """Where each logical path's bytes are; an unknown path is a one-line error."""
+        import pandas as pd
+
+        wanted = pd.Index([str(p) for p in paths], dtype=object)
+        found = self._keys.get_indexer(wanted)
         if (found < 0).any():
             missing = wanted[found < 0]
             raise DataError(
                 f"{missing[0]} is not in the raw store {self.root / INDEX} ({len(missing)} "
                 "missing): rerun download, then the stages after it"
             )
-        shard = self.index["shard"].to_numpy()[found]
-        offset = self.index["offset"].to_numpy()[found]
-        size = self.index["size"].to_numpy()[found]
+        codes, shards = pd.factorize(self.index["shard"].to_numpy()[found])
         folder = (self.root / SHARDS).as_posix()
-        files = {s: f"{folder}/{s}" for s in set(shard)}  # one string per shard, shared
-        return [
-            ImageRef(files[s], int(o), int(n), name)
-            for s, o, n, name in zip(shard, offset, size, wanted, strict=True)
-        ]
+        return ImageRefs(
+            [f"{folder}/{s}" for s in shards],
+            codes.astype(np.int32),
+            self.index["offset"].to_numpy()[found],
+            self.index["size"].to_numpy()[found],
+            wanted.to_numpy(),
+        )
 
     def read_bytes(self, key: str) -> bytes:
         """The bytes of the image ``<class>/<file>``."""
@@ -190,31 +194,38 @@ def write_store(
     previous: RawStore | None = None,
     limit: int = SHARD_BYTES,
 ) -> Written:
-    """Write the store for ``files`` ((key ``<class>/<file>``, label, source file), in
-    order) into the empty folder ``target``, reading each source file once.
+    """Write the store for ``files`` ((key ``<class>/<file>``, label, source file)) into
+    the empty folder ``target``, reading each source file once, in key order: the same
+    files and the same ``previous`` give the same shards, whatever order they come in.
 
     Images that a shard of ``previous`` holds are not written again: the shard is
     hard-linked (or copied) in, unless its live images now fill less than
     ``KEEP_LIVE_SHARE`` of it; then they go into the new shards with the new images."""
     import pandas as pd
 
-    rows: list[tuple[str, str, str]] = []
+    rows: list[tuple[str, str, str, Path]] = []
     known = _places(previous) if previous is not None else {}
     writer = ShardWriter(target / SHARDS, limit)
     try:
-        for key, label, source in files:
-            data = source.read_bytes()
+        for key, label, source in sorted(files, key=lambda file: file[0]):
+            data = _image_bytes(key, source)
             sha = hashlib.sha256(data).hexdigest()
             if sha not in known and sha not in writer.written:
                 writer.add(sha, source.suffix.lower(), data)
-            rows.append((key, label, sha))
-        live = dict.fromkeys(sha for _, _, sha in rows if sha in known)
+            rows.append((key, label, sha, source))
+        live = dict.fromkeys(sha for _, _, sha, _ in rows if sha in known)
         kept = _worth_keeping(previous, [known[sha] for sha in live]) if live else set()
-        for sha in live:  # the live images of shards not kept: written again, in order
-            shard, offset, size = known[sha]
-            if shard not in kept:
-                ref = ImageRef(str(previous.shard_path(shard)), offset, size, sha)
-                writer.add(sha, _suffix_in(previous, shard, offset), ref.read())
+        moved = [sha for sha in live if known[sha][0] not in kept]
+        if moved:  # the live images of shards not kept: written again, in order
+            sources = {}
+            for key, _, sha, source in rows:
+                sources.setdefault(sha, (key, source))
+            for sha in moved:
+                shard, offset, size = known[sha]
+                data = ImageRef(str(previous.shard_path(shard)), offset, size, sha).read()
+                if hashlib.sha256(data).hexdigest() != sha:  # a damaged shard: the source
+                    data = _image_bytes(*sources[sha])
+                writer.add(sha, _suffix_in(previous, shard, offset), data)
         writer.close()
     except BaseException:
         writer.abandon()
@@ -223,12 +234,11 @@ def write_store(
     for shard in sorted(kept):
         _link_or_copy(previous.shard_path(shard), target / SHARDS / shard)
     places = {sha: known[sha] for sha in live if known[sha][0] in kept} | writer.written
-    index = pd.DataFrame(rows, columns=["path", "label", "sha256"])
+    index = pd.DataFrame([row[:3] for row in rows], columns=["path", "label", "sha256"])
     placed = [places[sha] for sha in index["sha256"]]
     index["shard"] = [p[0] for p in placed]
     index["offset"] = np.array([p[1] for p in placed], dtype=np.int64)
     index["size"] = np.array([p[2] for p in placed], dtype=np.int64)
-    index = index.sort_values("path", kind="stable").reset_index(drop=True)
     index.to_parquet(target / INDEX, index=False)
     new_bytes = sum((target / SHARDS / s).stat().st_size for s in writer.shards)
     all_bytes = sum(p.stat().st_size for p in (target / SHARDS).iterdir())
@@ -242,10 +252,31 @@ def write_store(
     )
 
 
+def _image_bytes(key: str, source: Path) -> bytes:
+    """The bytes of ``source``, stored as ``key``; a file too large to be an image is a
+    one-line error (a tar member and one read by offset have their limits)."""
+    size = source.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise DataError(
+            f"{key}: {size:,} bytes, more than the {MAX_FILE_BYTES:,} a file in the raw store "
+            "may have; remove it from the source"
+        )
+    data = source.read_bytes()
+    if len(data) != size:
+        raise DataError(f"{key}: {source} changed while it was read; run download again")
+    return data
+
+
 def _places(store: RawStore) -> dict[str, tuple[str, int, int]]:
-    """sha256 → (shard, offset, size) for every image of ``store`` whose shard is there."""
+    """sha256 → (shard, offset, size) for every image of ``store`` whose shard is whole."""
     index = store.index.drop_duplicates("sha256")
-    present = {s for s in index["shard"].unique() if store.shard_path(s).is_file()}
+    ends = (index["offset"] + index["size"]).groupby(index["shard"]).max()
+    present = {  # a shard cut short (a damaged workspace) is not kept: written again
+        shard
+        for shard, end in ends.items()
+        if store.shard_path(shard).is_file()
+        and store.shard_path(shard).stat().st_size >= end + _TAR_END
+    }
     index = index[index["shard"].isin(present)]
     return {
         sha: (shard, int(offset), int(size))

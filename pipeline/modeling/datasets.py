@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.config import AugmentParams
-from pipeline.data.images import load_rgb
+from pipeline.data.images import ImageRefs, Source, load_rgb
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.modeling.runtime import Runtime
 
@@ -72,7 +72,8 @@ def item_seed(seed: int, key: str, round_: int) -> int:
 
 
 class ImageDataset(Dataset):
-    """(path, label) → (transformed image tensor, label, index), decoded in the loader's workers.
+    """(image, label) → (transformed image tensor, label, index), decoded in the loader's
+    workers; an image is a file or its place in the raw store (``images.Source``).
 
     With ``augment_keys`` (one key per item, e.g. its sha256) the transform is random
     and seeded per (key, round): the item ``(i, round)`` asks for round ``round`` (an epoch
@@ -81,13 +82,15 @@ class ImageDataset(Dataset):
 
     def __init__(
         self,
-        paths: Sequence[str],
+        paths: Sequence[Source],
         labels: Sequence[int],
         transform: Callable[[Image.Image], np.ndarray],
         augment_keys: Sequence[str] | None = None,
         seed: int = 0,
     ) -> None:
-        self.paths, self.labels, self.transform = list(paths), list(labels), transform
+        # ImageRefs stay arrays: a list of a million references would be copied to each worker
+        self.paths = paths if isinstance(paths, ImageRefs) else list(paths)
+        self.labels, self.transform = list(labels), transform
         self.augment_keys = None if augment_keys is None else list(augment_keys)
         self.seed = seed
 

@@ -42,8 +42,9 @@ INT8_RECIPE = (
 
 @dataclass(frozen=True)
 class CalibrationImages:
-    """Preprocessed training images in batches of ``batch_size``, for onnxruntime's
-    calibrators; ``digests`` (the images' sha256, in order) say which images they are.
+    """Preprocessed training images (files or places in the raw store) in batches of
+    ``batch_size``, for onnxruntime's calibrators; ``digests`` (the images' sha256, in
+    order) say which images they are.
 
     Every batch has ``batch_size`` images: the last one is filled up with images from the
     start. onnxruntime's histogram calibrators (percentile, entropy) stack the batches'

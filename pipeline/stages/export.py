@@ -242,7 +242,7 @@ def run(params: Params) -> dict:
     if cfg.quantize:
         rows = calibration_rows(paths, cfg.calibration_images, params.split.seed)
         calibration = CalibrationImages(
-            RawStore.open(paths.raw).locate(rows["path"]),
+            list(RawStore.open(paths.raw).locate(rows["path"])),
             rows["sha256"].tolist(),
             card.preprocessing,
             INPUT,

@@ -9,6 +9,7 @@ split-CSV row order: ``<split>.npy`` (N, D) float32, ``train_aug.npy`` (N, V, D)
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -85,7 +86,7 @@ def cached_embeddings(
     engine: engines.Engine,
     runtime: Runtime,
     rows: pd.DataFrame,
-    store: RawStore,
+    store: Callable[[], RawStore],
     cache: FeatureCache,
     out: RowArrays,
     batch_size: int,
@@ -112,7 +113,7 @@ def cached_embeddings(
     todo = np.flatnonzero(~filled)
     if len(todo):
         todo_rows = first[todo]
-        sources = store.locate(rows["path"].to_numpy()[todo_rows])
+        sources = store().locate(rows["path"].to_numpy()[todo_rows])
         keys = None if view is None else shas[todo].tolist()
         dataset = ImageDataset(sources, [0] * len(todo), transform, keys, seed)
         kept_upto = 0  # the images before it are in the cache: a crash later keeps them
@@ -153,7 +154,7 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
         paths.memo,
     )
     splits = {s: read_split(paths, s) for s in SPLITS}
-    store = RawStore.open(paths.raw)
+    store = functools.cache(lambda: RawStore.open(paths.raw))  # read only to embed images
     classes = sorted(set(splits["train"]["label"]))
     stats = EmbedStats()
     # All splits in one pass: one loader start-up, one cache read.

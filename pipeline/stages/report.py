@@ -69,9 +69,9 @@ def read_csv(path: Path, dtype: type | None = None) -> pd.DataFrame:
 def thumbnail(path: str, px: int, store: RawStore | None) -> str:
     """A JPEG data URI of the image ``path`` in ``store`` shrunk to ``px`` on its longest
     side; '' if unreadable."""
+    if store is None:
+        return ""
     try:
-        if store is None:
-            raise DataError(f"{path}: there is no raw store")
         img = load_rgb(store.locate([path])[0], draft=(px, px))
         img.thumbnail((px, px))
         buffer = io.BytesIO()

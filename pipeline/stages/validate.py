@@ -1,9 +1,10 @@
 """Stage ``validate``: a manifest of every raw file, a quarantine, and a Great Expectations suite.
 
 The files, their sizes and sha256s come from the raw store's index (download hashed each
-file as it stored it). Each file is decoded once, the way every later stage will load it (``images.load_rgb``),
-and what decoding found is kept by sha256 in the memo (``factstore``): a rerun after new
-images arrive decodes only those (``decoded`` and ``reused`` in validate.json count both).
+file as it stored it). Each file is decoded once, the way every later stage will load it
+(``images.load_rgb``), and what decoding found is kept by sha256 in the memo
+(``factstore``): a rerun after new images arrive decodes only those (``decoded`` and
+``reused`` in validate.json count both).
 Files that cannot be used are quarantined with their reason (listed, never deleted);
 the rest must pass the suite, whose Data Docs land in ``reports/validation/``.
 

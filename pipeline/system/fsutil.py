@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -204,20 +203,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` via a temporary file and a rename."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-
-
-def same_bytes(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
-    """True when two regular files hold the same bytes (sizes first, then the contents)."""
-    sa, sb = a.lstat(), b.lstat()
-    if not (stat.S_ISREG(sa.st_mode) and stat.S_ISREG(sb.st_mode)) or sa.st_size != sb.st_size:
-        return False  # a FIFO or device where an image was would block a read
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            block = fa.read(chunk)
-            if block != fb.read(chunk):
-                return False
-            if not block:
-                return True
 
 
 def read_json_or_empty(path: Path) -> dict:

@@ -219,3 +219,13 @@ def test_md5_only_source_is_verified_and_reused(workspace, tiny_imagefolder, tmp
         _run(workspace, source=server.url("/images.tgz"), md5=md5, exclude_classes=["cat"])
         assert len(server.requests_for("/images.tgz")) == 2  # the second run reused the file
     assert {f.split("/")[0] for f in _raw_files()} == {"bird", "dog"}
+
+
+def test_an_unreadable_last_store_is_written_anew(workspace, tiny_imagefolder, caplog):
+    params = workspace(data={"source": str(tiny_imagefolder)})
+    download.main(params)
+    Path("data/raw/index.parquet").write_bytes(b"not a parquet file")
+    summary = download.main(params)
+    assert (summary["files"], summary["reused"]) == (30, 0)
+    assert "not reusing the last raw store data/raw" in caplog.text
+    assert _raw_files() == _raw_files(tiny_imagefolder)

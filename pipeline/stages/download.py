@@ -467,6 +467,16 @@ def collect_labelled(
     return ImageFolder(root, labelled.classes, loose_files=0), labelled, table
 
 
+def last_store(raw: Path) -> rawstore.RawStore | None:
+    """The last run's store, which DVC keeps (persist), for its shards to be kept; None
+    where there is none or it cannot be read (then every image is written anew)."""
+    try:
+        return rawstore.RawStore.open_if_there(raw)
+    except (DataError, OSError, ValueError) as exc:
+        log.warning("not reusing the last raw store %s: %s", raw, exc)
+        return None
+
+
 def run(paths: Paths, data: DataParams, download: DownloadParams) -> dict:
     """Fetch, verify, extract and normalise ``data.source`` into ``paths.raw``; with a
     ``data.labels`` table, also record what became of each of its rows (``paths.label_rows``)."""
@@ -490,9 +500,7 @@ def run(paths: Paths, data: DataParams, download: DownloadParams) -> dict:
                 )
                 taken_table = sha256_file(table)
             # raw is renamed into place first; label_rows, which describes it, right after.
-            previous = None  # DVC keeps the last run's store (persist): its shards are kept
-            if (paths.raw / rawstore.INDEX).is_file():
-                previous = rawstore.RawStore.open(paths.raw)
+            previous = last_store(paths.raw)
             with atomic_path(paths.label_rows) as rows_tmp, atomic_path(paths.raw) as tmp:
                 stored = rawstore.write_store(stored_files(folder), tmp, previous)
                 labels.write_label_rows(rows_tmp, labelled.rows if labelled else [])

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline.data.rawstore import write_store
 from pipeline.reporting import scoring
 from pipeline.reporting.headline import headline_markdown
 from pipeline.stages import data_issues, report
@@ -34,16 +35,18 @@ def write_run(root: Path) -> dict:
     so the page can be checked against them.
     """
     rng = np.random.default_rng(0)
-    rows = []
+    rows, files = [], []
     for c, label in enumerate(CLASSES):
-        folder = root / "data/raw" / f"c{c}"
+        folder = root / "images" / f"c{c}"
         folder.mkdir(parents=True)
         for i in range(10):
             path = folder / f"img_{i}.png"
             noise_image(c * 100 + i).save(path)
+            files.append((f"c{c}/img_{i}.png", label, path))
             rows.append(
-                {"path": str(path.relative_to(root)), "label": label, "sha256": sha256_file(path)}
+                {"path": f"data/raw/c{c}/img_{i}.png", "label": label, "sha256": sha256_file(path)}
             )
+    write_store(files, root / "data/raw")  # the raw store the thumbnails come from
     images = pd.DataFrame(rows)
     split_of = {i: "train" if i < 6 else ("val" if i < 8 else "test") for i in range(10)}
     images["split"] = [split_of[i % 10] for i in range(len(images))]

@@ -23,7 +23,6 @@ import hashlib
 import io
 import os
 import re
-import shutil
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ import numpy as np
 
 from pipeline.data.images import ImageRef, ImageRefs
 from pipeline.errors import DataError
-from pipeline.system.fsutil import remove, sha256_file
+from pipeline.system.fsutil import link_or_copy, remove, sha256_file
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -222,17 +221,18 @@ def write_store(
                 sources.setdefault(sha, (key, source))
             for sha in moved:
                 shard, offset, size = known[sha]
+                key, source = sources[sha]
                 data = ImageRef(str(previous.shard_path(shard)), offset, size, sha).read()
                 if hashlib.sha256(data).hexdigest() != sha:  # a damaged shard: the source
-                    data = _image_bytes(*sources[sha])
-                writer.add(sha, _suffix_in(previous, shard, offset), data)
+                    data = _image_bytes(key, source)
+                writer.add(sha, source.suffix.lower(), data)  # named as if new
         writer.close()
     except BaseException:
         writer.abandon()
         raise
     (target / SHARDS).mkdir(parents=True, exist_ok=True)
     for shard in sorted(kept):
-        _link_or_copy(previous.shard_path(shard), target / SHARDS / shard)
+        link_or_copy(previous.shard_path(shard), target / SHARDS / shard)
     places = {sha: known[sha] for sha in live if known[sha][0] in kept} | writer.written
     index = pd.DataFrame([row[:3] for row in rows], columns=["path", "label", "sha256"])
     placed = [places[sha] for sha in index["sha256"]]
@@ -302,18 +302,3 @@ def _worth_keeping(store: RawStore, live: list[tuple[str, int, int]]) -> set[str
 def _footprint(size: int) -> int:
     """Bytes a member of ``size`` takes in a tar: its header and its padded data."""
     return tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-
-
-def _suffix_in(store: RawStore, shard: str, offset: int) -> str:
-    """The suffix of the member whose data starts at ``offset`` (its name, in its header)."""
-    with open(store.shard_path(shard), "rb") as fh:
-        header = os.pread(fh.fileno(), tarfile.BLOCKSIZE, offset - tarfile.BLOCKSIZE)
-    name = header[:100].rstrip(b"\0").decode("ascii", "replace")
-    return name[64:]
-
-
-def _link_or_copy(source: Path, dest: Path) -> None:
-    try:
-        os.link(source, dest)
-    except OSError:  # a filesystem without hard links
-        shutil.copyfile(source, dest)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -153,15 +151,6 @@ def fetch(obj: StoredObject, fs: Any, cache: Path, *, retries: int, backoff_s: f
                 delay,
             )
             time.sleep(delay)
-
-
-def link_or_copy(src: Path, dest: Path) -> None:
-    """``dest`` as a hard link to ``src`` (the cache), or a copy across file systems."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copyfile(src, dest)
 
 
 def listing_digest(records: list[dict]) -> str:

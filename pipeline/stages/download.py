@@ -41,6 +41,7 @@ from pipeline.system.fsutil import (
     atomic_path,
     fresh_tempdir,
     is_os_litter,
+    link_or_copy,
     lone_folder_chain,
     md5_file,
     read_json_or_empty,
@@ -192,7 +193,7 @@ def materialise_s3(
         verify_md5(path, data.md5, data.source, discard=False)
         # the archive under its own name, so its kind is read from the suffix
         named = workdir / "s3-object" / found.relative
-        objectstore.link_or_copy(path, named)
+        link_or_copy(path, named)
         return named, {"sha256": sha256_file(path), **found.record()}
     if data.sha256 or data.md5:
         raise ConfigError(
@@ -203,7 +204,7 @@ def materialise_s3(
     for obj in tqdm(found, desc="s3 objects", unit="obj", disable=None):
         fetched += not objectstore.cache_path(downloads_dir, obj).is_file()
         path = objectstore.fetch(obj, fs, downloads_dir, retries=download.retries)
-        objectstore.link_or_copy(path, folder / obj.relative)
+        link_or_copy(path, folder / obj.relative)
     records = [obj.record() for obj in found]
     log.info("s3: %d objects under %s, %d fetched", len(found), data.source, fetched)
     return folder, {
@@ -406,7 +407,7 @@ def locate_table(
                 )
             named = downloads_dir / "s3-tables" / found.relative
             remove(named)
-            objectstore.link_or_copy(path, named)
+            link_or_copy(path, named)
             return named
         return fetch_remote(
             table,

@@ -205,6 +205,15 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def link_or_copy(src: Path, dest: Path) -> None:
+    """``dest`` as a hard link to ``src`` (the cache), or a copy across file systems."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
 def read_json_or_empty(path: Path) -> dict:
     """The JSON object in ``path``, or ``{}`` when it is missing or unreadable.
 

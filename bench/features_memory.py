@@ -31,7 +31,9 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(CHECKOUT))
 
 from pipeline.config import load_params  # noqa: E402
+from pipeline.data import segments  # noqa: E402
 from pipeline.data.featurestore import FeatureCache  # noqa: E402
+from pipeline.data.splits import COLUMNS, KEY  # noqa: E402
 from pipeline.modeling import engines  # noqa: E402
 from pipeline.modeling.backbones import build_backbone  # noqa: E402
 from pipeline.modeling.runtime import resolve  # noqa: E402
@@ -39,18 +41,19 @@ from pipeline.stages.features import cache_key  # noqa: E402
 
 
 def write_splits(workspace: Path, images: int) -> list[str]:
-    """Split CSVs of ``images`` rows; returns their sha256s in row order."""
+    """A split table of ``images`` rows; returns their sha256s in row order."""
+    import pandas as pd
+
     shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(images)]
     cuts = {"train": (0, images * 8 // 10), "val": (images * 8 // 10, images * 9 // 10)}
     cuts["test"] = (images * 9 // 10, images)
-    folder = workspace / "data/splits"
-    folder.mkdir(parents=True)
-    for split, (start, stop) in cuts.items():
-        lines = ["path,label,sha256"] + [
-            f"data/raw/class_{i % 100:03d}/img_{i:07d}.jpg,class_{i % 100:03d},{shas[i]}"
-            for i in range(start, stop)
-        ]
-        (folder / f"{split}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rows = [
+        (f"data/raw/class_{i % 100:03d}/img_{i:07d}.jpg", f"class_{i % 100:03d}", shas[i], split)
+        for split, (start, stop) in cuts.items()
+        for i in range(start, stop)
+    ]
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    segments.write_table(table, workspace / "data/splits", KEY)
     return shas
 
 

@@ -58,14 +58,15 @@ def write_splits(store: RawStore, splits: Path) -> None:
     measured here."""
     import pandas as pd
 
-    rows = {"train": [], "val": [], "test": []}
+    from pipeline.data import segments
+    from pipeline.data.splits import COLUMNS, KEY
+
+    rows = []
     for label, files in store.index.groupby("label", sort=True):
         for i, (key, sha) in enumerate(zip(files["path"], files["sha256"], strict=True)):
             part = "train" if i < 0.7 * len(files) else "val" if i < 0.8 * len(files) else "test"
-            rows[part].append({"path": store.logical(key), "label": label, "sha256": sha})
-    splits.mkdir(parents=True)
-    for part, items in rows.items():
-        pd.DataFrame(items).to_csv(splits / f"{part}.csv", index=False)
+            rows.append((store.logical(key), label, sha, part))
+    segments.write_table(pd.DataFrame(rows, columns=COLUMNS), splits, KEY)
 
 
 def forward_only(backbone_name: str, device: str, batch: int, steps: int = 20) -> float:

@@ -236,6 +236,10 @@ def check_out_inputs(workspace: Path, stages: list[str]) -> tuple[Path, Path, di
     the cache lacks them. A worker's copy may be another run's, so every such input is
     compared with the lock; only those that differ are touched.
 
+    So are the stages' own persisted outputs (the raw store, the segmented tables) as the
+    lock has them: a stage extends its last output, so what it writes, and the push after
+    it, is what changed, on whichever machine it runs.
+
     Returns the local DVC cache's object and run-cache folders, and the bytes fetched per
     stage."""
     from dvc.exceptions import CheckoutError
@@ -264,6 +268,11 @@ def check_out_inputs(workspace: Path, stages: list[str]) -> tuple[Path, Path, di
                 if fs_path in producer
                 and producer[fs_path][0] not in stages
                 and producer[fs_path][1].status()  # differs from the lock, or missing
+            ]
+            targets += [  # its own last output, which it extends (the lock has one)
+                out.def_path
+                for out in stage.outs
+                if out.persist and out.use_cache and out.hash_info and out.status()
             ]
             if not targets:
                 continue

@@ -1,7 +1,7 @@
 """``python -m pipeline <stage>``: run one stage with the settings in params.yaml.
 
 This is the command dvc.yaml runs for each stage (through ``bin/stage``); the stage
-modules do the work (``pipeline/runner.py`` runs them). Six commands are not stages:
+modules do the work (``pipeline/runner.py`` runs them). Seven commands are not stages:
 ``python -m pipeline predict --model models/model.onnx IMAGE_OR_DIR...`` labels images
 with the exported model and runs where only onnxruntime, numpy and Pillow are installed;
 ``python -m pipeline verify`` re-hashes DVC's outputs and cache against dvc.lock
@@ -10,8 +10,9 @@ compares dvc.yaml's code deps with each stage's imports (``pipeline/system/coded
 ``python -m pipeline settings`` prints the settings reference (``--write``: docs/settings.md);
 ``python -m pipeline outputs`` lists where the outputs are, with the headline figures;
 ``python -m pipeline registry list|set-production N|rollback`` looks at the model registry
-and moves its production alias (``pipeline/registry/cli.py``). Each is dispatched before
-anything else is imported.
+and moves its production alias (``pipeline/registry/cli.py``); ``python -m pipeline table
+data/splits`` prints a segmented table's rows as CSV (``pipeline/data/segments.py``).
+Each is dispatched before anything else is imported.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.reporting.headline import main as outputs
 
         return outputs(argv[1:])
+    if argv[:1] == ["table"]:
+        from pipeline.data.segments import main as table
+
+        return table(argv[1:])
     from pipeline.runner import main as run
 
     return run(argv)

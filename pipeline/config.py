@@ -86,9 +86,6 @@ class Paths:
         """``metrics/<stage>.json``: one name everywhere."""
         return self.metrics / f"{stage}.json"
 
-    def split_file(self, split: str) -> Path:
-        return self.splits / f"{split}.csv"
-
     def per_class_table(self, model: str) -> Path:
         """evaluate's per-class accuracy table of ``model`` (head or finetuned)."""
         return self.evaluation / f"per_class_{model}.csv"

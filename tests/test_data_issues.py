@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 
 from pipeline.data import issues
+from pipeline.data.splits import read_split
 from pipeline.errors import DataError
 from pipeline.stages import data_issues, features, report
 from pipeline.system import memo
 from tests.support.images import colour_images
-from tests.support.project import params_with
+from tests.support.project import params_with, write_split_rows
 from tests.support.world import TinyWorld
 
 
@@ -184,13 +185,11 @@ def fake_workspace(tmp_path, monkeypatch, x, labels, shas=None):
             "sha256": shas,
         }
     )
-    val = np.arange(n) % 10 == 0
-    for split, mask in (("train", ~val), ("val", val), ("test", val[:0])):
-        table[mask if len(mask) else slice(0, 0)].to_csv(paths.split_file(split), index=False)
-        np.save(
-            paths.features / f"{split}.npy",
-            x[mask if len(mask) else slice(0, 0)].astype(np.float32),
-        )
+    table["split"] = np.where(np.arange(n) % 10 == 0, "val", "train")
+    write_split_rows(paths.splits, table)
+    for split in ("train", "val", "test"):  # each split's rows in the table's order, by path
+        rows = table[table["split"] == split].sort_values("path").index.to_numpy()
+        np.save(paths.features / f"{split}.npy", x[rows].astype(np.float32))
     classes = sorted(set(labels))
     (paths.features / "index.json").write_text(json.dumps({"classes": classes, "engine": "test"}))
     return params
@@ -241,7 +240,7 @@ def test_the_stage_finds_the_flips_of_a_labels_table_keeps_them_and_the_report_s
     table = pd.read_csv(params.paths.data_issues, keep_default_na=False)
     assert list(table.columns) == data_issues.COLUMNS
     errors = table[table["issue"] == "label_error"]
-    scored = pd.concat([pd.read_csv(params.paths.split_file(s)) for s in ("train", "val")])
+    scored = pd.concat([read_split(params.paths, s) for s in ("train", "val")])
     label_rows = pd.read_csv(params.paths.label_rows, keep_default_na=False)
     raw = f"{params.paths.raw.as_posix()}/"
     source_of = dict(zip(raw + label_rows["raw"], label_rows["path"], strict=True))

@@ -27,7 +27,7 @@ def _tar_gz(folder: Path, dest: Path, top: str) -> Path:
 
 def _raw_files(root: Path = Path("data/raw")) -> dict[str, bytes]:
     """``<class>/<file>`` → bytes: of the raw store at ``root``, or of a folder's files."""
-    if (root / rawstore.INDEX).is_file():
+    if (root / rawstore.INDEX).is_dir():
         return raw_files(root)
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
@@ -224,7 +224,7 @@ def test_md5_only_source_is_verified_and_reused(workspace, tiny_imagefolder, tmp
 def test_an_unreadable_last_store_is_written_anew(workspace, tiny_imagefolder, caplog):
     params = workspace(data={"source": str(tiny_imagefolder)})
     download.main(params)
-    Path("data/raw/index.parquet").write_bytes(b"not a parquet file")
+    Path("data/raw/index/part-000000.parquet").write_bytes(b"not a parquet file")
     summary = download.main(params)
     assert (summary["files"], summary["reused"]) == (30, 0)
     assert "not reusing the last raw store data/raw" in caplog.text

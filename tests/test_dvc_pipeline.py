@@ -29,6 +29,7 @@ from tests.support.project import (
     git,
     project_warnings,
     set_params,
+    split_rows,
     stages_run,
     tool_env,
 )
@@ -51,7 +52,7 @@ def test_repro_is_incremental(repo, tmp_path):
     first = dvc(repo, "repro", "split")
     assert [s in first for s in ("'download'", "'validate'", "'split'")] == [True] * 3
     assert not stages_run(dvc(repo, "repro", "split"))
-    train = pd.read_csv(repo / "data/splits/train.csv")
+    train = split_rows(repo, "train")
     assert len(train) == 3 * 8 and set(train["label"]) == {"cat", "dog", "bird"}
 
     set_params(repo, split={"seed": 7})
@@ -60,7 +61,7 @@ def test_repro_is_incremental(repo, tmp_path):
     second = dvc(repo, "repro", "split")
     assert "Running stage 'split'" in second
     assert "Running stage 'download'" not in second and "Running stage 'validate'" not in second
-    assert not pd.read_csv(repo / "data/splits/train.csv").equals(train)
+    assert not split_rows(repo, "train").equals(train)
 
 
 @pytest.mark.caltech
@@ -74,7 +75,7 @@ def test_caltech_over_loopback_http(repo):
     assert (validated["images"], validated["classes"]) == (8677, 101)
     assert "BACKGROUND_Google" not in validated["class_counts"]
 
-    splits = {s: pd.read_csv(repo / f"data/splits/{s}.csv") for s in ("train", "val", "test")}
+    splits = {s: split_rows(repo, s) for s in ("train", "val", "test")}
     both = pd.concat([df.assign(split=s) for s, df in splits.items()])
     assert len(both) == 8677 and both["path"].is_unique
     assert both.groupby("sha256")["split"].nunique().max() == 1

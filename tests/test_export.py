@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pandas as pd
 import pytest
 import torch
 
 from pipeline.data.images import load_rgb
 from pipeline.data.rawstore import RawStore
+from pipeline.data.splits import read_split
 from pipeline.modeling import model as checkpoints
 from pipeline.modeling import onnx_parts, quantization
 from pipeline.modeling.model import load_checkpoint, load_classifier, save_checkpoint
@@ -141,7 +141,7 @@ def test_onnx_matches_pytorch_and_int8_keeps_accuracy(exported):
     params, metrics = exported
     on_disk = json.loads(params.paths.metrics_file("onnx_check").read_text())
     assert on_disk == metrics and metrics["passed"] and metrics["failures"] == []
-    assert metrics["images"] == len((params.paths.splits / "test.csv").read_text().splitlines()) - 1
+    assert metrics["images"] == len(read_split(params.paths, "test"))
     assert metrics["max_abs_diff"] <= 1e-4 and metrics["batch1_max_abs_diff"] <= 1e-4
     assert metrics["top1_agreement"] == 1.0
     assert metrics["onnx_top1"] == metrics["torch_top1"] == 1.0
@@ -196,8 +196,7 @@ def test_int8_computes_the_same_on_avx2_kernels_as_on_exact_ones(exported, tmp_p
     if shutil.which("qemu-x86_64") is None:
         pytest.skip("qemu-x86_64 not found (Debian: apt-get install qemu-user; .ci/run does)")
     params, _ = exported
-    test_csv = (params.paths.splits / "test.csv").read_text().splitlines()[1:]
-    paths = [line.split(",")[0] for line in test_csv][::3][:6]
+    paths = read_split(params.paths, "test")["path"].tolist()[::3][:6]
     _, card, _ = load_classifier(params.paths.model)
     images = tmp_path / "images.npy"
     refs = RawStore.open(params.paths.raw).locate(paths)
@@ -265,7 +264,7 @@ def test_the_pytorch_reference_runs_once_per_backbone(exported, tmp_path, monkey
     for name in ("models", "data/raw", "data/splits", "data/features", "data/memo", "metrics"):
         shutil.copytree(ws / name, tmp_path / name)
     paths = params.paths
-    rows = pd.read_csv(paths.split_file("test"))
+    rows = read_split(paths, "test")
     model, card, checkpoint = load_classifier(paths.model)
     kept = ReferenceFeatures(paths.memo, card, checkpoint["state_dict"], lambda: model)
     stored = kept.lookup(rows["sha256"])
@@ -304,7 +303,7 @@ def test_the_pytorch_reference_runs_once_per_backbone(exported, tmp_path, monkey
     save_checkpoint(paths.model, card, state)  # no training params: evaluate runs the images
     fp32 = dataclasses.replace(params.evaluate, precision="fp32")  # on any CPU
     evaluate.main(dataclasses.replace(params, evaluate=fp32))
-    assert sum(passes) == len(pd.read_csv(paths.split_file("val"))) + len(rows)  # val, test
+    assert sum(passes) == len(read_split(paths, "val")) + len(rows)  # val, test
     computed = len(passes)
     with pytest.raises(onnx_check.ParityError):  # the ONNX file is the old model's
         onnx_check.main(params)
@@ -352,7 +351,7 @@ def test_onnx_check_keeps_each_files_backbone_outputs(exported, tmp_path, monkey
     fresh = onnx_check.main(params)  # every image through both whole files
     assert fresh["backbone_outputs"] == {"onnx": "computed", "int8": "computed"}
     assert checked_figures(new_head) == checked_figures(fresh)
-    assert len(tapped) == 2 * -(-len(pd.read_csv(paths.split_file("test"))) // 32)
+    assert len(tapped) == 2 * -(-len(read_split(paths, "test")) // 32)
 
     # Parts that compute other logits than the whole file: the whole file runs.
     head = onnx_parts.OnnxParts.head

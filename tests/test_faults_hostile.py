@@ -37,7 +37,6 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 
@@ -56,6 +55,7 @@ from tests.support.project import (
     params_from,
     raw_keys,
     set_params,
+    split_rows,
     tool_env,
     write_params,
 )
@@ -858,10 +858,7 @@ def test_hostile_files_are_quarantined_and_duplicates_kept_together(bench):
             }
         metrics = json.loads((bench.ws / "metrics/validate.json").read_text())
         downloaded = json.loads((bench.ws / "metrics/download.json").read_text())
-        splits = pd.concat(
-            pd.read_csv(bench.ws / f"data/splits/{s}.csv").assign(split=s)
-            for s in ("train", "val", "test")
-        )
+        splits = split_rows(bench.ws)
         split_of = dict(zip(splits["path"], splits["split"], strict=True))
 
         def quarantined(path: str, why: str, reasons=reasons, split_of=split_of) -> list[str]:
@@ -957,7 +954,7 @@ def test_tiny_and_fully_quarantined_classes_fail_validate_naming_them(bench):
     for fragment in ("min_images_per_class=5", "'lonely'", "'ghost'", "'images': 0"):
         if fragment not in message:
             problems.append(f"message lacks {fragment!r}: {message[-1500:]}")
-    for output in ("data/manifest.parquet", "metrics/validate.json", "metrics/classes.json"):
+    for output in ("data/manifest", "metrics/validate.json", "metrics/classes.json"):
         if (bench.ws / output).exists():
             problems.append(f"{output} written by a failed validate")
     if bench.around() != before or bench.stray():

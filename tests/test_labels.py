@@ -15,7 +15,7 @@ from pipeline.sources.fetch import ChecksumError
 from pipeline.stages import download, split, validate
 from tests.support.httpserver import ServedFiles
 from tests.support.images import create_image_folder, noise_image
-from tests.support.project import params_with, raw_keys
+from tests.support.project import manifest, params_with, raw_keys, split_rows
 
 CLASSES = {"cat": 8, "dog": 8, "bird": 8}
 
@@ -50,13 +50,12 @@ def _data_stages(ws: Path, monkeypatch, **data) -> dict:
 
 def _splits_by_sha(ws: Path) -> dict[str, tuple[str, str]]:
     """sha256 → (label, split) over the split files of ``ws``."""
-    manifest = pd.read_parquet(ws / "data/manifest.parquet").set_index("path")["sha256"]
-    out = {}
-    for name in ("train", "val", "test"):
-        part = pd.read_csv(ws / "data/splits" / f"{name}.csv")
-        for path, label in zip(part["path"], part["label"], strict=True):
-            out[manifest[path]] = (label, name)
-    return out
+    sha256_of = manifest(ws).set_index("path")["sha256"]
+    table = split_rows(ws)
+    return {
+        sha256_of[path]: (label, name)
+        for path, label, name in zip(table["path"], table["label"], table["split"], strict=True)
+    }
 
 
 def test_a_table_gives_the_same_images_the_same_labels_and_splits_as_class_folders(

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline.data.featurestore import FeatureCache, NpyRows, load_features
-from pipeline.data.splits import read_split
+from pipeline.data.splits import read_split, read_splits, rows_of
 from pipeline.errors import PipelineError
 from pipeline.modeling import training
 from pipeline.modeling.backbones import build_backbone
@@ -23,7 +23,7 @@ from pipeline.stages import download, evaluate, features, finetune, train_head
 from pipeline.system import memo
 from tests.support.exports import counted_exports
 from tests.support.images import create_image_folder
-from tests.support.project import params_with
+from tests.support.project import params_with, write_split_rows
 
 
 def test_features_are_cached_by_content(tiny_run):
@@ -35,17 +35,21 @@ def test_features_are_cached_by_content(tiny_run):
     assert np.isfinite(arrays["test"]).all()
 
     # Two new training images: only those are computed, the rest come from the cache.
-    train_csv = p.paths.split_file("train")
-    rows = pd.read_csv(train_csv)
+    table = read_splits(p.paths)
     extra = create_image_folder(Path("extra"), {"cat": 2}, seed=9)
     for f in extra.rglob("*.png"):  # into the source, then the raw store
         shutil.copy(f, Path(p.data.source) / "cat" / f"extra_{f.name}")
     download.main(p)
     new = [
-        {"path": f"data/raw/cat/extra_{f.name}", "label": "cat", "sha256": f"new{i}"}
+        {
+            "path": f"data/raw/cat/extra_{f.name}",
+            "label": "cat",
+            "sha256": f"new{i}",
+            "split": "train",
+        }
         for i, f in enumerate(sorted(extra.rglob("*.png")))
     ]
-    pd.concat([rows, pd.DataFrame(new)]).to_csv(train_csv, index=False)
+    write_split_rows(p.paths.splits, pd.concat([table, pd.DataFrame(new)]))
     second = features.main(p)
     assert (second["computed"], second["reused"]) == (2, 30)
     again, _ = load_features(p.paths)
@@ -56,9 +60,14 @@ def test_features_stream_the_cache_in_shards_and_fill_copies(tiny_run, monkeypat
     """The stage never holds every embedding: the cache is written and read a shard at a
     time, the arrays are memory-mapped files. Same bytes as one shard, copies included."""
     p = tiny_run()
-    test_csv = p.paths.split_file("test")
-    train, test = pd.read_csv(p.paths.split_file("train")), pd.read_csv(test_csv)
-    pd.concat([test, train.iloc[[0]]]).to_csv(test_csv, index=False)  # a copy in two splits
+    table = read_splits(p.paths)
+    first = rows_of(table, "train").iloc[0]  # a copy of it in the test split
+    source = Path(p.data.source) / Path(first["path"]).relative_to(p.paths.raw)
+    shutil.copy(source, source.with_name(f"zz_copy_{source.name}"))
+    download.main(p)
+    twin = {**first, "path": f"{Path(first['path']).parent}/zz_copy_{source.name}", "split": "test"}
+    write_split_rows(p.paths.splits, pd.concat([table, pd.DataFrame([twin])]))
+    at = rows_of(read_splits(p.paths), "test")["path"].tolist().index(twin["path"])
     whole = features.main(p)
     one_shard, _ = load_features(p.paths)
     one_shard = {name: np.array(a) for name, a in one_shard.items()}
@@ -72,7 +81,7 @@ def test_features_stream_the_cache_in_shards_and_fill_copies(tiny_run, monkeypat
     assert (again["computed"], again["reused"]) == (0, 31)
     arrays, _ = load_features(p.paths)
     assert all(isinstance(a, np.memmap) for a in arrays.values())
-    assert np.array_equal(arrays["test"][-1], arrays["train"][0])
+    assert np.array_equal(arrays["test"][at], arrays["train"][0])
     for name, array in one_shard.items():
         assert np.array_equal(arrays[name], array), name
 

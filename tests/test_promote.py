@@ -8,6 +8,7 @@ permuted one wrong everywhere, so each decision has one right answer."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.data.splits import read_split
 from pipeline.errors import PipelineError
 from pipeline.registry.backends import RegistryError
 from pipeline.registry.store import Registry, parse_ref, resolve
@@ -84,7 +86,10 @@ def test_first_then_promoted_then_kept(world):
     records = [registry.version(v) for v in (1, 2, 3)]
     assert [r["decision"] for r in records] == ["first", "promoted", "kept"]
     data = records[2]["data"]
-    assert data["splits"]["test"] == promote.sha256_file(params.paths.split_file("test"))
+    test_rows = read_split(params.paths, "test")
+    assert (
+        data["splits"]["test"] == hashlib.sha256(test_rows.to_csv(index=False).encode()).hexdigest()
+    )
     assert records[2]["params_sha256"] == f"{2:064x}"  # from the file's own metadata
     assert registry.alias().version == 2
 
@@ -111,7 +116,7 @@ def test_test_images_the_champion_trained_on_are_left_out(world):
     candidate(world)
     world.run(split, split={"seed": 7})  # the same images cut otherwise
     moved = promote.main(world(split={"seed": 7}))
-    test = pd.read_csv(world(split={"seed": 7}).paths.split_file("test"))
+    test = read_split(world(split={"seed": 7}).paths, "test")
     assert moved["left_out"] > 0
     assert moved["images"] + moved["left_out"] == len(test) == TEST_IMAGES
 

@@ -78,8 +78,8 @@ def test_the_same_files_in_any_order_give_the_same_shards(tmp_path):
     a = {p.name: p.read_bytes() for p in (tmp_path / "a" / rawstore.SHARDS).iterdir()}
     b = {p.name: p.read_bytes() for p in (tmp_path / "b" / rawstore.SHARDS).iterdir()}
     assert a == b and len(a) > 1
-    index_a = pd.read_parquet(tmp_path / "a" / rawstore.INDEX)
-    assert index_a.equals(pd.read_parquet(tmp_path / "b" / rawstore.INDEX))
+    index_a = {p.name: p.read_bytes() for p in (tmp_path / "a" / rawstore.INDEX).iterdir()}
+    assert index_a == {p.name: p.read_bytes() for p in (tmp_path / "b" / rawstore.INDEX).iterdir()}
 
 
 def test_a_file_too_large_for_the_store_is_a_one_line_error(tmp_path, monkeypatch):
@@ -174,7 +174,7 @@ def test_an_unknown_path_and_a_truncated_shard_are_one_line_errors(tmp_path):
 def test_a_grown_dataset_pushes_and_pulls_only_its_new_shard(tmp_path, monkeypatch):
     """The distributed data bus (``flows.databus``) between a machine that runs download
     and one that runs validate, through a real S3 API server: after the data grew, only
-    the new shard, the new index and DVC's listing of the folder travel."""
+    the new shard, the index's new segment and DVC's listing of the folder travel."""
     images = colour_images(tmp_path / "images", per_class=10)
     repo = make_repo(tmp_path / "repo", images)
     worker = tmp_path / "worker"
@@ -205,21 +205,35 @@ def test_a_grown_dataset_pushes_and_pulls_only_its_new_shard(tmp_path, monkeypat
 
         run_download()
         first = {p.name for p in shards.iterdir()}
+        first_index = {p.name for p in index.iterdir()}
         colour_images(images, per_class=3, start=10, classes=("red",))
         sent, pushed, pulled = run_download()
+        # a machine that runs download next is given the last store to extend
+        other = tmp_path / "other"
+        git(tmp_path, "clone", "-q", str(repo), str(other))
+        monkeypatch.chdir(other)
+        check_out_inputs(other, ["download"])
 
     now = {p.name for p in shards.iterdir()}
     (added,) = now - first
     assert first < now  # the first run's shards are kept as they were
     with tarfile.open(shards / added) as tar:
         assert len(tar.getnames()) == 3  # the new images only
-    assert sent == (shards / added).stat().st_size + index.stat().st_size
-    assert len(pushed) == len(pulled) == 3  # the shard, the index, the folder's listing
+    (segment,) = {p.name for p in index.iterdir()} - first_index
+    assert first_index < {p.name for p in index.iterdir()}
+    assert pd.read_parquet(index / segment)["path"].str.startswith("red/").sum() == 3
+    assert sent == (shards / added).stat().st_size + (index / segment).stat().st_size
+    assert len(pushed) == len(pulled) == 3  # the shard, the segment, the folder's listing
     assert sum(p.endswith(".dir") for p in pushed) == sum(p.endswith(".dir") for p in pulled) == 1
     assert {Path(p).stat().st_size for p in pulled if not p.endswith(".dir")} == {
         (shards / added).stat().st_size,
-        index.stat().st_size,
+        (index / segment).stat().st_size,
     }
+    extended = other / "data/raw"
+    assert {p.name for p in (extended / rawstore.INDEX).iterdir()} == {
+        p.name for p in index.iterdir()
+    }
+    assert {p.name for p in (extended / rawstore.SHARDS).iterdir()} == now
     store = RawStore.open(worker / "data/raw")
     assert len(store.index) == 33
     for path in sorted(images.rglob("*.png")):

@@ -18,7 +18,7 @@ from pipeline.stages import data_issues, report
 from pipeline.system.fsutil import sha256_file
 from tests.support.browser import SECTIONS, open_page, section_headings
 from tests.support.images import noise_image
-from tests.support.project import params_from
+from tests.support.project import params_from, split_rows, write_split_rows
 from tests.support.promotion import KEPT, PROMOTED
 
 SCRIPT_CLASS = "<script>alert(1)</script>"
@@ -50,9 +50,7 @@ def write_run(root: Path) -> dict:
     images = pd.DataFrame(rows)
     split_of = {i: "train" if i < 6 else ("val" if i < 8 else "test") for i in range(10)}
     images["split"] = [split_of[i % 10] for i in range(len(images))]
-    (root / "data/splits").mkdir(parents=True)
-    for split, part in images.groupby("split"):
-        part[["path", "label", "sha256"]].to_csv(root / f"data/splits/{split}.csv", index=False)
+    write_split_rows(root / "data/splits", images)
 
     metrics = root / "metrics"
     (metrics / "plots").mkdir(parents=True)
@@ -147,7 +145,7 @@ def write_run(root: Path) -> dict:
                     "validate": {
                         "cmd": "python -m pipeline validate",
                         "params": {"params.yaml": {"validate": {"min_side": 16}}},
-                        "outs": [{"path": "data/manifest.parquet", "md5": "0123456789abcdef"}],
+                        "outs": [{"path": "data/manifest", "md5": "0123456789abcdef"}],
                     }
                 },
             }
@@ -233,7 +231,7 @@ def plant_a_label_error(root: Path) -> str:
     index = {"classes": sorted(CLASSES), "backbone": "b", "weights": "w", "engine": "e"}
     (root / "data/features/index.json").write_text(json.dumps(index))
     x = np.load(root / "data/features/train.npy")
-    rows = pd.read_csv(root / "data/splits/train.csv", dtype=str)
+    rows = split_rows(root, "train")
     moved = int(np.flatnonzero(rows["label"] == "cat")[0])
     x[moved] = x[(rows["label"] == "dog").to_numpy()].mean(axis=0)
     np.save(root / "data/features/train.npy", x)
@@ -380,9 +378,7 @@ def test_without_promote_there_is_no_banner_and_no_champion(finished_run):
 def write_champion_and_features(root: Path) -> None:
     """A champion that had the train and val images, and 3 cat images since removed; the
     features of this run, where dog's 2 new (test) images sit far from its kept ones."""
-    splits = {
-        s: pd.read_csv(root / f"data/splits/{s}.csv", dtype=str) for s in ("train", "val", "test")
-    }
+    splits = {s: split_rows(root, s) for s in ("train", "val", "test")}
     old = pd.concat([splits["train"].assign(split="train"), splits["val"].assign(split="val")])
     gone = pd.DataFrame(
         {"sha256": ["gone-0", "gone-1", "gone-2"], "label": "cat", "split": "train"}

@@ -14,6 +14,7 @@ from pipeline.data.rawstore import RawStore
 from pipeline.errors import DataError
 from pipeline.stages import download, validate
 from tests.support.images import noise_image
+from tests.support.project import manifest as read_manifest
 
 
 def _prepare(make_params, source: Path, **validate_params):
@@ -42,7 +43,7 @@ def test_unusual_and_broken_files(workspace, tiny_imagefolder):
     assert reasons["bomb.png"].startswith("decompression bomb")
     # quarantined, never deleted
     assert RawStore.open(Path("data/raw")).read_bytes("cat/notes.txt") == b"not an image"
-    manifest = pd.read_parquet("data/manifest.parquet")
+    manifest = read_manifest()
     assert len(manifest) == 36 and set(validate.MANIFEST_COLUMNS) == set(manifest.columns)
     row = manifest.set_index("path").loc["data/raw/cat/cmyk.jpg"]
     assert (row["mode"], row["format"], row["width"], row["height"], bool(row["decodable"])) == (
@@ -62,7 +63,7 @@ def test_too_few_images_in_a_class_fails_naming_it(workspace, tiny_imagefolder):
         validate.main(params)
     message = str(info.value)
     assert "min_images_per_class=11" in message and "10" in message
-    assert not Path("data/manifest.parquet").exists()  # nothing that DVC could cache
+    assert not Path("data/manifest").exists()  # nothing that DVC could cache
     assert Path("reports/validation/index.html").exists()  # but the docs explain it
 
 
@@ -140,7 +141,7 @@ def test_a_new_source_or_member_is_a_new_dataset_with_its_own_classes(tmp_path, 
 
 
 def _manifest() -> pd.DataFrame:
-    return pd.read_parquet("data/manifest.parquet")
+    return read_manifest()
 
 
 def test_a_rerun_after_new_images_decodes_only_those(workspace, tiny_imagefolder):

@@ -9,8 +9,9 @@ shards. ``paths.raw`` holds
 - ``shards/<sha256>.tar``: uncompressed tar in the WebDataset layout, one member per
   distinct image, named ``<image sha256><suffix>``; the same input gives the same bytes
   (fixed member metadata), so two machines that download the same data share the shards;
-- ``index.parquet``: one row per image file: ``path`` (``<class>/<file>``), ``label``,
-  ``sha256``, ``shard``, ``offset`` and ``size`` of its bytes in the shard.
+- ``index/``: one row per image file: ``path`` (``<class>/<file>``), ``label``,
+  ``sha256``, ``shard``, ``offset`` and ``size`` of its bytes in the shard; a segmented
+  table (``segments.py``), so a run that added images adds a segment with their rows.
 
 Stages name an image by its logical path ``<paths.raw>/<class>/<file>`` (the manifest and
 the split tables keep it) and read its bytes through :meth:`RawStore.locate`, which gives
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.data import segments
 from pipeline.data.images import ImageRef, ImageRefs
 from pipeline.errors import DataError
 from pipeline.system.fsutil import link_or_copy, remove, sha256_file
@@ -39,7 +41,7 @@ from pipeline.system.fsutil import link_or_copy, remove, sha256_file
 if TYPE_CHECKING:
     import pandas as pd
 
-INDEX = "index.parquet"
+INDEX = "index"
 SHARDS = "shards"
 INDEX_COLUMNS = ["path", "label", "sha256", "shard", "offset", "size"]
 # A shard closes once it holds this many bytes. At realistic JPEG sizes (~100 kB) a million
@@ -64,16 +66,14 @@ class RawStore:
     @classmethod
     def open_if_there(cls, root: Path) -> RawStore | None:
         """The store, or None where download has not written one."""
-        return cls.open(root) if (Path(root) / INDEX).is_file() else None
+        return cls.open(root) if segments.exists(Path(root) / INDEX) else None
 
     @classmethod
     def open(cls, root: Path) -> RawStore:
-        import pandas as pd  # here: finetune on a head experiment reads no image, nor pandas
-
         path = Path(root) / INDEX
-        if not path.is_file():
+        if not segments.exists(path):
             raise DataError(f"{path} does not exist: run the download stage first")
-        index = pd.read_parquet(path)
+        index = segments.read_table(path, "path")
         if list(index.columns) != INDEX_COLUMNS:
             raise DataError(f"{path}: columns {list(index.columns)}, expected {INDEX_COLUMNS}")
         return cls(Path(root), index)
@@ -239,7 +239,7 @@ def write_store(
     index["shard"] = [p[0] for p in placed]
     index["offset"] = np.array([p[1] for p in placed], dtype=np.int64)
     index["size"] = np.array([p[2] for p in placed], dtype=np.int64)
-    index.to_parquet(target / INDEX, index=False)
+    segments.write_table(index, target / INDEX, "path", previous.root / INDEX if previous else None)
     new_bytes = sum((target / SHARDS / s).stat().st_size for s in writer.shards)
     all_bytes = sum(p.stat().st_size for p in (target / SHARDS).iterdir())
     return Written(

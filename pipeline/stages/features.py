@@ -23,7 +23,7 @@ from tqdm import tqdm
 from pipeline.config import FeaturesParams, ModelParams, Params, Paths
 from pipeline.data.featurestore import FeatureCache, NpyRows, RowArrays
 from pipeline.data.rawstore import RawStore
-from pipeline.data.splits import SPLITS, read_split
+from pipeline.data.splits import SPLITS, read_splits, rows_of
 from pipeline.modeling import engines
 from pipeline.modeling.backbones import Backbone, build_backbone
 from pipeline.modeling.datasets import (
@@ -153,7 +153,8 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FeaturesParams, device: str) 
         runtime,
         paths.memo,
     )
-    splits = {s: read_split(paths, s) for s in SPLITS}
+    table = read_splits(paths)
+    splits = {s: rows_of(table, s) for s in SPLITS}
     store = functools.cache(lambda: RawStore.open(paths.raw))  # read only to embed images
     classes = sorted(set(splits["train"]["label"]))
     stats = EmbedStats()

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import FinetuneParams, ModelParams, Params, Paths
 from pipeline.data.rawstore import RawStore
-from pipeline.data.splits import read_split
+from pipeline.data.splits import read_splits, rows_digest, rows_of
 from pipeline.modeling import resume, training
 from pipeline.modeling.backbones import build_backbone, kept_backbone_state
 from pipeline.modeling.datasets import ImageDataset, make_loader, train_transform
@@ -286,9 +286,10 @@ def run(paths: Paths, model_cfg: ModelParams, cfg: FinetuneParams, device: str) 
     else:
         backbone = build_backbone(model_cfg.backbone, model_cfg.weights, card.preprocessing.resize)
         model = classifier_from_head(backbone, card, head_checkpoint["state_dict"])
-        splits = [paths.split_file(s) for s in ("train", "val")]
+        table = read_splits(paths)
+        train, val = rows_of(table, "train"), rows_of(table, "val")
+        splits = [rows_digest(train), rows_digest(val)]
         key = resume.fingerprint(paths.head, splits, model_cfg, cfg, runtime.bf16)
-        train, val = read_split(paths, "train"), read_split(paths, "val")
         store = RawStore.open(paths.raw)
         trainer = unfreeze(
             model, backbone.blocks, card, train, val, store, cfg, runtime, checkpoint, key

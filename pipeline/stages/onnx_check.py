@@ -332,7 +332,7 @@ def run(params: Params) -> dict:
     failures = [p for name, s in sessions.items() for p in check_contract(s, card, name)]
     rows = read_split(paths, "test")
     if rows.empty:
-        raise PipelineError(f"{paths.split_file('test')} has no images to check against")
+        raise PipelineError(f"{paths.splits}: the test split has no images to check against")
     reference = ReferenceFeatures(
         paths.memo,
         card,

@@ -35,7 +35,7 @@ import pandas as pd
 from pipeline.config import Params, PromoteParams
 from pipeline.data.images import ImageRef, load_rgb
 from pipeline.data.rawstore import RawStore
-from pipeline.data.splits import SPLITS, read_split
+from pipeline.data.splits import SPLITS, read_split, read_splits, rows_digest, rows_of
 from pipeline.errors import PipelineError
 from pipeline.registry.store import (
     IMAGES_FILE,
@@ -49,7 +49,6 @@ from pipeline.serving.predict import OnnxClassifier
 from pipeline.system.fsutil import (
     atomic_path,
     read_json_or_empty,
-    sha256_file,
     write_json_atomic,
 )
 
@@ -193,14 +192,16 @@ def decide(figures: dict, cfg: PromoteParams, champion_version: int) -> tuple[st
 
 def data_lineage(params: Params) -> dict:
     """The split tables' sha256s, and one digest of the three: which data made the model."""
-    splits = {split: sha256_file(params.paths.split_file(split)) for split in SPLITS}
+    table = read_splits(params.paths)
+    splits = {split: rows_digest(rows_of(table, split)) for split in SPLITS}
     digest = hashlib.sha256("\n".join(splits[s] for s in SPLITS).encode()).hexdigest()
     return {"digest": digest, "splits": splits}
 
 
 def images_table(params: Params) -> pd.DataFrame:
     """sha256, label and split of every image of this run's data."""
-    frames = [read_split(params.paths, split).assign(split=split) for split in SPLITS]
+    table = read_splits(params.paths)
+    frames = [rows_of(table, split).assign(split=split) for split in SPLITS]
     return pd.concat(frames, ignore_index=True)[IMAGE_COLUMNS]
 
 

@@ -31,7 +31,7 @@ from pipeline.config import Params, Paths, ReportParams
 from pipeline.data.images import load_rgb
 from pipeline.data.issues import ISSUES
 from pipeline.data.rawstore import RawStore
-from pipeline.data.splits import SPLITS, read_split
+from pipeline.data.splits import SPLITS, read_splits, rows_of
 from pipeline.errors import DataError
 from pipeline.reporting import changes, charts, scoring
 from pipeline.reporting.headline import data_work, headline, promotion, read_metrics
@@ -231,11 +231,12 @@ def current_images(paths: Paths) -> tuple[pd.DataFrame, np.ndarray | None]:
     """The split tables' rows (in ``SPLITS`` order), and the features stage's embeddings
     of them in the same order (None where features has not written them all)."""
     tables, arrays = [], []
-    for split in SPLITS:
-        try:
-            tables.append(read_split(paths, split))
-        except DataError:
-            continue
+    try:
+        table = read_splits(paths)
+    except DataError:
+        table = None
+    for split in SPLITS if table is not None else ():
+        tables.append(rows_of(table, split))
         file = paths.features / f"{split}.npy"
         arrays.append(np.load(file, mmap_mode="r") if file.exists() else None)
     rows = (
@@ -483,10 +484,14 @@ def build(params: Params) -> str:
     paths, cfg = params.paths, params.report
     metrics = read_metrics(paths)
     split_rows = {}
-    for split in SPLITS:
-        rows = read_csv(paths.split_file(split))
+    try:
+        table = read_splits(paths)
+    except DataError:
+        table = None
+    for split in SPLITS if table is not None else ():
+        rows = rows_of(table, split)
         if len(rows):
-            split_rows[split] = rows.astype({"path": str, "label": str})
+            split_rows[split] = rows
     store = RawStore.open_if_there(paths.raw)
     return render(
         {

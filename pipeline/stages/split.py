@@ -15,9 +15,10 @@ import logging
 import pandas as pd
 
 from pipeline.config import Params, Paths, SplitParams
+from pipeline.data import segments
 from pipeline.data.expectations import Check, format_failures, run_suite
 from pipeline.data.images import DEGENERATE_DHASHES
-from pipeline.data.splits import SPLITS
+from pipeline.data.splits import COLUMNS, SPLITS, write_splits
 from pipeline.errors import DataError
 from pipeline.system.fsutil import atomic_path, write_json_atomic
 
@@ -176,10 +177,12 @@ def check_tables(assigned: pd.DataFrame, cfg: SplitParams) -> dict[str, pd.DataF
 
 
 def run(paths: Paths, cfg: SplitParams) -> dict:
-    """Split the usable images of the manifest; write one CSV per split and split.json."""
-    if not paths.manifest.exists():
+    """Split the usable images of the manifest; write the split table and split.json."""
+    if not segments.exists(paths.manifest):
         raise DataError(f"{paths.manifest} does not exist: run the validate stage first")
-    manifest = pd.read_parquet(paths.manifest)
+    manifest = segments.read_table(
+        paths.manifest, "path", ["label", "sha256", "phash", "decodable"]
+    )
     usable = manifest.loc[manifest["decodable"], ["path", "label", "sha256", "phash"]]
     assigned, dropped = assign(usable, cfg)
     tables = check_tables(assigned, cfg)
@@ -187,10 +190,8 @@ def run(paths: Paths, cfg: SplitParams) -> dict:
     if not suite.success:
         raise DataError(f"split check failed:\n{format_failures(suite)}")
 
-    for s in SPLITS:
-        part = assigned.loc[assigned["split"] == s, ["path", "label", "sha256"]].sort_values("path")
-        with atomic_path(paths.split_file(s)) as tmp:
-            part.to_csv(tmp, index=False)
+    with atomic_path(paths.splits) as tmp:
+        write_splits(assigned[COLUMNS], paths, tmp)
     metrics = {**summarise(assigned), "dropped_classes": dropped}
     write_json_atomic(paths.metrics_file("split"), metrics)
     log.info("split: %s", ", ".join(f"{s} {metrics['counts'][s]}" for s in SPLITS))

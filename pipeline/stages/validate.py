@@ -30,6 +30,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.config import DataParams, Params, Paths, ValidateParams
+from pipeline.data import segments
 from pipeline.data.expectations import Check, format_failures, run_suite
 from pipeline.data.factstore import FactCache
 from pipeline.data.images import (
@@ -412,7 +413,7 @@ def run(paths: Paths, cfg: ValidateParams, data: DataParams) -> dict:
             f"validation failed ({paths.validation_docs / 'index.html'}):\n{format_failures(suite)}"
         )
     with atomic_path(paths.manifest) as tmp:
-        manifest.to_parquet(tmp, index=False)
+        segments.write_table(manifest, tmp, "path", paths.manifest)
     metrics = summarise(manifest, usable, suite, set_aside)
     metrics.update(decoded=len(built.decoded), reused=built.reused)
     write_json_atomic(paths.metrics_file("validate"), metrics)

@@ -132,6 +132,34 @@ def raw_keys(root: Path = Path("data/raw")) -> set[str]:
     return set(RawStore.open(root).index["path"])
 
 
+def manifest(root: Path = Path(".")):
+    """validate's manifest in the workspace ``root``, sorted by path."""
+    from pipeline.data import segments
+
+    return segments.read_table(root / "data/manifest", "path")
+
+
+def split_rows(root: Path = Path("."), split: str | None = None):
+    """The split table (path, label, sha256, split) in the workspace ``root``, sorted by
+    path; with ``split``, that split's rows (path, label, sha256)."""
+    from pipeline.data import segments
+    from pipeline.data.splits import KEY, rows_of
+
+    table = segments.read_table(root / "data/splits", KEY)
+    return table if split is None else rows_of(table, split)
+
+
+def write_split_rows(folder: Path, rows) -> None:
+    """Write ``rows`` (path, label, sha256, split) as the split table at ``folder``, as the
+    split stage does (over the table there, if any)."""
+    from pipeline.data import segments
+    from pipeline.data.splits import COLUMNS, KEY
+    from pipeline.system.fsutil import atomic_path
+
+    with atomic_path(folder) as tmp:
+        segments.write_table(rows[COLUMNS], tmp, KEY, folder)
+
+
 def tool_env() -> dict[str, str]:
     """The environment for dvc and the stages: this interpreter's tools first."""
     bindir = str(Path(sys.executable).parent)

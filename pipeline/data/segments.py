@@ -1,0 +1,205 @@
+"""Tables kept as a folder of Parquet segments, so a run that changes 1% of the rows
+writes, and DVC pushes, about 1% of the table.
+
+DVC stores and pushes a changed file whole. At a million images the raw store's index, the
+manifest and the split table are 70–110 MB each; written whole, a run that added 1% of the
+images would push each again. A segmented table is a folder of ``part-<n>.parquet`` files:
+the first (the base) holds every row as of some run, each later one the rows a run added or
+changed and, marked ``_deleted``, the rows it removed. A later segment's row overrides an
+earlier one with the same key. Reading applies them in order and gives the live rows
+sorted by key, so the table read back is the table written, whatever its history.
+
+A run links the segments it keeps (the output is persisted, so DVC leaves them in place
+and knows their hashes) and writes one new segment; when the later segments hold more
+than half as many rows as the table, or there are more than ``MAX_SEGMENTS``, it writes
+the table as one base again, so reads stay cheap and removed rows do not pile up.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.errors import DataError
+from pipeline.system.fsutil import link_or_copy
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+DELETED = "_deleted"  # the column a segment marks removed rows with
+MAX_SEGMENTS = 16
+_SEGMENT = re.compile(r"part-(\d{6})\.parquet")
+
+
+@dataclass(frozen=True)
+class TableWritten:
+    """What :func:`write_table` did: the segments the table now has, and the rows it wrote."""
+
+    segments: int
+    rows_written: int
+    compacted: bool
+
+
+def segment_files(folder: Path) -> list[Path]:
+    """The segments of the table at ``folder``, oldest first; [] when there is none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _SEGMENT.fullmatch(p.name)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def exists(folder: Path) -> bool:
+    return bool(segment_files(folder))
+
+
+def read_table(folder: Path, key: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """The live rows of the table at ``folder``, sorted by ``key``; a missing or unreadable
+    table is a one-line error naming the file."""
+    import pandas as pd
+
+    files = segment_files(folder)
+    if not files:
+        raise DataError(f"{folder} holds no table (no part-*.parquet)")
+    wanted = None if columns is None else list(dict.fromkeys([key, *columns, DELETED]))
+    frames = []
+    for file in files:
+        try:
+            frames.append(pd.read_parquet(file, columns=wanted))
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises many kinds; name the file
+            raise DataError(f"{file}: not a readable table segment ({exc})") from exc
+    table = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    if len(frames) > 1:
+        table = table.drop_duplicates(key, keep="last")
+    if table[DELETED].any():
+        table = table[~table[DELETED]]
+    table = table.drop(columns=DELETED)
+    if not table[key].is_monotonic_increasing:
+        table = table.sort_values(key, kind="stable")
+    return table.reset_index(drop=True)
+
+
+def write_table(
+    table: pd.DataFrame, target: Path, key: str, previous: Path | None = None
+) -> TableWritten:
+    """Write ``table`` (``key`` unique) as segments into the empty folder ``target``.
+
+    With ``previous`` (the table's folder as the last run left it), its segments are linked
+    in and only the rows added, changed or removed since are written, as one new segment
+    in the base's Arrow schema; an unreadable ``previous``, or one whose columns or types
+    differ, is not reused."""
+    import pyarrow as pa
+
+    if DELETED in table.columns:
+        raise ValueError(f"a table may not have a column named {DELETED}")
+    duplicated = table[key].duplicated()
+    if duplicated.any():
+        raise DataError(f"{key} {table[key][duplicated].iloc[0]!r} is in the table twice")
+    table = table.sort_values(key, kind="stable").reset_index(drop=True)
+    rows = pa.Table.from_pandas(table.assign(**{DELETED: False}), preserve_index=False)
+    target.mkdir(parents=True, exist_ok=True)
+    kept = segment_files(previous) if previous is not None else []
+    last, schema = None, None
+    if kept:
+        try:
+            schema, last = _schema(kept[0]), read_table(previous, key)
+        except DataError as exc:
+            log.warning("%s; writing the table anew", exc)
+    if last is None or not _fits(rows.schema, schema):
+        return _write_base(rows, target)
+
+    # the table as the kept segments' schema reads it back, so equal rows compare equal
+    rows = rows.cast(schema)
+    delta = _changes(last, rows.to_pandas().drop(columns=DELETED), key)
+    if delta.empty:
+        for file in kept:
+            link_or_copy(file, target / file.name)
+        return TableWritten(len(kept), 0, False)
+    later_rows = sum(_rows(file) for file in kept[1:]) + len(delta)
+    if len(kept) + 1 > MAX_SEGMENTS or later_rows > len(table) / 2:
+        return _write_base(rows, target)
+    for file in kept:
+        link_or_copy(file, target / file.name)
+    number = int(_SEGMENT.fullmatch(kept[-1].name).group(1)) + 1
+    _write_segment(
+        pa.Table.from_pandas(delta, schema=schema, preserve_index=False),
+        target / f"part-{number:06d}.parquet",
+    )
+    return TableWritten(len(kept) + 1, len(delta), False)
+
+
+def _schema(file: Path) -> pa.Schema:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(file)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises many kinds; name the file
+        raise DataError(f"{file}: not a readable table segment ({exc})") from exc
+
+
+def _fits(new: pa.Schema, kept: pa.Schema) -> bool:
+    """Whether rows of schema ``new`` can join segments of schema ``kept``: the same columns,
+    each of the same type or all empty (Arrow's null type)."""
+    import pyarrow as pa
+
+    return new.names == kept.names and all(
+        a.type == b.type or a.type == pa.null() for a, b in zip(new, kept, strict=True)
+    )
+
+
+def _changes(last: pd.DataFrame, table: pd.DataFrame, key: str) -> pd.DataFrame:
+    """The rows of ``table`` that ``last`` lacks or holds otherwise, and ``last``'s rows
+    whose key ``table`` lacks, marked deleted; sorted by key."""
+    import pandas as pd
+
+    # an exact match on every column (pandas matches missing values to missing values)
+    matched = table.merge(last, on=list(table.columns), how="left", indicator=True)["_merge"]
+    changed = table[(matched == "left_only").to_numpy()]
+    removed = last[~last[key].isin(table[key])]
+    delta = pd.concat(
+        [changed.assign(**{DELETED: False}), removed.assign(**{DELETED: True})],
+        ignore_index=True,
+    )
+    return delta.sort_values(key, kind="stable").reset_index(drop=True)
+
+
+def _write_base(rows: pa.Table, target: Path) -> TableWritten:
+    _write_segment(rows, target / "part-000000.parquet")
+    return TableWritten(1, rows.num_rows, True)
+
+
+def _write_segment(rows: pa.Table, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(rows, path)
+
+
+def _rows(file: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(file).metadata.num_rows
+
+
+def main(argv: list[str]) -> int:
+    """``python -m pipeline table FOLDER``: the live rows of a segmented table, as CSV on
+    stdout (``--key``: the column rows are keyed by, ``path`` for the pipeline's tables)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline table", description=main.__doc__)
+    parser.add_argument("folder", type=Path, help="e.g. data/splits, data/manifest, data/raw/index")
+    parser.add_argument("--key", default="path")
+    args = parser.parse_args(argv)
+    try:
+        table = read_table(args.folder, args.key)
+    except DataError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    table.to_csv(sys.stdout, index=False)
+    return 0

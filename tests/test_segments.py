@@ -1,0 +1,189 @@
+"""Segmented tables: a run writes the rows that changed, and reads give the table written."""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+import pytest
+
+from pipeline.data import segments
+from pipeline.data.segments import read_table, segment_files, write_table
+from pipeline.errors import DataError
+
+
+def _table(n: int, start: int = 0) -> pd.DataFrame:
+    table = pd.DataFrame(
+        {
+            "path": [f"c{i % 3}/{i:05d}.jpg" for i in range(start, start + n)],
+            "label": [f"c{i % 3}" for i in range(start, start + n)],
+            "width": pd.array([i if i % 7 else None for i in range(start, start + n)], "Int64"),
+            "decodable": [i % 5 != 0 for i in range(start, start + n)],
+            "reason": pd.array(
+                [None if i % 5 else "truncated" for i in range(start, start + n)], "str"
+            ),
+        }
+    )
+    return table.sample(frac=1, random_state=n).reset_index(drop=True)  # any order in
+
+
+def _write(table: pd.DataFrame, folder, previous=None) -> segments.TableWritten:
+    """Write as a stage does: into a fresh folder, renamed onto ``folder``."""
+    tmp = folder.parent / f".{folder.name}.tmp"
+    written = write_table(table, tmp, "path", previous)
+    if folder.exists():
+        folder.rename(folder.parent / f".{folder.name}.old")
+        tmp.rename(folder)
+        for old in folder.parent.glob(f".{folder.name}.old"):
+            for file in old.iterdir():
+                file.unlink()
+            old.rmdir()
+    else:
+        tmp.rename(folder)
+    return written
+
+
+def _expected(table: pd.DataFrame) -> pd.DataFrame:
+    return table.sort_values("path").reset_index(drop=True)
+
+
+def test_a_table_reads_back_as_written_sorted_by_key(tmp_path):
+    table = _table(50)
+    written = _write(table, tmp_path / "t")
+    assert written == segments.TableWritten(segments=1, rows_written=50, compacted=True)
+    back = read_table(tmp_path / "t", "path")
+    pd.testing.assert_frame_equal(back, _expected(table))
+    assert back["width"].isna().sum() == 8 and back["reason"].isna().sum() == 40
+
+
+def test_growth_writes_only_the_new_rows_and_links_the_old_segment(tmp_path):
+    folder = tmp_path / "t"
+    _write(_table(100), folder)
+    base = segment_files(folder)[0]
+    inode = base.stat().st_ino
+    grown = pd.concat([_table(100), _table(3, start=100)], ignore_index=True)
+    written = _write(grown, folder, previous=folder)
+    assert written == segments.TableWritten(segments=2, rows_written=3, compacted=False)
+    files = segment_files(folder)
+    assert [f.name for f in files] == ["part-000000.parquet", "part-000001.parquet"]
+    assert files[0].stat().st_ino == inode  # linked, not written again
+    assert pd.read_parquet(files[1])["path"].tolist() == [
+        "c0/00102.jpg",
+        "c1/00100.jpg",
+        "c2/00101.jpg",
+    ]
+    pd.testing.assert_frame_equal(read_table(folder, "path"), _expected(grown))
+
+
+def test_changed_and_removed_rows_override_the_older_segments(tmp_path):
+    folder = tmp_path / "t"
+    table = _table(100)
+    _write(table, folder)
+    changed = table.copy()
+    changed.loc[changed["path"] == "c1/00004.jpg", "label"] = "c0"  # a changed row
+    changed.loc[changed["path"] == "c0/00006.jpg", "width"] = pd.NA  # a value now missing
+    changed = changed[changed["path"] != "c2/00011.jpg"]  # a removed row
+    written = _write(changed, folder, previous=folder)
+    assert written.rows_written == 3 and written.segments == 2
+    delta = pd.read_parquet(segment_files(folder)[1])
+    assert delta.set_index("path")[segments.DELETED].to_dict() == {
+        "c0/00006.jpg": False,
+        "c1/00004.jpg": False,
+        "c2/00011.jpg": True,
+    }
+    pd.testing.assert_frame_equal(read_table(folder, "path"), _expected(changed))
+    # a removed row that comes back is live again
+    _write(table, folder, previous=folder)
+    pd.testing.assert_frame_equal(read_table(folder, "path"), _expected(table))
+
+
+def test_an_unchanged_table_keeps_its_segments(tmp_path):
+    folder = tmp_path / "t"
+    _write(_table(40), folder)
+    _write(pd.concat([_table(40), _table(2, start=40)]), folder, previous=folder)
+    before = {f.name: f.read_bytes() for f in segment_files(folder)}
+    written = _write(pd.concat([_table(2, start=40), _table(40)]), folder, previous=folder)
+    assert written.rows_written == 0
+    assert {f.name: f.read_bytes() for f in segment_files(folder)} == before
+
+
+def test_segments_are_merged_when_the_later_ones_grow_large_or_many(tmp_path, monkeypatch):
+    folder = tmp_path / "t"
+    _write(_table(100), folder)
+    table = pd.concat([_table(100), _table(110, start=100)])  # 110 new rows: over half of 210
+    written = _write(table, folder, previous=folder)
+    assert written == segments.TableWritten(segments=1, rows_written=210, compacted=True)
+    assert [f.name for f in segment_files(folder)] == ["part-000000.parquet"]
+
+    monkeypatch.setattr(segments, "MAX_SEGMENTS", 3)
+    for step in range(3):
+        table = pd.concat([table, _table(1, start=300 + step)])
+        written = _write(table, folder, previous=folder)
+    assert written.compacted and len(segment_files(folder)) == 1
+    pd.testing.assert_frame_equal(read_table(folder, "path"), _expected(table))
+
+
+def test_a_column_empty_at_first_takes_values_later(tmp_path):
+    folder = tmp_path / "t"
+    first = _table(20).assign(reason=None)  # no reason yet: Arrow's null type
+    _write(first, folder)
+    later = pd.concat([first, _table(1, start=20).assign(reason="truncated")])
+    assert _write(later, folder, previous=folder).compacted  # a null column cannot hold text
+    back = read_table(folder, "path")
+    assert back["reason"].isna().tolist() == [True] * 20 + [False]
+    assert back["reason"].iloc[-1] == "truncated" and back["path"].is_monotonic_increasing
+    # and a new segment whose column is all empty joins segments where it is text
+    latest = pd.concat([later, _table(1, start=21).assign(reason=None)])
+    assert not _write(latest, folder, previous=folder).compacted
+    reasons = read_table(folder, "path").set_index("path")["reason"]
+    assert reasons.notna().sum() == 1 and reasons["c2/00020.jpg"] == "truncated"
+    assert "c0/00021.jpg" in reasons.index
+
+
+def test_a_new_column_or_type_writes_the_table_anew(tmp_path):
+    folder = tmp_path / "t"
+    _write(_table(30), folder)
+    wider = _table(30).assign(height=1)
+    assert _write(wider, folder, previous=folder).compacted
+    pd.testing.assert_frame_equal(read_table(folder, "path"), _expected(wider))
+
+
+def test_an_unreadable_previous_table_is_not_reused(tmp_path, caplog):
+    folder = tmp_path / "t"
+    _write(_table(30), folder)
+    _write(_table(31), folder, previous=folder)
+    segment_files(folder)[1].write_bytes(b"not parquet")
+    with caplog.at_level(logging.WARNING):
+        written = _write(_table(32), folder, previous=folder)
+    assert written.compacted and "part-000001.parquet: not a readable table segment" in caplog.text
+    pd.testing.assert_frame_equal(read_table(folder, "path"), _expected(_table(32)))
+
+
+def test_bad_tables_are_one_line_errors(tmp_path):
+    table = _table(5)
+    with pytest.raises(DataError, match=r"^path 'c0/00000.jpg' is in the table twice$"):
+        write_table(
+            pd.concat([table, table.iloc[[table["path"].tolist().index("c0/00000.jpg")]]]),
+            tmp_path / "a",
+            "path",
+        )
+    with pytest.raises(DataError, match=r"holds no table"):
+        read_table(tmp_path / "missing", "path")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "part-000000.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError, match=r"part-000000.parquet: not a readable table segment"):
+        read_table(tmp_path / "b", "path")
+
+
+def test_the_table_command_prints_the_live_rows_as_csv(tmp_path, capsys):
+    from pipeline.__main__ import main
+
+    folder = tmp_path / "t"
+    _write(_table(6), folder)
+    _write(_table(5), folder, previous=folder)  # the sixth row removed
+    assert main(["table", str(folder)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "path,label,width,decodable,reason"
+    assert [line.split(",")[0] for line in printed[1:]] == sorted(_table(5)["path"])
+    assert main(["table", str(tmp_path / "none")]) == 1
+    assert "holds no table" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import unicodedata
 import zipfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from pipeline.data import rawstore
@@ -49,6 +50,54 @@ def test_local_folder_is_copied_and_excluded_classes_dropped(workspace, tiny_ima
     assert summary["classes"] == 3 and summary["files"] == 30
     assert json.loads(Path("metrics/download.json").read_text())["class_counts"]["cat"] == 10
     assert (tiny_imagefolder / "cat" / "img_00.png").exists()  # the source is untouched
+
+
+def _reads(monkeypatch) -> list[str]:
+    """The keys whose source files the raw store reads, from now on."""
+    read, real = [], rawstore._image_bytes
+
+    def counted(key, source, stat):
+        read.append(key)
+        return real(key, source, stat)
+
+    monkeypatch.setattr(rawstore, "_image_bytes", counted)
+    return read
+
+
+def test_a_rerun_reads_only_the_new_and_changed_files(workspace, tiny_imagefolder, monkeypatch):
+    """The memo keeps each file's sha256 by path, inode, size and mtime: an unchanged file
+    whose image a kept shard holds is not read again."""
+    _run(workspace, source=str(tiny_imagefolder))
+    read = _reads(monkeypatch)
+    noise_image(99).save(tiny_imagefolder / "cat" / "new.png")
+    edited = tiny_imagefolder / "dog" / "img_03.png"
+    noise_image(98).save(edited)  # edited in place: a new mtime
+    summary = _run(workspace, source=str(tiny_imagefolder))
+    assert sorted(read) == ["cat/new.png", "dog/img_03.png"]
+    assert (summary["files"], summary["reused"]) == (31, 29)
+    assert _raw_files() == _raw_files(tiny_imagefolder)
+
+    read.clear()
+    _run(workspace, source=str(tiny_imagefolder))
+    assert read == []  # nothing changed: nothing read
+    # a damaged memo entry is read as none: every file is read, the store is the same
+    [entry] = Path("data/memo/file_hashes").glob("*.parquet")
+    entry.write_bytes(b"not parquet")
+    _run(workspace, source=str(tiny_imagefolder))
+    assert len(read) == 31 and _raw_files() == _raw_files(tiny_imagefolder)
+
+
+def test_files_unpacked_from_an_archive_are_read_every_run(
+    workspace, tiny_imagefolder, tmp_path, monkeypatch
+):
+    """Their inodes live only as long as the run's temporary folder: none is recorded."""
+    archive = _tar_gz(tiny_imagefolder, tmp_path / "images.tgz", "images")
+    _run(workspace, source=str(archive))
+    read = _reads(monkeypatch)
+    _run(workspace, source=str(archive))
+    assert len(read) == 30
+    [entry] = Path("data/memo/file_hashes").glob("*.parquet")
+    assert len(pd.read_parquet(entry)) == 0
 
 
 def test_a_rerun_links_the_unchanged_shards_and_writes_only_what_changed(

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.data import segments
+from pipeline.data.filehashes import FileHashes
 from pipeline.data.images import ImageRef, ImageRefs
 from pipeline.errors import DataError
 from pipeline.system.fsutil import link_or_copy, remove, sha256_file
@@ -192,6 +193,7 @@ def write_store(
     target: Path,
     previous: RawStore | None = None,
     limit: int = SHARD_BYTES,
+    hashes: FileHashes | None = None,
 ) -> Written:
     """Write the store for ``files`` ((key ``<class>/<file>``, label, source file)) into
     the empty folder ``target``, reading each source file once, in key order: the same
@@ -199,7 +201,11 @@ def write_store(
 
     Images that a shard of ``previous`` holds are not written again: the shard is
     hard-linked (or copied) in, unless its live images now fill less than
-    ``KEEP_LIVE_SHARE`` of it; then they go into the new shards with the new images."""
+    ``KEEP_LIVE_SHARE`` of it; then they go into the new shards with the new images.
+
+    With ``hashes``, a source file whose recorded sha256 still holds (``filehashes``) and
+    whose image a kept shard or this run already holds is not read; every file's sha256
+    is recorded into it."""
     import pandas as pd
 
     rows: list[tuple[str, str, str, Path]] = []
@@ -207,10 +213,15 @@ def write_store(
     writer = ShardWriter(target / SHARDS, limit)
     try:
         for key, label, source in sorted(files, key=lambda file: file[0]):
-            data = _image_bytes(key, source)
-            sha = hashlib.sha256(data).hexdigest()
-            if sha not in known and sha not in writer.written:
-                writer.add(sha, source.suffix.lower(), data)
+            stat = source.stat()
+            sha = hashes.sha256(source, stat) if hashes is not None else None
+            if sha is None or (sha not in known and sha not in writer.written):
+                data = _image_bytes(key, source, stat)
+                sha = hashlib.sha256(data).hexdigest()
+                if sha not in known and sha not in writer.written:
+                    writer.add(sha, source.suffix.lower(), data)
+            if hashes is not None:
+                hashes.record(source, stat, sha)
             rows.append((key, label, sha, source))
         live = dict.fromkeys(sha for _, _, sha, _ in rows if sha in known)
         kept = _worth_keeping(previous, [known[sha] for sha in live]) if live else set()
@@ -224,7 +235,11 @@ def write_store(
                 key, source = sources[sha]
                 data = ImageRef(str(previous.shard_path(shard)), offset, size, sha).read()
                 if hashlib.sha256(data).hexdigest() != sha:  # a damaged shard: the source
-                    data = _image_bytes(key, source)
+                    data = _image_bytes(key, source, source.stat())
+                    if hashlib.sha256(data).hexdigest() != sha:
+                        raise DataError(
+                            f"{key}: {source} changed while it was read; run download again"
+                        )
                 writer.add(sha, source.suffix.lower(), data)  # named as if new
         writer.close()
     except BaseException:
@@ -252,10 +267,11 @@ def write_store(
     )
 
 
-def _image_bytes(key: str, source: Path) -> bytes:
-    """The bytes of ``source``, stored as ``key``; a file too large to be an image is a
-    one-line error (a tar member and one read by offset have their limits)."""
-    size = source.stat().st_size
+def _image_bytes(key: str, source: Path, stat: os.stat_result) -> bytes:
+    """The bytes of ``source`` (``stat`` taken before), stored as ``key``; a file too large
+    to be an image is a one-line error (a tar member and one read by offset have their
+    limits)."""
+    size = stat.st_size
     if size > MAX_FILE_BYTES:
         raise DataError(
             f"{key}: {size:,} bytes, more than the {MAX_FILE_BYTES:,} a file in the raw store "

@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlparse
 from tqdm import tqdm
 
 from pipeline.config import DataParams, DownloadParams, Params, Paths
-from pipeline.data import rawstore
+from pipeline.data import filehashes, rawstore
 from pipeline.errors import ConfigError, DataError
 from pipeline.sources import builtin, labels, locations, objectstore
 from pipeline.sources.archives import ExtractLimits, archive_kind, extract_archive
@@ -502,9 +502,11 @@ def run(paths: Paths, data: DataParams, download: DownloadParams) -> dict:
                 taken_table = sha256_file(table)
             # raw is renamed into place first; label_rows, which describes it, right after.
             previous = last_store(paths.raw)
+            hashes = filehashes.load(paths.memo, data.source, transient=workdir)
             with atomic_path(paths.label_rows) as rows_tmp, atomic_path(paths.raw) as tmp:
-                stored = rawstore.write_store(stored_files(folder), tmp, previous)
+                stored = rawstore.write_store(stored_files(folder), tmp, previous, hashes=hashes)
                 labels.write_label_rows(rows_tmp, labelled.rows if labelled else [])
+            filehashes.save(paths.memo, data.source, hashes)
         finally:
             remove(workdir)
     counts = {name: len(files) for name, files in folder.classes.items()}

@@ -77,6 +77,11 @@ BACKBONE_STATES = Kind("backbone_states", 4, redo="building the backbone again")
 # What data_issues found, by the images' sha256s and labels, the embedding and its settings
 # (under 100 kB for Caltech-101): the current data and the last 3.
 DATA_ISSUES = Kind("data_issues", 4, ".json", redo="finding them again")
+# The sha256 of each source file by (path, inode, size, mtime), per data.source (about
+# 150 B per file): download reads only new and changed files. The current source and the last 3.
+FILE_HASHES = Kind(
+    "file_hashes", 4, ".parquet", redo="reading and hashing the source's files again"
+)
 
 KINDS = (
     FEATURES,
@@ -88,6 +93,7 @@ KINDS = (
     ONNX_OUTPUTS,
     BACKBONE_STATES,
     DATA_ISSUES,
+    FILE_HASHES,
 )
 
 

@@ -102,7 +102,7 @@ def write_table(
     if duplicated.any():
         raise DataError(f"{key} {table[key][duplicated].iloc[0]!r} is in the table twice")
     table = table.sort_values(key, kind="stable").reset_index(drop=True)
-    rows = pa.Table.from_pandas(table.assign(**{DELETED: False}), preserve_index=False)
+    rows = _arrow(table.assign(**{DELETED: False}))
     target.mkdir(parents=True, exist_ok=True)
     kept = segment_files(previous) if previous is not None else []
     last, schema = None, None
@@ -143,24 +143,41 @@ def _schema(file: Path) -> pa.Schema:
         raise DataError(f"{file}: not a readable table segment ({exc})") from exc
 
 
-def _fits(new: pa.Schema, kept: pa.Schema) -> bool:
-    """Whether rows of schema ``new`` can join segments of schema ``kept``: the same columns,
-    each of the same type or all empty (Arrow's null type)."""
+def _arrow(frame: pd.DataFrame) -> pa.Table:
+    """``frame`` as Arrow, text as one type whatever pandas held it in (``str`` or objects);
+    a column with no value yet (Arrow's null type) is taken as text, so that a first value
+    later does not change the table's type."""
     import pyarrow as pa
 
-    return new.names == kept.names and all(
-        a.type == b.type or a.type == pa.null() for a, b in zip(new, kept, strict=True)
-    )
+    rows = pa.Table.from_pandas(frame, preserve_index=False)
+    text = (pa.null(), pa.string())
+    if not any(f.type in text for f in rows.schema):
+        return rows
+    fields = [f.with_type(pa.large_string()) if f.type in text else f for f in rows.schema]
+    return rows.cast(pa.schema(fields, metadata=rows.schema.metadata))
+
+
+def _fits(new: pa.Schema, kept: pa.Schema) -> bool:
+    """Whether rows of schema ``new`` can join segments of schema ``kept``: the same columns
+    of the same types."""
+    return new.names == kept.names and all(a.type == b.type for a, b in zip(new, kept, strict=True))
 
 
 def _changes(last: pd.DataFrame, table: pd.DataFrame, key: str) -> pd.DataFrame:
     """The rows of ``table`` that ``last`` lacks or holds otherwise, and ``last``'s rows
-    whose key ``table`` lacks, marked deleted; sorted by key."""
+    whose key ``table`` lacks, marked deleted; sorted by key. Both have the same columns
+    and types (read back through the same Arrow schema)."""
+    import numpy as np
     import pandas as pd
 
-    # an exact match on every column (pandas matches missing values to missing values)
-    matched = table.merge(last, on=list(table.columns), how="left", indicator=True)["_merge"]
-    changed = table[(matched == "left_only").to_numpy()]
+    at = pd.Index(last[key]).get_indexer(table[key])  # each row's place in last, or -1
+    same = at >= 0
+    before = last.take(np.where(same, at, 0)).reset_index(drop=True)
+    for column in table.columns:
+        now, then = table[column].reset_index(drop=True), before[column]
+        equal = now.eq(then).fillna(False).to_numpy(dtype=bool)
+        same &= equal | (now.isna() & then.isna()).to_numpy(dtype=bool)
+    changed = table[~same]
     removed = last[~last[key].isin(table[key])]
     delta = pd.concat(
         [changed.assign(**{DELETED: False}), removed.assign(**{DELETED: True})],

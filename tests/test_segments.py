@@ -10,6 +10,9 @@ import pytest
 from pipeline.data import segments
 from pipeline.data.segments import read_table, segment_files, write_table
 from pipeline.errors import DataError
+from tests.support.images import colour_images
+from tests.support.prefect import make_repo
+from tests.support.project import dvc, manifest, split_rows
 
 
 def _table(n: int, start: int = 0) -> pd.DataFrame:
@@ -188,3 +191,31 @@ def test_the_table_command_prints_the_live_rows_as_csv(tmp_path, capsys):
     assert [line.split(",")[0] for line in printed[1:]] == sorted(_table(5)["path"])
     assert main(["table", str(tmp_path / "none")]) == 1
     assert "holds no table" in capsys.readouterr().err
+
+
+def _files(folder) -> set[tuple[str, int]]:
+    return {(p.name, p.stat().st_ino) for p in folder.iterdir()}
+
+
+@pytest.mark.slow
+def test_validate_and_split_add_a_segment_when_the_data_grows(tmp_path):
+    """Through ``dvc repro``: the manifest and the split table are persisted, so DVC leaves
+    the last run's segments for the stages to keep (the same inodes) and each writes one
+    new segment; what they read back is the whole grown table."""
+    images = colour_images(tmp_path / "images", per_class=10)
+    repo = make_repo(tmp_path / "repo", images)
+    dvc(repo, "repro", "split")
+    tables = {"manifest": repo / "data/manifest", "splits": repo / "data/splits"}
+    before = {name: _files(folder) for name, folder in tables.items()}
+    colour_images(images, per_class=3, start=10, classes=("red",))
+    dvc(repo, "repro", "split")
+    new_paths = {f"data/raw/red/{p.name}" for p in (images / "red").glob("img_1[0-2].png")}
+    assert len(new_paths) == 3
+    for name, folder in tables.items():
+        after = _files(folder)
+        assert before[name] < after, name  # the last run's segments, kept as they were
+        ((segment, _),) = after - before[name]
+        delta = pd.read_parquet(folder / segment)
+        assert new_paths <= set(delta["path"]) and len(delta) < 10, (name, delta["path"])
+    assert set(manifest(repo)["path"]) >= new_paths and len(manifest(repo)) == 33
+    assert len(split_rows(repo)) == 33

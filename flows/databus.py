@@ -9,6 +9,7 @@ worker works in its own clone and refuses one whose code differs from the run's.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import urllib.parse
@@ -21,6 +22,8 @@ from flows.dvcrun import StageFailed, run_dvc
 from pipeline.config import FlowsParams, Paths, parse_section
 from pipeline.errors import ConfigError
 from pipeline.system.fsutil import write_text_atomic
+
+log = logging.getLogger(__name__)
 
 # Files dvc repro rewrites beside the outputs it adds; state, not code.
 DVC_MANAGED = (".gitignore",)
@@ -238,7 +241,8 @@ def check_out_inputs(workspace: Path, stages: list[str]) -> tuple[Path, Path, di
 
     So are the stages' own persisted outputs (the raw store, the segmented tables) as the
     lock has them: a stage extends its last output, so what it writes, and the push after
-    it, is what changed, on whichever machine it runs.
+    it, is what changed, on whichever machine it runs. One that cannot be had is warned
+    about, not fatal: the stage then writes its output whole.
 
     Returns the local DVC cache's object and run-cache folders, and the bytes fetched per
     stage."""
@@ -269,11 +273,26 @@ def check_out_inputs(workspace: Path, stages: list[str]) -> tuple[Path, Path, di
                 and producer[fs_path][0] not in stages
                 and producer[fs_path][1].status()  # differs from the lock, or missing
             ]
-            targets += [  # its own last output, which it extends (the lock has one)
+            own = [  # its own last output, which it extends (the lock has one)
                 out.def_path
                 for out in stage.outs
                 if out.persist and out.use_cache and out.hash_info and out.status()
             ]
+            if own:
+                before = cache_objects(cache_dir)
+                try:
+                    try:
+                        repo.checkout(targets=own, force=True)
+                    except CheckoutError:  # not in this machine's cache: from the remote
+                        repo.pull(targets=own, force=True)
+                except Exception as exc:  # noqa: BLE001 - the stage can do without
+                    log.warning(
+                        "stage %s: its last %s cannot be had (%s); it writes it whole",
+                        name,
+                        ", ".join(own),
+                        exc,
+                    )
+                fetched[name] += added_bytes(before, cache_objects(cache_dir))
             if not targets:
                 continue
             try:

@@ -4,6 +4,7 @@ adds a shard, and the distributed data bus pushes and pulls only that shard."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import tarfile
 from pathlib import Path
 
@@ -171,7 +172,7 @@ def test_an_unknown_path_and_a_truncated_shard_are_one_line_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_grown_dataset_pushes_and_pulls_only_its_new_shard(tmp_path, monkeypatch):
+def test_a_grown_dataset_pushes_and_pulls_only_its_new_shard(tmp_path, monkeypatch, caplog):
     """The distributed data bus (``flows.databus``) between a machine that runs download
     and one that runs validate, through a real S3 API server: after the data grew, only
     the new shard, the index's new segment and DVC's listing of the folder travel."""
@@ -213,6 +214,16 @@ def test_a_grown_dataset_pushes_and_pulls_only_its_new_shard(tmp_path, monkeypat
         git(tmp_path, "clone", "-q", str(repo), str(other))
         monkeypatch.chdir(other)
         check_out_inputs(other, ["download"])
+        # where the remote has lost it, the stage goes on without it (it writes it whole)
+        bare = tmp_path / "bare"
+        git(tmp_path, "clone", "-q", str(repo), str(bare))
+        client = s3.client()
+        for key in s3.keys():
+            client.delete_object(Bucket=s3.bucket, Key=key)
+        monkeypatch.chdir(bare)
+        with caplog.at_level(logging.WARNING, logger="flows.databus"):
+            check_out_inputs(bare, ["download"])
+        assert "stage download: its last data/raw cannot be had" in caplog.text
 
     now = {p.name for p in shards.iterdir()}
     (added,) = now - first

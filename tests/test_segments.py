@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data import segments
 from pipeline.data.segments import read_table, segment_files, write_table
 from pipeline.errors import DataError
+from pipeline.system.fsutil import atomic_path
 from tests.support.images import colour_images
 from tests.support.prefect import make_repo
 from tests.support.project import dvc, manifest, split_rows
@@ -31,19 +33,13 @@ def _table(n: int, start: int = 0) -> pd.DataFrame:
 
 
 def _write(table: pd.DataFrame, folder, previous=None) -> segments.TableWritten:
-    """Write as a stage does: into a fresh folder, renamed onto ``folder``."""
-    tmp = folder.parent / f".{folder.name}.tmp"
-    written = write_table(table, tmp, "path", previous)
-    if folder.exists():
-        folder.rename(folder.parent / f".{folder.name}.old")
-        tmp.rename(folder)
-        for old in folder.parent.glob(f".{folder.name}.old"):
-            for file in old.iterdir():
-                file.unlink()
-            old.rmdir()
-    else:
-        tmp.rename(folder)
-    return written
+    """Write as a stage does: into a temporary folder, renamed onto ``folder``."""
+    with atomic_path(folder) as tmp:
+        return write_table(table, tmp, "path", previous)
+
+
+def pq_rows(file) -> int:
+    return pq.ParquetFile(file).metadata.num_rows
 
 
 def _expected(table: pd.DataFrame) -> pd.DataFrame:
@@ -110,20 +106,57 @@ def test_an_unchanged_table_keeps_its_segments(tmp_path):
     assert {f.name: f.read_bytes() for f in segment_files(folder)} == before
 
 
-def test_segments_are_merged_when_the_later_ones_grow_large_or_many(tmp_path, monkeypatch):
+def test_growth_merges_the_smallest_pair_and_a_rewrite_writes_a_base(tmp_path, monkeypatch):
+    """What a run writes stays bounded by what changed: past MAX_SEGMENTS the two adjacent
+    later segments with the fewest rows are merged, never the whole table; the base is
+    written again only when overridden rows outnumber the live ones."""
+    monkeypatch.setattr(segments, "MAX_SEGMENTS", 4)
     folder = tmp_path / "t"
-    _write(_table(100), folder)
-    table = pd.concat([_table(100), _table(110, start=100)])  # 110 new rows: over half of 210
-    written = _write(table, folder, previous=folder)
-    assert written == segments.TableWritten(segments=1, rows_written=210, compacted=True)
-    assert [f.name for f in segment_files(folder)] == ["part-000000.parquet"]
-
-    monkeypatch.setattr(segments, "MAX_SEGMENTS", 3)
-    for step in range(3):
-        table = pd.concat([table, _table(1, start=300 + step)])
+    table = _table(100)
+    _write(table, folder)
+    base = segment_files(folder)[0].stat().st_ino
+    sizes = [2, 3, 1, 5, 1]
+    start = 100
+    for size in sizes:
+        table = pd.concat([table, _table(size, start=start)])
+        start += size
         written = _write(table, folder, previous=folder)
-    assert written.compacted and len(segment_files(folder)) == 1
-    pd.testing.assert_frame_equal(read_table(folder, "path"), _expected(table))
+        pd.testing.assert_frame_equal(read_table(folder, "path"), _expected(table))
+    # [100, 2, 3, 1, 5]: (3, 1) merged → [100, 2, 4, 5]; + 1: (2, 4) merged → [100, 6, 5, 1]
+    assert [pq_rows(f) for f in segment_files(folder)] == [100, 6, 5, 1]
+    assert written == segments.TableWritten(segments=4, rows_written=1 + 6, compacted=False)
+    assert segment_files(folder)[0].stat().st_ino == base  # the base never written again
+
+    reseeded = table.assign(label="x")  # every row changed: overridden rows outnumber live
+    written = _write(reseeded, folder, previous=folder)
+    assert written == segments.TableWritten(segments=1, rows_written=len(table), compacted=True)
+    pd.testing.assert_frame_equal(read_table(folder, "path"), _expected(reseeded))
+
+
+def test_a_change_undone_gives_back_the_segments_of_before(tmp_path):
+    """A → B → A leaves A's folder byte for byte (same files), so DVC sees the output, and
+    every stage after it, as they were after A."""
+    folder = tmp_path / "t"
+    a = _table(50)
+    _write(a, folder)
+    _write(pd.concat([a, _table(2, start=50)]), folder, previous=folder)
+    state_a = {f.name: f.read_bytes() for f in segment_files(folder)}
+    moved = a.copy()
+    moved.loc[moved["path"] == "c1/00004.jpg", "label"] = "c2"
+    b = pd.concat([moved, _table(2, start=50)]).iloc[3:]  # a change and 3 rows removed
+    _write(b, folder, previous=folder)
+    assert len(segment_files(folder)) == 3
+    written = _write(pd.concat([a, _table(2, start=50)]), folder, previous=folder)
+    assert written == segments.TableWritten(segments=2, rows_written=0, compacted=False)
+    assert {f.name: f.read_bytes() for f in segment_files(folder)} == state_a
+
+
+def test_a_table_that_was_empty_takes_rows(tmp_path):
+    folder = tmp_path / "t"
+    _write(_table(5).iloc[:0], folder)
+    written = _write(_table(5), folder, previous=folder)
+    assert written.rows_written == 5
+    pd.testing.assert_frame_equal(read_table(folder, "path"), _expected(_table(5)))
 
 
 def test_a_column_empty_at_first_takes_values_later(tmp_path):

@@ -10,14 +10,21 @@ earlier one with the same key. Reading applies them in order and gives the live 
 sorted by key, so the table read back is the table written, whatever its history.
 
 A run links the segments it keeps (the output is persisted, so DVC leaves them in place
-and knows their hashes) and writes one new segment; when the later segments hold more
-than half as many rows as the table, or there are more than ``MAX_SEGMENTS``, it writes
-the table as one base again, so reads stay cheap and removed rows do not pile up.
+and knows their hashes) and writes one new segment, so that what every run writes is
+bounded by what changed:
+
+- growth adds segments; past ``MAX_SEGMENTS`` the two adjacent later segments with the
+  fewest rows are merged into one (a write of a few percent of the table, not all of it);
+- the base is written again only when the segments would hold twice the table's rows
+  (as many overridden and removed rows as live ones: a changed seed, a replaced dataset);
+- a run whose table is the one an earlier run left (a change undone) keeps exactly the
+  segments that run had, so the folder, and every stage after it, is as it was then.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +46,8 @@ _SEGMENT = re.compile(r"part-(\d{6})\.parquet")
 
 @dataclass(frozen=True)
 class TableWritten:
-    """What :func:`write_table` did: the segments the table now has, and the rows it wrote."""
+    """What :func:`write_table` did: the segments the table now has, the rows it wrote
+    (new segment and merge), and whether it wrote the table whole."""
 
     segments: int
     rows_written: int
@@ -62,27 +70,10 @@ def exists(folder: Path) -> bool:
 def read_table(folder: Path, key: str, columns: list[str] | None = None) -> pd.DataFrame:
     """The live rows of the table at ``folder``, sorted by ``key``; a missing or unreadable
     table is a one-line error naming the file."""
-    import pandas as pd
-
     files = segment_files(folder)
     if not files:
         raise DataError(f"{folder} holds no table (no part-*.parquet)")
-    wanted = None if columns is None else list(dict.fromkeys([key, *columns, DELETED]))
-    frames = []
-    for file in files:
-        try:
-            frames.append(pd.read_parquet(file, columns=wanted))
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises many kinds; name the file
-            raise DataError(f"{file}: not a readable table segment ({exc})") from exc
-    table = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-    if len(frames) > 1:
-        table = table.drop_duplicates(key, keep="last")
-    if table[DELETED].any():
-        table = table[~table[DELETED]]
-    table = table.drop(columns=DELETED)
-    if not table[key].is_monotonic_increasing:
-        table = table.sort_values(key, kind="stable")
-    return table.reset_index(drop=True)
+    return _live(files, key, columns)
 
 
 def write_table(
@@ -94,8 +85,6 @@ def write_table(
     in and only the rows added, changed or removed since are written, as one new segment
     in the base's Arrow schema; an unreadable ``previous``, or one whose columns or types
     differ, is not reused."""
-    import pyarrow as pa
-
     if DELETED in table.columns:
         raise ValueError(f"a table may not have a column named {DELETED}")
     duplicated = table[key].duplicated()
@@ -108,30 +97,67 @@ def write_table(
     last, schema = None, None
     if kept:
         try:
-            schema, last = _schema(kept[0]), read_table(previous, key)
+            schema, last = _schema(kept[0]), _live(kept, key)
         except DataError as exc:
             log.warning("%s; writing the table anew", exc)
     if last is None or not _fits(rows.schema, schema):
-        return _write_base(rows, target)
+        return _written(target, _write_base(rows, target))
 
-    # the table as the kept segments' schema reads it back, so equal rows compare equal
-    rows = rows.cast(schema)
-    delta = _changes(last, rows.to_pandas().drop(columns=DELETED), key)
-    if delta.empty:
-        for file in kept:
-            link_or_copy(file, target / file.name)
-        return TableWritten(len(kept), 0, False)
-    later_rows = sum(_rows(file) for file in kept[1:]) + len(delta)
-    if len(kept) + 1 > MAX_SEGMENTS or later_rows > len(table) / 2:
-        return _write_base(rows, target)
-    for file in kept:
-        link_or_copy(file, target / file.name)
+    rows = rows.cast(schema)  # as the kept segments read back, so equal rows compare equal
+    now = rows.to_pandas().drop(columns=DELETED)
+    delta = _changes(last, now, key)
+    undone = _undone_to(kept, now, key, delta) if len(delta) else len(kept)
+    if undone is not None:  # nothing changed, or back to what an earlier run left
+        _link(kept[:undone], target)
+        return _written(target, TableWritten(undone, 0, False))
+    if sum(_rows(file) for file in kept) + len(delta) >= 2 * len(table):
+        return _written(target, _write_base(rows, target))
+    _link(kept, target)
     number = int(_SEGMENT.fullmatch(kept[-1].name).group(1)) + 1
-    _write_segment(
-        pa.Table.from_pandas(delta, schema=schema, preserve_index=False),
-        target / f"part-{number:06d}.parquet",
+    _write_segment(_arrow_as(delta, schema), target / f"part-{number:06d}.parquet")
+    merged = _merge_smallest_pair(target, key, schema) if len(kept) + 1 > MAX_SEGMENTS else 0
+    return _written(target, TableWritten(len(segment_files(target)), len(delta) + merged, False))
+
+
+def _written(target: Path, written: TableWritten) -> TableWritten:
+    log.info(
+        "%s: %d segments, %d rows written%s",
+        target.name,
+        written.segments,
+        written.rows_written,
+        " (the whole table)" if written.compacted else "",
     )
-    return TableWritten(len(kept) + 1, len(delta), False)
+    return written
+
+
+def _live(files: list[Path], key: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """The live rows the segments ``files`` (oldest first) make, sorted by ``key``."""
+    table = _concat([_read(file, key, columns) for file in files], key)
+    if table[DELETED].any():
+        table = table[~table[DELETED]]
+    table = table.drop(columns=DELETED)
+    if not table[key].is_monotonic_increasing:
+        table = table.sort_values(key, kind="stable")
+    return table.reset_index(drop=True)
+
+
+def _read(file: Path, key: str, columns: list[str] | None = None) -> pd.DataFrame:
+    import pandas as pd
+
+    wanted = None if columns is None else list(dict.fromkeys([key, *columns, DELETED]))
+    try:
+        return pd.read_parquet(file, columns=wanted)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises many kinds; name the file
+        raise DataError(f"{file}: not a readable table segment ({exc})") from exc
+
+
+def _concat(frames: list[pd.DataFrame], key: str) -> pd.DataFrame:
+    """Segments' rows, oldest first, each key's last row kept (removal marks included)."""
+    import pandas as pd
+
+    if len(frames) == 1:
+        return frames[0]
+    return pd.concat(frames, ignore_index=True).drop_duplicates(key, keep="last")
 
 
 def _schema(file: Path) -> pa.Schema:
@@ -157,6 +183,12 @@ def _arrow(frame: pd.DataFrame) -> pa.Table:
     return rows.cast(pa.schema(fields, metadata=rows.schema.metadata))
 
 
+def _arrow_as(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+
+
 def _fits(new: pa.Schema, kept: pa.Schema) -> bool:
     """Whether rows of schema ``new`` can join segments of schema ``kept``: the same columns
     of the same types."""
@@ -172,11 +204,12 @@ def _changes(last: pd.DataFrame, table: pd.DataFrame, key: str) -> pd.DataFrame:
 
     at = pd.Index(last[key]).get_indexer(table[key])  # each row's place in last, or -1
     same = at >= 0
-    before = last.take(np.where(same, at, 0)).reset_index(drop=True)
-    for column in table.columns:
-        now, then = table[column].reset_index(drop=True), before[column]
-        equal = now.eq(then).fillna(False).to_numpy(dtype=bool)
-        same &= equal | (now.isna() & then.isna()).to_numpy(dtype=bool)
+    if same.any():
+        before = last.take(np.where(same, at, 0)).reset_index(drop=True)
+        for column in table.columns:
+            now, then = table[column].reset_index(drop=True), before[column]
+            equal = now.eq(then).fillna(False).to_numpy(dtype=bool)
+            same &= equal | (now.isna() & then.isna()).to_numpy(dtype=bool)
     changed = table[~same]
     removed = last[~last[key].isin(table[key])]
     delta = pd.concat(
@@ -186,15 +219,53 @@ def _changes(last: pd.DataFrame, table: pd.DataFrame, key: str) -> pd.DataFrame:
     return delta.sort_values(key, kind="stable").reset_index(drop=True)
 
 
+def _undone_to(kept: list[Path], table: pd.DataFrame, key: str, delta: pd.DataFrame) -> int | None:
+    """How many of the ``kept`` segments make ``table`` by themselves, when a change since
+    them was undone; None when none do. Looked for only where every changed row is one
+    that the later segments changed (an undo touches nothing else)."""
+    if len(kept) < 2:
+        return None
+    later = _concat([_read(file, key, []) for file in kept[1:]], key)[key]
+    if not delta[key].isin(later).all():
+        return None
+    for count in range(len(kept) - 1, 0, -1):
+        if _changes(_live(kept[:count], key), table, key).empty:
+            return count
+    return None
+
+
+def _merge_smallest_pair(target: Path, key: str, schema: pa.Schema) -> int:
+    """Merge the two adjacent later segments with the fewest rows into one (named as the
+    newer); returns the rows written."""
+    files = segment_files(target)
+    sizes = [_rows(file) for file in files]
+    first = min(range(1, len(files) - 1), key=lambda i: sizes[i] + sizes[i + 1])
+    older, newer = files[first], files[first + 1]
+    merged = _concat([_read(older, key), _read(newer, key)], key).sort_values(key, kind="stable")
+    tmp = target / f".{newer.name}.merge"
+    _write_segment(_arrow_as(merged, schema), tmp)
+    os.replace(tmp, newer)  # a new file, not a write through the link to the last run's
+    older.unlink()
+    return len(merged)
+
+
+def _link(files: list[Path], target: Path) -> None:
+    for file in files:
+        link_or_copy(file, target / file.name)
+
+
 def _write_base(rows: pa.Table, target: Path) -> TableWritten:
     _write_segment(rows, target / "part-000000.parquet")
     return TableWritten(1, rows.num_rows, True)
 
 
 def _write_segment(rows: pa.Table, path: Path) -> None:
+    """Write ``rows`` to ``path`` and flush it to disk before the folder is renamed in."""
     import pyarrow.parquet as pq
 
     pq.write_table(rows, path)
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
 def _rows(file: Path) -> int:

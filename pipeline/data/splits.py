@@ -39,6 +39,14 @@ def rows_of(table: pd.DataFrame, split: str) -> pd.DataFrame:
     return table.loc[table["split"] == split, ROW_COLUMNS].reset_index(drop=True)
 
 
+def in_split_order(table: pd.DataFrame, splits: tuple[str, ...] = SPLITS) -> pd.DataFrame:
+    """The rows (path, label, sha256, split) of ``splits``, split after split in that
+    order, each by path: the row order of the features arrays concatenated."""
+    import pandas as pd
+
+    return pd.concat([table[table["split"] == s] for s in splits], ignore_index=True)
+
+
 def read_split(paths: Paths, split: str) -> pd.DataFrame:
     """One split's rows (path, label, sha256), sorted by path."""
     return rows_of(read_splits(paths), split)

@@ -29,7 +29,7 @@ import pandas as pd
 from pipeline.config import DataIssuesParams, Params, Paths
 from pipeline.data import issues
 from pipeline.data.featurestore import labelled, load_features
-from pipeline.data.splits import read_splits, rows_of
+from pipeline.data.splits import in_split_order, read_splits
 from pipeline.errors import DataError
 from pipeline.system import memo
 from pipeline.system.fsutil import atomic_path, write_json_atomic
@@ -166,9 +166,7 @@ def summary(found: dict, classes: list[str], images: int) -> dict:
 
 def scored_rows(paths: Paths) -> pd.DataFrame:
     """The train and val images (path, label, sha256, split), in the features' row order."""
-    table = read_splits(paths)
-    frames = [rows_of(table, split).assign(split=split) for split in SCORED]
-    return pd.concat(frames, ignore_index=True)
+    return in_split_order(read_splits(paths), SCORED)
 
 
 def embeddings(

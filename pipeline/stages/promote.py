@@ -35,7 +35,14 @@ import pandas as pd
 from pipeline.config import Params, PromoteParams
 from pipeline.data.images import ImageRef, load_rgb
 from pipeline.data.rawstore import RawStore
-from pipeline.data.splits import SPLITS, read_split, read_splits, rows_digest, rows_of
+from pipeline.data.splits import (
+    SPLITS,
+    in_split_order,
+    read_split,
+    read_splits,
+    rows_digest,
+    rows_of,
+)
 from pipeline.errors import PipelineError
 from pipeline.registry.store import (
     IMAGES_FILE,
@@ -200,9 +207,7 @@ def data_lineage(params: Params) -> dict:
 
 def images_table(params: Params) -> pd.DataFrame:
     """sha256, label and split of every image of this run's data."""
-    table = read_splits(params.paths)
-    frames = [rows_of(table, split).assign(split=split) for split in SPLITS]
-    return pd.concat(frames, ignore_index=True)[IMAGE_COLUMNS]
+    return in_split_order(read_splits(params.paths))[IMAGE_COLUMNS]
 
 
 def load_champion(registry: Registry, alias: Alias | None, tmp: Path) -> Champion | None:

@@ -31,7 +31,7 @@ from pipeline.config import Params, Paths, ReportParams
 from pipeline.data.images import load_rgb
 from pipeline.data.issues import ISSUES
 from pipeline.data.rawstore import RawStore
-from pipeline.data.splits import SPLITS, read_splits, rows_of
+from pipeline.data.splits import SPLITS, in_split_order, read_splits, rows_of
 from pipeline.errors import DataError
 from pipeline.reporting import changes, charts, scoring
 from pipeline.reporting.headline import data_work, headline, promotion, read_metrics
@@ -230,21 +230,13 @@ def read_champion_images(path: Path) -> pd.DataFrame | None:
 def current_images(paths: Paths) -> tuple[pd.DataFrame, np.ndarray | None]:
     """The split tables' rows (in ``SPLITS`` order), and the features stage's embeddings
     of them in the same order (None where features has not written them all)."""
-    tables, arrays = [], []
     try:
-        table = read_splits(paths)
+        rows = in_split_order(read_splits(paths))
     except DataError:
-        table = None
-    for split in SPLITS if table is not None else ():
-        tables.append(rows_of(table, split))
-        file = paths.features / f"{split}.npy"
-        arrays.append(np.load(file, mmap_mode="r") if file.exists() else None)
-    rows = (
-        pd.concat(tables, ignore_index=True)
-        if tables
-        else pd.DataFrame(columns=["sha256", "label"])
-    )
-    if not arrays or any(a is None for a in arrays):
+        return pd.DataFrame(columns=["sha256", "label"]), None
+    arrays = [paths.features / f"{split}.npy" for split in SPLITS]
+    arrays = [np.load(file, mmap_mode="r") if file.exists() else None for file in arrays]
+    if any(a is None for a in arrays):
         return rows, None
     return rows, np.concatenate(arrays)
 

@@ -208,7 +208,8 @@ def write_store(
     is recorded into it."""
     import pandas as pd
 
-    rows: list[tuple[str, str, str, Path]] = []
+    rows: list[tuple[str, str, str]] = []
+    sources: list[Path] = []  # each row's file, for the images moved out of a thinned shard
     known = _places(previous) if previous is not None else {}
     writer = ShardWriter(target / SHARDS, limit)
     try:
@@ -222,17 +223,18 @@ def write_store(
                     writer.add(sha, source.suffix.lower(), data)
             if hashes is not None:
                 hashes.record(source, stat, sha)
-            rows.append((key, label, sha, source))
-        live = dict.fromkeys(sha for _, _, sha, _ in rows if sha in known)
+            rows.append((key, label, sha))
+            sources.append(source)
+        live = dict.fromkeys(sha for _, _, sha in rows if sha in known)
         kept = _worth_keeping(previous, [known[sha] for sha in live]) if live else set()
         moved = [sha for sha in live if known[sha][0] not in kept]
         if moved:  # the live images of shards not kept: written again, in order
-            sources = {}
-            for key, _, sha, source in rows:
-                sources.setdefault(sha, (key, source))
+            first = {}
+            for (key, _, sha), source in zip(rows, sources, strict=True):
+                first.setdefault(sha, (key, source))
             for sha in moved:
                 shard, offset, size = known[sha]
-                key, source = sources[sha]
+                key, source = first[sha]
                 data = ImageRef(str(previous.shard_path(shard)), offset, size, sha).read()
                 if hashlib.sha256(data).hexdigest() != sha:  # a damaged shard: the source
                     data = _image_bytes(key, source, source.stat())
@@ -248,18 +250,23 @@ def write_store(
     (target / SHARDS).mkdir(parents=True, exist_ok=True)
     for shard in sorted(kept):
         link_or_copy(previous.shard_path(shard), target / SHARDS / shard)
+    del sources
     places = {sha: known[sha] for sha in live if known[sha][0] in kept} | writer.written
-    index = pd.DataFrame([row[:3] for row in rows], columns=["path", "label", "sha256"])
+    del known, live
+    reused = sum(places[sha][0] in kept for _, _, sha in rows)
+    index = pd.DataFrame(rows, columns=["path", "label", "sha256"])
+    del rows  # the index holds them now: a million tuples are ~200 MB
     placed = [places[sha] for sha in index["sha256"]]
     index["shard"] = [p[0] for p in placed]
     index["offset"] = np.array([p[1] for p in placed], dtype=np.int64)
     index["size"] = np.array([p[2] for p in placed], dtype=np.int64)
+    del placed, places
     segments.write_table(index, target / INDEX, "path", previous.root / INDEX if previous else None)
     new_bytes = sum((target / SHARDS / s).stat().st_size for s in writer.shards)
     all_bytes = sum(p.stat().st_size for p in (target / SHARDS).iterdir())
     return Written(
         files=len(index),
-        reused=int(sum(sha in places and places[sha][0] in kept for sha in index["sha256"])),
+        reused=reused,
         shards=len(kept) + len(writer.shards),
         new_shards=len(writer.shards),
         new_bytes=new_bytes,

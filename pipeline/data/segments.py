@@ -91,7 +91,6 @@ def write_table(
     if duplicated.any():
         raise DataError(f"{key} {table[key][duplicated].iloc[0]!r} is in the table twice")
     table = table.sort_values(key, kind="stable").reset_index(drop=True)
-    rows = _arrow(table.assign(**{DELETED: False}))
     target.mkdir(parents=True, exist_ok=True)
     kept = segment_files(previous) if previous is not None else []
     last, schema = None, None
@@ -100,18 +99,17 @@ def write_table(
             schema, last = _schema(kept[0]), _live(kept, key)
         except DataError as exc:
             log.warning("%s; writing the table anew", exc)
-    if last is None or not _fits(rows.schema, schema):
-        return _written(target, _write_base(rows, target))
+    if last is None or not _fits(_text_as_one(_schema_of(table)), schema):
+        return _written(target, _write_base(table, target))
 
-    rows = rows.cast(schema)  # as the kept segments read back, so equal rows compare equal
-    now = rows.to_pandas().drop(columns=DELETED)
-    delta = _changes(last, now, key)
-    undone = _undone_to(kept, now, key, delta) if len(delta) else len(kept)
+    delta = _changes(last, table, key)
+    del last
+    undone = _undone_to(kept, table, key, delta) if len(delta) else len(kept)
     if undone is not None:  # nothing changed, or back to what an earlier run left
         _link(kept[:undone], target)
         return _written(target, TableWritten(undone, 0, False))
     if sum(_rows(file) for file in kept) + len(delta) >= 2 * len(table):
-        return _written(target, _write_base(rows, target))
+        return _written(target, _write_base(table, target))
     _link(kept, target)
     number = int(_SEGMENT.fullmatch(kept[-1].name).group(1)) + 1
     _write_segment(_arrow_as(delta, schema), target / f"part-{number:06d}.parquet")
@@ -169,18 +167,22 @@ def _schema(file: Path) -> pa.Schema:
         raise DataError(f"{file}: not a readable table segment ({exc})") from exc
 
 
-def _arrow(frame: pd.DataFrame) -> pa.Table:
-    """``frame`` as Arrow, text as one type whatever pandas held it in (``str`` or objects);
-    a column with no value yet (Arrow's null type) is taken as text, so that a first value
-    later does not change the table's type."""
+def _schema_of(table: pd.DataFrame) -> pa.Schema:
+    """The Arrow schema of ``table``'s segments (with the ``DELETED`` column)."""
     import pyarrow as pa
 
-    rows = pa.Table.from_pandas(frame, preserve_index=False)
+    return pa.Schema.from_pandas(table.head(0).assign(**{DELETED: False}), preserve_index=False)
+
+
+def _text_as_one(schema: pa.Schema) -> pa.Schema:
+    """Text as one type whatever pandas held it in (``str`` or objects); a column with no
+    value yet (Arrow's null type) is taken as text, so that a first value later does not
+    change the table's type."""
+    import pyarrow as pa
+
     text = (pa.null(), pa.string())
-    if not any(f.type in text for f in rows.schema):
-        return rows
-    fields = [f.with_type(pa.large_string()) if f.type in text else f for f in rows.schema]
-    return rows.cast(pa.schema(fields, metadata=rows.schema.metadata))
+    fields = [f.with_type(pa.large_string()) if f.type in text else f for f in schema]
+    return pa.schema(fields, metadata=schema.metadata)
 
 
 def _arrow_as(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
@@ -254,7 +256,11 @@ def _link(files: list[Path], target: Path) -> None:
         link_or_copy(file, target / file.name)
 
 
-def _write_base(rows: pa.Table, target: Path) -> TableWritten:
+def _write_base(table: pd.DataFrame, target: Path) -> TableWritten:
+    import pyarrow as pa
+
+    rows = pa.Table.from_pandas(table.assign(**{DELETED: False}), preserve_index=False)
+    rows = rows.cast(_text_as_one(rows.schema))
     _write_segment(rows, target / "part-000000.parquet")
     return TableWritten(1, rows.num_rows, True)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -14,7 +16,7 @@ from pipeline.errors import DataError
 from pipeline.system.fsutil import atomic_path
 from tests.support.images import colour_images
 from tests.support.prefect import make_repo
-from tests.support.project import dvc, manifest, split_rows
+from tests.support.project import REPO_ROOT, dvc, manifest, split_rows
 
 
 def _table(n: int, start: int = 0) -> pd.DataFrame:
@@ -224,6 +226,25 @@ def test_the_table_command_prints_the_live_rows_as_csv(tmp_path, capsys):
     assert [line.split(",")[0] for line in printed[1:]] == sorted(_table(5)["path"])
     assert main(["table", str(tmp_path / "none")]) == 1
     assert "holds no table" in capsys.readouterr().err
+
+
+def test_the_table_command_stops_quietly_when_its_reader_does(tmp_path):
+    """``python -m pipeline table data/splits | head``: no traceback for the closed pipe."""
+    folder = tmp_path / "t"
+    _write(_table(20_000), folder)
+    done = subprocess.run(
+        f"{sys.executable} -m pipeline table {folder} | head -2",
+        shell=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        check=True,
+    )
+    assert done.stdout.splitlines() == [
+        "path,label,width,decodable,reason",
+        "c0/00000.jpg,c0,,False,truncated",
+    ]
+    assert done.stderr == ""
 
 
 def _files(folder) -> set[tuple[str, int]]:

@@ -295,5 +295,9 @@ def main(argv: list[str]) -> int:
     except DataError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
-    table.to_csv(sys.stdout, index=False)
+    try:
+        table.to_csv(sys.stdout, index=False)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
